@@ -1,0 +1,40 @@
+"""The ``qwen3-moe-serve`` console script: settings from flags and environment, then uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import CliApp
+
+from app.main import create_app
+from app.settings import Settings
+
+
+def parse_settings(argv: Sequence[str]) -> Settings:
+    return CliApp.run(Settings, cli_args=list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        sys.exit(f"qwen3-moe-serve: invalid settings:\n{exc}")
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Shared fixtures: the real engine on the project's own GGUFs, in-process and over a socket.
+
+One demo model and one small random-weight model are built per session, each loaded once into
+a real ``LlamaBackend``; every app under test is built with ``create_app(settings,
+backend=...)``. ``live_server`` runs a real uvicorn on a loopback port in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from app.backends.llama import LlamaBackend
+from app.demo_model import ensure_bench_model, ensure_demo_model
+from app.main import create_app
+from app.settings import Settings
+
+SMALL_BENCH = {"n_layer": 2, "n_embd": 256, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 128}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def demo_model_path(model_cache: Path) -> Path:
+    return ensure_demo_model(model_cache)
+
+
+def load(path: Path, n_ctx: int = 2048) -> LlamaBackend:
+    return LlamaBackend(
+        path, n_ctx=n_ctx, n_gpu_layers=0, n_threads=1, n_batch=256, flash_attn=False
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_backend(demo_model_path: Path) -> Iterator[LlamaBackend]:
+    backend = load(demo_model_path)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def slow_model_path(model_cache: Path) -> Path:
+    """Random weights that never emit EOS: for long generations (disconnects, overlap)."""
+    return ensure_bench_model(model_cache, **SMALL_BENCH)
+
+
+@pytest.fixture(scope="session")
+def slow_backend(slow_model_path: Path) -> Iterator[LlamaBackend]:
+    backend = load(slow_model_path)
+    yield backend
+    backend.close()
+
+
+def settings_for(**overrides: object) -> Settings:
+    """Settings for an app around an injected backend (``model`` unset: the demo model's id)."""
+    values: dict[str, object] = {"sse_keepalive_s": 15.0}
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process client with the app's lifespan running."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@pytest.fixture
+async def client(demo_backend: LlamaBackend) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(create_app(settings_for(), backend=demo_backend)) as c:
+        yield c
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LiveServer:
+    """A real uvicorn serving ``app`` on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_server(demo_backend: LlamaBackend) -> Iterator[LiveServer]:
+    with LiveServer(create_app(settings_for(), backend=demo_backend)) as server:
+        yield server
+
+
+@pytest.fixture
+def slow_server(slow_backend: LlamaBackend) -> Iterator[LiveServer]:
+    with LiveServer(create_app(settings_for(), backend=slow_backend)) as server:
+        yield server

@@ -1,0 +1,176 @@
+"""Every bad request is a 4xx in OpenAI's error envelope, and the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import pytest
+
+from app.backends import GenerationResult, OnToken, SamplingParams
+from app.backends.llama import LlamaBackend
+from app.main import create_app
+from tests import sse
+from tests.conftest import asgi_client, settings_for
+
+pytestmark = pytest.mark.anyio
+
+HELLO = [{"role": "user", "content": "Hello!"}]
+
+
+def assert_envelope(response: httpx.Response, status: int, **expected: Any) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error: dict[str, Any] = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert "Traceback" not in error["message"] and " at 0x" not in error["message"]
+    for key, value in expected.items():
+        assert error[key] == value, (key, error)
+    return error
+
+
+BAD_BODIES: list[tuple[str, dict[str, Any] | bytes, str | None]] = [
+    ("not json", b"{not json", None),
+    ("json array", b"[1, 2]", None),
+    ("missing messages", {}, "messages"),
+    ("empty messages", {"messages": []}, "messages"),
+    ("messages not a list", {"messages": "hi"}, "messages"),
+    ("unknown role", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ("user without content", {"messages": [{"role": "user"}]}, "messages.0"),
+    ("content wrong type", {"messages": [{"role": "user", "content": 5}]}, None),
+    ("temperature too high", {"messages": HELLO, "temperature": 7}, "temperature"),
+    ("top_p zero", {"messages": HELLO, "top_p": 0}, "top_p"),
+    ("negative max_tokens", {"messages": HELLO, "max_tokens": -1}, "max_tokens"),
+    ("max_tokens string", {"messages": HELLO, "max_tokens": "many"}, "max_tokens"),
+    ("n above one", {"messages": HELLO, "n": 2}, "n"),
+    ("stop wrong type", {"messages": HELLO, "stop": 3}, None),
+    ("logprobs", {"messages": HELLO, "logprobs": True}, None),
+    ("tools", {"messages": HELLO, "tools": [{"type": "function"}]}, None),
+    ("stream_options without stream", {"messages": HELLO, "stream_options": {}}, None),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "param"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+async def test_invalid_chat_bodies_are_400_envelopes(
+    client: httpx.AsyncClient, case: str, body: dict[str, Any] | bytes, param: str | None
+) -> None:
+    content = body if isinstance(body, bytes) else None
+    payload = None if isinstance(body, bytes) else body
+    response = await client.post("/v1/chat/completions", content=content, json=payload)
+    error = assert_envelope(response, 400, type="invalid_request_error")
+    if param is not None:
+        assert error["param"] == param
+    assert (await client.get("/health")).status_code == 200
+
+
+async def test_invalid_completion_bodies_are_400_envelopes(client: httpx.AsyncClient) -> None:
+    for body in ({}, {"prompt": ""}, {"prompt": "x", "echo": True}, {"prompt": [10**9]}):
+        assert_envelope(await client.post("/v1/completions", json=body), 400)
+
+
+async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/chat/completions", json={"model": "gpt-4o", "messages": HELLO}
+    )
+    assert_envelope(response, 404, param="model", code="model_not_found")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_context_length_exceeded_is_decided_before_the_stream(
+    client: httpx.AsyncClient, stream: bool
+) -> None:
+    response = await client.post(
+        "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 10**6, "stream": stream}
+    )
+    error = assert_envelope(response, 400, code="context_length_exceeded", param="messages")
+    assert "2048" in error["message"]  # the context size is stated
+    assert response.headers["content-type"].startswith("application/json")
+
+
+async def test_prompt_longer_than_the_context_is_rejected(client: httpx.AsyncClient) -> None:
+    long = [{"role": "user", "content": "word " * 5000}]
+    response = await client.post("/v1/chat/completions", json={"messages": long})
+    assert_envelope(response, 400, code="context_length_exceeded")
+
+
+async def test_unknown_route_and_wrong_method_use_the_envelope(client: httpx.AsyncClient) -> None:
+    assert_envelope(await client.get("/v1/nothing"), 404)
+    assert_envelope(await client.get("/v1/chat/completions"), 405)
+
+
+class _FailingBackend:
+    """Fault injection: the real engine, failing after ``after`` tokens."""
+
+    def __init__(self, inner: LlamaBackend, after: int) -> None:
+        self.info = inner.info
+        self.tokenizer = inner.tokenizer
+        self._inner = inner
+        self._after = after
+
+    def generate(
+        self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int, on_token: OnToken
+    ) -> GenerationResult:
+        seen = 0
+
+        def failing(token_id: int) -> bool:
+            nonlocal seen
+            seen += 1
+            if seen > self._after:
+                raise RuntimeError("llama_decode returned -3 at 0xdeadbeef")
+            return on_token(token_id)
+
+        return self._inner.generate(prompt, sampling, max_tokens, failing)
+
+    def close(self) -> None:
+        raise AssertionError("an injected backend is never closed by the app")
+
+
+async def test_engine_failure_mid_stream_is_an_in_band_error(demo_backend: LlamaBackend) -> None:
+    app = create_app(settings_for(), backend=_FailingBackend(demo_backend, after=8))
+    async with asgi_client(app) as client:
+        body = {"messages": HELLO, "temperature": 0, "stream": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            stream = await sse.aread(r.aiter_lines())
+        assert stream.payloads[-1] == "[DONE]"
+        error = stream.chunks[-1]["error"]
+        assert error["type"] == "server_error"
+        assert "0xdeadbeef" not in error["message"] and "llama_decode" not in error["message"]
+        assert stream.deltas()  # some text was sent before the failure
+
+        buffered = await client.post("/v1/chat/completions", json={"messages": HELLO})
+        assert_envelope(buffered, 500, type="server_error")
+
+
+async def test_health_is_503_while_the_model_loads(
+    demo_model_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.main
+
+    release = threading.Event()
+    real_load = app.main.load_backend
+
+    def slow_load(*args: Any) -> Any:
+        assert release.wait(timeout=30)
+        return real_load(*args)
+
+    monkeypatch.setattr(app.main, "load_backend", slow_load)
+    application = create_app(settings_for(model=demo_model_path))
+    async with asgi_client(application) as client:
+        health = await client.get("/health")
+        assert (health.status_code, health.json()) == (503, {"status": "loading"})
+        early = await client.post("/v1/chat/completions", json={"messages": HELLO})
+        assert_envelope(early, 503, code="model_loading")
+        release.set()
+        for _ in range(600):
+            if (await client.get("/health")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert (await client.get("/health")).json() == {"status": "ok"}
+        ready = await client.post("/v1/chat/completions", json={"messages": HELLO})
+        assert ready.status_code == 200

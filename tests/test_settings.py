@@ -1,0 +1,59 @@
+"""Settings: one class behind the flags, the environment and ``--help``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.cli import parse_settings
+from app.settings import ENV_PREFIX, Settings
+
+
+def test_flags_set_every_model_level_setting(tmp_path: Path) -> None:
+    model = tmp_path / "Qwen3-30B-A3B-Q4_K_M.gguf"
+    settings = parse_settings(
+        [
+            "--model", str(model), "--model-alias", "qwen3", "--n-ctx", "8192",
+            "--n-gpu-layers", "20", "--n-threads", "6", "--n-batch", "1024",
+            "--flash-attn", "--chat-template-file", str(tmp_path / "t.jinja"),
+            "--host", "0.0.0.0", "--port", "9000",
+        ]
+    )  # fmt: skip
+    assert settings.model == model
+    assert (settings.model_alias, settings.n_ctx, settings.n_gpu_layers) == ("qwen3", 8192, 20)
+    assert (settings.n_threads, settings.n_batch, settings.flash_attn) == (6, 1024, True)
+    assert (settings.host, settings.port) == ("0.0.0.0", 9000)
+
+
+def test_environment_uses_one_prefix_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}N_CTX", "1234")
+    monkeypatch.setenv(f"{ENV_PREFIX}PORT", "8100")
+    settings = parse_settings(["--port", "8200"])
+    assert (settings.n_ctx, settings.port) == (1234, 8200)
+
+
+def test_defaults_serve_the_demo_model_on_loopback_with_all_layers_on_gpu() -> None:
+    settings = Settings()
+    assert settings.model is None
+    assert (settings.host, settings.port, settings.n_gpu_layers) == ("127.0.0.1", 8000, -1)
+
+
+def test_help_documents_every_setting() -> None:
+    script = Path(sys.executable).with_name("qwen3-moe-serve")
+    out = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in out, name
+
+
+def test_invalid_setting_is_a_clear_error() -> None:
+    script = Path(sys.executable).with_name("qwen3-moe-serve")
+    done = subprocess.run(
+        [str(script), "--n-ctx", "-5"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "n_ctx" in done.stderr and "Traceback" not in done.stderr
