@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import logging
@@ -124,6 +125,7 @@ _MERGES: Final[tuple[tuple[str, str], ...]] = (
 
 # The token every prompt rendered with ``add_generation_prompt`` ends in.
 _PROMPT_END: Final = b"\n"
+_MAX_PIECE_BYTES: Final = 32
 
 DEFAULT_SCRIPT: Final[tuple[bytes, ...]] = (
     b"<think>",
@@ -284,7 +286,7 @@ def _byte_table() -> tuple[str, ...]:
 
 
 def _byte_token_order() -> list[int]:
-    """Byte values in GPT-2's (and Qwen's) vocabulary order: visible bytes first, so "\\n" is 198."""
+    """Byte values in GPT-2's and Qwen's vocabulary order: visible bytes first ("\\n" is 198)."""
     return [*_VISIBLE_BYTES, *(byte for byte in range(256) if byte not in _VISIBLE_BYTES)]
 
 
@@ -336,11 +338,13 @@ def _check_script(script: Sequence[bytes]) -> tuple[bytes, ...]:
     pieces = tuple(script)
     if not pieces or pieces[-1] != _EOS_TEXT.encode():
         raise ValueError(f"a script must end with {_EOS_TEXT}")
-    if len(pieces) < 2:
-        raise ValueError("a script needs at least one piece before the end of turn")
     for piece in pieces:
         if not isinstance(piece, bytes) or not piece:
             raise ValueError(f"script pieces must be non-empty bytes, got {piece!r}")
+        if len(piece) > _MAX_PIECE_BYTES:
+            # llama-cpp-python detokenizes through a fixed 32-byte buffer and silently returns
+            # nothing for a longer token.
+            raise ValueError(f"script pieces must be at most {_MAX_PIECE_BYTES} bytes: {piece!r}")
     duplicates = sorted({piece for piece in pieces if pieces.count(piece) > 1})
     if duplicates:
         # One token, one successor: a repeated piece would have to predict two different tokens.
@@ -544,11 +548,6 @@ def write_demo_model(
     )
 
 
-def _is_printable_ascii(token: str, table: Sequence[str]) -> bool:
-    printable = {table[byte] for byte in range(0x20, 0x7F)}
-    return all(char in printable for char in token)
-
-
 def _bench_tensors(
     vocab: _Vocab, shape: _Shape, seed: int
 ) -> list[tuple[str, npt.NDArray[np.float16] | _FloatArray]]:
@@ -569,12 +568,13 @@ def _bench_tensors(
         return pool[start : start + size].reshape(dims)
 
     table = _byte_table()
+    printable_chars = {table[byte] for byte in range(0x20, 0x7F)}
     printable = [
         index
         for index, (text, token_type) in enumerate(
             zip(vocab.tokens, vocab.token_types, strict=True)
         )
-        if token_type == gguf.TokenType.NORMAL and _is_printable_ascii(text, table)
+        if token_type == gguf.TokenType.NORMAL and set(text) <= printable_chars
     ]
     rng.shuffle(printable)
     output = np.zeros((n_vocab, n_embd), dtype=np.float16)
@@ -654,11 +654,18 @@ def write_bench_model(
     )
 
 
+def _gguf_version() -> str:
+    try:
+        return importlib.metadata.version("gguf")
+    except importlib.metadata.PackageNotFoundError:  # e.g. gguf-py vendored on sys.path
+        return "unknown"
+
+
 def _cache_name(kind: str, payload: dict[str, object]) -> str:
     """A file name that changes whenever the file's content would."""
     key = {
         "generator": GENERATOR_VERSION,
-        "gguf": getattr(gguf, "__version__", None),
+        "gguf": _gguf_version(),
         "template": hashlib.sha256(_TEMPLATE_PATH.read_bytes()).hexdigest(),
         "kind": kind,
         **payload,
@@ -679,6 +686,11 @@ def _ensure(target: Path, build: Callable[[Path], Path]) -> Path:
     started = time.perf_counter()
     try:
         build(Path(temporary))
+        # Flush before the rename: a crash must not leave a short file under the final name,
+        # and a benchmark started right after must not compete with a gigabyte of writeback.
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; the cache may be shared read-only
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -11,14 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializerFunctionWrapHandler,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -190,16 +183,15 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
 class DeltaMessage(BaseModel):
     """A stream delta carries only what it changes: ``{}`` on the final chunk."""
 
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        fields: dict[str, Any] = handler(self)
-        return {key: value for key, value in fields.items() if value is not None}
+    role: Literal["assistant"] | None = Field(None, exclude_if=_absent)
+    content: str | None = Field(None, exclude_if=_absent)
 
 
 class ChunkChoice(BaseModel):
@@ -215,7 +207,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None
+    usage: Usage | None = Field(None, exclude_if=_absent)
 
 
 class CompletionChoice(BaseModel):
@@ -233,7 +225,7 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
+    usage: Usage | None = Field(None, exclude_if=_absent)
 
 
 class ModelCard(BaseModel):

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     )
     model_alias: str | None = Field(
         None,
-        description="Model id reported by /v1/models and accepted in requests "
-        "(default: the GGUF file name without .gguf).",
+        description="Model id reported by /v1/models. Requests may name it or the served id "
+        "(the GGUF file name without .gguf; qwen3-moe-demo for the demo model).",
     )
     n_ctx: int = Field(
         0, ge=0, description="Context size in tokens; 0 uses the model's training context."

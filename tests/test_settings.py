@@ -57,3 +57,9 @@ def test_invalid_setting_is_a_clear_error() -> None:
     )
     assert done.returncode != 0
     assert "n_ctx" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_readme_settings_table_lists_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for name in Settings.model_fields:
+        assert f"| `--{name.replace('_', '-')}` | `{ENV_PREFIX}{name.upper()}` |" in readme, name
