@@ -24,7 +24,7 @@ from app.demo_model import ensure_bench_model, ensure_demo_model
 from app.main import create_app
 from app.settings import Settings
 
-SMALL_BENCH = {"n_layer": 2, "n_embd": 256, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 128}
+SLOW_MODEL = {"n_layer": 4, "n_embd": 512, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 256}
 
 
 @pytest.fixture
@@ -57,8 +57,8 @@ def demo_backend(demo_model_path: Path) -> Iterator[LlamaBackend]:
 
 @pytest.fixture(scope="session")
 def slow_model_path(model_cache: Path) -> Path:
-    """Random weights that never emit EOS: for long generations (disconnects, overlap)."""
-    return ensure_bench_model(model_cache, **SMALL_BENCH)
+    """Random weights that never emit EOS, ~3 ms/token here: long generations (disconnects)."""
+    return ensure_bench_model(model_cache, **SLOW_MODEL)
 
 
 @pytest.fixture(scope="session")
