@@ -28,6 +28,7 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory lint
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check app tests

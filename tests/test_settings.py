@@ -63,3 +63,18 @@ def test_readme_settings_table_lists_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     for name in Settings.model_fields:
         assert f"| `--{name.replace('_', '-')}` | `{ENV_PREFIX}{name.upper()}` |" in readme, name
+
+
+def test_chat_template_file_overrides_the_gguf_template(
+    tmp_path: Path, demo_model_path: Path
+) -> None:
+    from app.main import load_backend
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}\n{% endfor %}", encoding="utf-8")
+    settings = Settings(model=demo_model_path, chat_template_file=template, n_ctx=512)
+    backend = load_backend(settings, demo_model_path)
+    try:
+        assert backend.info.chat_template == template.read_text(encoding="utf-8")
+    finally:
+        backend.close()

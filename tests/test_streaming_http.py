@@ -212,3 +212,35 @@ def test_overlapping_streams_both_complete_in_arrival_order(slow_backend: LlamaB
         assert usage is not None and usage["completion_tokens"] == expected
     assert [r.completion_tokens for r in observed.results] == [200, 50]
     assert a_done <= b_done
+
+
+def test_queued_request_whose_client_leaves_never_runs(demo_backend: LlamaBackend) -> None:
+    """A request waiting behind a running one is dropped from the queue when its client goes."""
+    observed = _ObservedBackend(demo_backend)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_first_generation(_: int) -> None:
+        if len(observed.results) == 0 and not holding.is_set():
+            holding.set()
+            assert release.wait(timeout=30)
+
+    observed.gate = hold_first_generation
+    body = {"messages": HELLO, "temperature": 0, "stream": True}
+    with (
+        LiveServer(create_app(settings_for(), backend=observed)) as server,
+        httpx.Client(base_url=server.url, timeout=30) as http,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        first = pool.submit(lambda: http.post("/v1/chat/completions", json=body).text)
+        assert holding.wait(timeout=30)
+        with httpx.Client(base_url=server.url, timeout=0.5) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                with impatient.stream("POST", "/v1/chat/completions", json=body) as queued:
+                    for _ in queued.iter_lines():
+                        pass  # the role chunk arrives; then nothing while it waits
+        time.sleep(0.2)  # let the server see the disconnect
+        release.set()
+        assert first.result().endswith("data: [DONE]\n\n")
+        last = http.post("/v1/chat/completions", json={**body, "stream": False})
+        assert last.json()["choices"][0]["message"]["content"] == SCRIPT
+    assert len(observed.results) == 2, "the abandoned request must never reach the engine"

@@ -20,7 +20,7 @@ from typing import Any
 
 import llama_cpp
 
-from app.backends.base import GenerationResult, ModelInfo, OnToken, SamplingParams
+from app.backends.base import GenerationResult, ModelInfo, OnToken, SamplingParams, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class LlamaTokenizer:
 
 class LlamaBackend:
     """One ``Llama`` context serving one generation at a time."""
+
+    info: ModelInfo
+    tokenizer: Tokenizer
 
     def __init__(
         self,
