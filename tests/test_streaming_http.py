@@ -233,11 +233,13 @@ def test_queued_request_whose_client_leaves_never_runs(demo_backend: LlamaBacken
     ):
         first = pool.submit(lambda: http.post("/v1/chat/completions", json=body).text)
         assert holding.wait(timeout=30)
-        with httpx.Client(base_url=server.url, timeout=0.5) as impatient:
-            with pytest.raises(httpx.ReadTimeout):
-                with impatient.stream("POST", "/v1/chat/completions", json=body) as queued:
-                    for _ in queued.iter_lines():
-                        pass  # the role chunk arrives; then nothing while it waits
+        with (
+            httpx.Client(base_url=server.url, timeout=0.5) as impatient,
+            pytest.raises(httpx.ReadTimeout),
+            impatient.stream("POST", "/v1/chat/completions", json=body) as queued,
+        ):
+            for _ in queued.iter_lines():
+                pass  # the role chunk arrives; then nothing while it waits
         time.sleep(0.2)  # let the server see the disconnect
         release.set()
         assert first.result().endswith("data: [DONE]\n\n")
