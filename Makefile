@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint install dev clean-cache
+.PHONY: serve test contracts lint install dev clean-cache
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,6 +29,13 @@ serve: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory lint
+
+# Discharge the contracts: every test bound to a falsifier (pytest -m falsifies), on the real
+# model named by QWEN3_MOE_GGUF_PATH when it is set (its tests skip, recorded SKIPPED, when not).
+contracts: $(VENV)/.installed-dev
+	@echo "real model: $${QWEN3_MOE_GGUF_PATH:-none (QWEN3_MOE_GGUF_PATH is not set)}"
+	$(PY) -m pytest -m falsifies $(PYTEST_ARGS); status=$$?; \
+	echo "findings: $${QWEN3_MOE_FINDINGS:-$(CURDIR)/findings.json}"; exit $$status
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check app tests

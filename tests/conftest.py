@@ -8,6 +8,7 @@ backend=...)``. ``live_server`` runs a real uvicorn on a loopback port in a thre
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -131,3 +132,48 @@ def live_server(demo_backend: LlamaBackend) -> Iterator[LiveServer]:
 def slow_server(slow_backend: LlamaBackend) -> Iterator[LiveServer]:
     with LiveServer(create_app(settings_for(), backend=slow_backend)) as server:
         yield server
+
+
+# -- contracts --------------------------------------------------------------------------------
+# The contract plugin binds tests to falsifiers and writes findings.json; pytester tests it.
+pytest_plugins = ["pytester", "tests.contracts_plugin"]
+
+REAL_MODEL_ENV = "QWEN3_MOE_GGUF_PATH"
+REAL_MODEL_THREADS_ENV = "QWEN3_MOE_TEST_N_THREADS"
+
+
+@pytest.fixture(scope="session")
+def real_model_path() -> Path:
+    """A real Qwen3-MoE GGUF named by ``$QWEN3_MOE_GGUF_PATH``; tests needing one skip without.
+
+    A path that is set but wrong is an error, not a skip: a typo must not turn a discharge run
+    into a run that quietly proved nothing.
+    """
+    value = os.environ.get(REAL_MODEL_ENV)
+    if not value:
+        pytest.skip(f"{REAL_MODEL_ENV} is not set: no real Qwen3-MoE model to test")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        pytest.fail(f"{REAL_MODEL_ENV}={value} is not a file", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_backend(real_model_path: Path) -> Iterator[LlamaBackend]:
+    """The real model with every layer offloaded to the GPU when llama.cpp has one."""
+    backend = LlamaBackend(
+        real_model_path,
+        n_ctx=4096,
+        n_gpu_layers=-1,
+        n_threads=int(os.environ.get(REAL_MODEL_THREADS_ENV, "1")),
+        n_batch=512,
+        flash_attn=False,
+    )
+    if backend.info.architecture != "qwen3moe":
+        backend.close()
+        pytest.fail(
+            f"{real_model_path} is a {backend.info.architecture!r} model, not qwen3moe",
+            pytrace=False,
+        )
+    yield backend
+    backend.close()

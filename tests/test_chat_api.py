@@ -31,6 +31,7 @@ async def chat(client: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_002")
 async def test_health_and_models(client: httpx.AsyncClient) -> None:
     health = await client.get("/health")
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
@@ -39,6 +40,7 @@ async def test_health_and_models(client: httpx.AsyncClient) -> None:
     assert [m["id"] for m in models["data"]] == ["qwen3-moe-demo"]
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_002")
 async def test_greedy_chat_follows_the_demo_script(client: httpx.AsyncClient) -> None:
     result = await chat(client, temperature=0)
     choice = result["choices"][0]
@@ -47,6 +49,7 @@ async def test_greedy_chat_follows_the_demo_script(client: httpx.AsyncClient) ->
     assert result["object"] == "chat.completion"
 
 
+@pytest.mark.falsifies("QWEN3_MOE_STREAMING_SSE_V1_002")
 async def test_stream_equals_buffered(client: httpx.AsyncClient) -> None:
     """Content, finish_reason and usage of a greedy stream equal the buffered response."""
     buffered = await chat(client, temperature=0)
@@ -59,6 +62,7 @@ async def test_stream_equals_buffered(client: httpx.AsyncClient) -> None:
         assert usage[key] == buffered["usage"][key]
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_001")
 async def test_stream_framing(client: httpx.AsyncClient) -> None:
     stream = await stream_chat(client, temperature=0, stream_options={"include_usage": True})
     chunks = stream.chunks
@@ -79,12 +83,14 @@ async def test_stream_framing(client: httpx.AsyncClient) -> None:
     assert all(set(c["choices"][0]["delta"]) == {"content"} for c in middle)
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_001")
 async def test_no_usage_chunk_unless_asked(client: httpx.AsyncClient) -> None:
     stream = await stream_chat(client, temperature=0)
     assert stream.usage() is None
     assert stream.chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_001")
 async def test_utf8_characters_arrive_whole(client: httpx.AsyncClient) -> None:
     """The demo script's emoji and accented letter are split over byte tokens."""
     deltas = (await stream_chat(client, temperature=0)).deltas()
@@ -101,6 +107,7 @@ def _stop_across_tokens() -> str:
     return SCRIPT[start : start + 7]
 
 
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_002")
 async def test_stop_string_is_never_sent(client: httpx.AsyncClient) -> None:
     stop = _stop_across_tokens()
     expected = SCRIPT[: SCRIPT.find(stop)]
@@ -112,6 +119,7 @@ async def test_stop_string_is_never_sent(client: httpx.AsyncClient) -> None:
     assert buffered["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_003")
 async def test_text_held_for_a_stop_that_never_completes_is_released(
     client: httpx.AsyncClient,
 ) -> None:
@@ -120,6 +128,7 @@ async def test_text_held_for_a_stop_that_never_completes_is_released(
     assert "".join(stream.deltas()) == SCRIPT
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_003")
 async def test_max_tokens_gives_length_with_exactly_that_many_tokens(
     client: httpx.AsyncClient,
 ) -> None:
@@ -157,6 +166,7 @@ async def test_sampled_generation_is_reproducible_with_a_seed(client: httpx.Asyn
     assert a["choices"][0]["message"] == b["choices"][0]["message"]
 
 
+@pytest.mark.falsifies("QWEN3_MOE_STREAMING_SSE_V1_002", "QWEN3_MOE_OPENAI_WIRE_V1_002")
 async def test_text_completion_stream_equals_buffered(client: httpx.AsyncClient) -> None:
     body = {"prompt": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "temperature": 0}
     buffered = (await client.post("/v1/completions", json=body)).json()

@@ -56,6 +56,7 @@ BAD_BODIES: list[tuple[str, dict[str, Any] | bytes, str | None]] = [
 
 
 @pytest.mark.parametrize(("case", "body", "param"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_004")
 async def test_invalid_chat_bodies_are_400_envelopes(
     client: httpx.AsyncClient, case: str, body: dict[str, Any] | bytes, param: str | None
 ) -> None:
@@ -68,11 +69,13 @@ async def test_invalid_chat_bodies_are_400_envelopes(
     assert (await client.get("/health")).status_code == 200
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_004")
 async def test_invalid_completion_bodies_are_400_envelopes(client: httpx.AsyncClient) -> None:
     for body in ({}, {"prompt": ""}, {"prompt": "x", "echo": True}, {"prompt": [10**9]}):
         assert_envelope(await client.post("/v1/completions", json=body), 400)
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_004")
 async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/v1/chat/completions", json={"model": "gpt-4o", "messages": HELLO}
@@ -81,6 +84,7 @@ async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_005")
 async def test_context_length_exceeded_is_decided_before_the_stream(
     client: httpx.AsyncClient, stream: bool
 ) -> None:
@@ -92,12 +96,14 @@ async def test_context_length_exceeded_is_decided_before_the_stream(
     assert response.headers["content-type"].startswith("application/json")
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_005")
 async def test_prompt_longer_than_the_context_is_rejected(client: httpx.AsyncClient) -> None:
     long = [{"role": "user", "content": "word " * 5000}]
     response = await client.post("/v1/chat/completions", json={"messages": long})
     assert_envelope(response, 400, code="context_length_exceeded")
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_004")
 async def test_unknown_route_and_wrong_method_use_the_envelope(client: httpx.AsyncClient) -> None:
     assert_envelope(await client.get("/v1/nothing"), 404)
     assert_envelope(await client.get("/v1/chat/completions"), 405)
@@ -130,6 +136,7 @@ class _FailingBackend:
         raise AssertionError("an injected backend is never closed by the app")
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_006")
 async def test_engine_failure_mid_stream_is_an_in_band_error(demo_backend: LlamaBackend) -> None:
     app = create_app(settings_for(), backend=_FailingBackend(demo_backend, after=8))
     async with asgi_client(app) as client:
@@ -147,6 +154,7 @@ async def test_engine_failure_mid_stream_is_an_in_band_error(demo_backend: Llama
         assert_envelope(buffered, 500, type="server_error")
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_004")
 async def test_health_is_503_while_the_model_loads(
     demo_model_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,6 +17,7 @@ def sdk(live_server: LiveServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
 
 
+@pytest.mark.falsifies("QWEN3_MOE_STREAMING_SSE_V1_002", "QWEN3_MOE_OPENAI_WIRE_V1_001")
 def test_sdk_chat_buffered_and_streamed_agree(sdk: openai.OpenAI) -> None:
     buffered = sdk.chat.completions.create(
         model="qwen3-moe-demo",
@@ -47,6 +48,7 @@ def test_sdk_chat_buffered_and_streamed_agree(sdk: openai.OpenAI) -> None:
     assert usage.prompt_tokens == buffered.usage.prompt_tokens
 
 
+@pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_002")
 def test_sdk_text_completion(sdk: openai.OpenAI) -> None:
     result = sdk.completions.create(
         model="qwen3-moe-demo", prompt="<|im_start|>assistant\n", max_tokens=3, temperature=0
@@ -55,6 +57,11 @@ def test_sdk_text_completion(sdk: openai.OpenAI) -> None:
     assert SCRIPT.startswith(result.choices[0].text)
 
 
+@pytest.mark.falsifies(
+    "QWEN3_MOE_OPENAI_WIRE_V1_002",
+    "QWEN3_MOE_OPENAI_WIRE_V1_004",
+    "QWEN3_MOE_OPENAI_WIRE_V1_005",
+)
 def test_sdk_sees_typed_errors(sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         sdk.chat.completions.create(model="nope", messages=HELLO)  # type: ignore[arg-type]

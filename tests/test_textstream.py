@@ -21,6 +21,7 @@ def _stream(pieces: list[bytes], stop: list[str]) -> tuple[list[str], str, bool]
     return [d for d in deltas if d], "".join(deltas), text.stopped
 
 
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_001")
 def test_emoji_split_over_byte_tokens_arrives_whole() -> None:
     pieces = [b"Hi ", *[bytes([b]) for b in "😀".encode()], b" caf", b"\xc3", b"\xa9"]
     deltas, joined, _ = _stream(pieces, [])
@@ -29,6 +30,7 @@ def test_emoji_split_over_byte_tokens_arrives_whole() -> None:
     assert all("\ufffd" not in d for d in deltas)
 
 
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_002")
 def test_stop_string_across_token_boundaries_is_never_sent() -> None:
     pieces = [b"Hello", b" wo", b"r", b"ld", b", and more"]
     deltas, joined, stopped = _stream(pieces, ["world"])
@@ -37,6 +39,7 @@ def test_stop_string_across_token_boundaries_is_never_sent() -> None:
     assert all("w" not in d for d in deltas)
 
 
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_003")
 def test_held_prefix_is_released_when_it_cannot_become_a_stop() -> None:
     pieces = [b"Hello", b" wo", b"rm", b" farm"]
     deltas, joined, stopped = _stream(pieces, ["world"])
@@ -46,18 +49,21 @@ def test_held_prefix_is_released_when_it_cannot_become_a_stop() -> None:
     assert deltas == ["Hello", " ", "worm", " farm"]
 
 
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_003")
 def test_held_prefix_is_released_at_the_end_of_generation() -> None:
     _deltas, joined, stopped = _stream([b"abc", b" wor"], ["world"])
     assert not stopped
     assert joined == "abc wor"
 
 
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_002")
 def test_earliest_of_several_stop_strings_wins() -> None:
     _, joined, stopped = _stream([b"one two three"], ["three", "two"])
     assert stopped and joined == "one "
 
 
 @pytest.mark.parametrize("stop", ["ab", "aab", "abab", "b", "zz"])
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_002")
 def test_any_split_of_the_text_gives_the_same_result(stop: str) -> None:
     """Hold-back must not depend on where the token boundaries fall."""
     text = "xaababzab"
