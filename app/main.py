@@ -5,16 +5,24 @@ start at once, with the path in the message), then loads the model on a worker t
 the server already answers: ``/health`` says 503 ``loading`` until the model is ready, so an
 orchestrator can tell "starting" from "dead". Tests pass a ready backend instead, so one
 loaded model serves many apps.
+
+SIGTERM drains before the server stops: new requests get 503 (``/health`` says ``draining``),
+running ones get ``--shutdown-grace-s`` to finish and then end with an in-band error and
+``[DONE]``; only then is the signal handed on to uvicorn, whose own graceful shutdown would
+otherwise cancel the streams mid-token after its timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from types import FrameType
 
 from fastapi import FastAPI
 
@@ -42,13 +50,35 @@ def resolve_model_path(settings: Settings) -> Path:
 
 
 def load_backend(settings: Settings, model_path: Path) -> Backend:
-    from app.backends.llama import LlamaBackend  # the engine import stays out of import time
+    # the engine import stays out of import time
+    from app.backends.llama import LlamaBackend, register_rpc_servers
+
+    if settings.rpc_servers:
+        register_rpc_servers(settings.rpc_servers.split(","))
 
     template = (
         settings.chat_template_file.read_text(encoding="utf-8")
         if settings.chat_template_file is not None
         else None
     )
+    parallel = settings.parallel
+    if parallel == 0:
+        from app.backends.batched import default_parallel
+
+        parallel = default_parallel(settings.n_gpu_layers)
+    if parallel > 1:
+        from app.backends.batched import BatchedLlamaBackend
+
+        return BatchedLlamaBackend(
+            model_path,
+            parallel=parallel,
+            n_ctx=settings.n_ctx,
+            n_gpu_layers=settings.n_gpu_layers,
+            n_threads=settings.n_threads,
+            n_batch=settings.n_batch,
+            flash_attn=settings.flash_attn,
+            chat_template=template,
+        )
     return LlamaBackend(
         model_path,
         n_ctx=settings.n_ctx,
@@ -88,9 +118,11 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         else:
             model_path = await asyncio.to_thread(resolve_model_path, settings)
             loader = asyncio.create_task(_load(app, settings, model_path))
+        restore_sigterm = _drain_on_sigterm(app, settings.shutdown_grace_s)
         try:
             yield
         finally:
+            restore_sigterm()
             if loader is not None:
                 with suppress(asyncio.CancelledError):
                     await loader
@@ -112,8 +144,69 @@ def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: P
         backend,
         model_names=model_names(settings, path),
         stream_buffer_tokens=settings.stream_buffer_tokens,
+        reasoning_format=settings.reasoning_format,
+        enable_thinking=settings.enable_thinking,
+        max_queue=settings.max_queue,
+        request_timeout_s=settings.request_timeout_s,
     )
     app.state.load_status = "ok"
+
+
+async def drain(app: FastAPI, grace_s: float) -> None:
+    """Stop admitting (503), let running generations finish for ``grace_s``, end the rest."""
+    service: GenerationService | None = app.state.service
+    if service is None:
+        return
+    app.state.load_status = "draining"
+    logger.info(
+        "draining: %d request(s) in flight, grace %.1fs", service.admission.in_flight, grace_s
+    )
+    await service.admission.drain(grace_s)
+
+
+def _drain_on_sigterm(app: FastAPI, grace_s: float) -> Callable[[], None]:
+    """Make SIGTERM drain the app first, then pass it on to the previous handler (uvicorn's).
+
+    Signals reach only the main thread; an app served from another thread (the tests' live
+    servers) keeps the server's own handling. A second SIGTERM passes on at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+    signalled: list[int] = []
+    draining: list[asyncio.Task[None]] = []
+
+    def pass_on() -> None:
+        signal.signal(signal.SIGTERM, previous)
+        if callable(previous):
+            previous(signal.SIGTERM, None)
+        else:
+            signal.raise_signal(signal.SIGTERM)
+
+    async def drain_then_pass_on() -> None:
+        try:
+            await drain(app, grace_s)
+        finally:
+            pass_on()
+
+    def start_draining() -> None:
+        draining.append(loop.create_task(drain_then_pass_on()))
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if signalled:
+            pass_on()
+            return
+        signalled.append(signum)
+        loop.call_soon_threadsafe(start_draining)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 async def _load(app: FastAPI, settings: Settings, model_path: Path) -> None:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -24,23 +22,14 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.errors import InvalidRequest, Unavailable, as_api_error, validation_error
+from app.formats import Answer, ChatFormat, CompletionFormat, Format, usage_of
 from app.schemas import (
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChunkChoice,
-    Completion,
-    CompletionChoice,
     CompletionRequest,
-    DeltaMessage,
     ModelCard,
     ModelList,
-    PromptTokensDetails,
-    Usage,
 )
-from app.service import Finished, GenerationService, PreparedGeneration
+from app.service import Event, Finished, GenerationService, PreparedGeneration
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -80,99 +69,6 @@ async def read_body(request: Request, model: type[RequestModel]) -> RequestModel
         raise validation_error(exc.errors()) from exc
 
 
-def _usage(finished: Finished) -> Usage:
-    return Usage(
-        prompt_tokens=finished.prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        total_tokens=finished.prompt_tokens + finished.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=finished.cached_tokens),
-    )
-
-
-class _Format(Protocol):
-    """The object shapes of one endpoint; ids, created and model are fixed per request."""
-
-    def first_chunk(self) -> BaseModel | None: ...
-    def text_chunk(self, text: str) -> BaseModel: ...
-    def finish_chunk(self, finished: Finished) -> BaseModel: ...
-    def usage_chunk(self, usage: Usage) -> BaseModel: ...
-    def response(self, text: str, finished: Finished) -> BaseModel: ...
-
-
-class _ChatFormat:
-    def __init__(self, model: str) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = model
-
-    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> BaseModel:
-        return ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
-        )
-
-    def first_chunk(self) -> BaseModel:
-        delta = DeltaMessage(role="assistant", content="")
-        return self._chunk([ChunkChoice(delta=delta, finish_reason=None)])
-
-    def text_chunk(self, text: str) -> BaseModel:
-        return self._chunk([ChunkChoice(delta=DeltaMessage(content=text), finish_reason=None)])
-
-    def finish_chunk(self, finished: Finished) -> BaseModel:
-        return self._chunk(
-            [ChunkChoice(delta=DeltaMessage(), finish_reason=finished.finish_reason)]
-        )
-
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        return self._chunk([], usage)
-
-    def response(self, text: str, finished: Finished) -> BaseModel:
-        return ChatCompletion(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[
-                ChatChoice(
-                    message=AssistantMessage(content=text),
-                    finish_reason=finished.finish_reason,
-                )
-            ],
-            usage=_usage(finished),
-        )
-
-
-class _CompletionFormat:
-    def __init__(self, model: str) -> None:
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = model
-
-    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> BaseModel:
-        return Completion(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
-        )
-
-    def first_chunk(self) -> None:
-        return None
-
-    def text_chunk(self, text: str) -> BaseModel:
-        return self._chunk([CompletionChoice(text=text, finish_reason=None)])
-
-    def finish_chunk(self, finished: Finished) -> BaseModel:
-        return self._chunk([CompletionChoice(text="", finish_reason=finished.finish_reason)])
-
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        return self._chunk([], usage)
-
-    def response(self, text: str, finished: Finished) -> BaseModel:
-        return Completion(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[CompletionChoice(text=text, finish_reason=finished.finish_reason)],
-            usage=_usage(finished),
-        )
-
-
 def _sse(data: str) -> ServerSentEvent:
     return ServerSentEvent(data=data, sep="\n")
 
@@ -182,19 +78,19 @@ def _event(chunk: BaseModel) -> ServerSentEvent:
 
 
 async def _stream_events(
-    service: GenerationService, job: PreparedGeneration, fmt: _Format, include_usage: bool
+    service: GenerationService, job: PreparedGeneration, fmt: Format, include_usage: bool
 ) -> AsyncIterator[ServerSentEvent]:
     first = fmt.first_chunk()
     if first is not None:
         yield _event(first)
     try:
         async for item in service.generate(job):
-            if isinstance(item, str):
-                yield _event(fmt.text_chunk(item))
+            if isinstance(item, Event):
+                yield _event(fmt.event_chunk(item))
                 continue
             yield _event(fmt.finish_chunk(item))
             if include_usage:
-                yield _event(fmt.usage_chunk(_usage(item)))
+                yield _event(fmt.usage_chunk(usage_of(item)))
             _log_finished(fmt, item)
     except Exception as exc:
         # Headers are gone: the error travels in-band, then the stream ends normally.
@@ -203,22 +99,22 @@ async def _stream_events(
 
 
 async def _collect(
-    service: GenerationService, job: PreparedGeneration, fmt: _Format
+    service: GenerationService, job: PreparedGeneration, fmt: Format
 ) -> dict[str, Any]:
-    parts: list[str] = []
+    answer = Answer()
     async for item in service.generate(job):
-        if isinstance(item, str):
-            parts.append(item)
+        if isinstance(item, Event):
+            answer.add(item)
         else:
             _log_finished(fmt, item)
-            return fmt.response("".join(parts), item).model_dump()
+            return fmt.response(answer, item).model_dump()
     raise RuntimeError("generation ended without a finish")  # the service always finishes
 
 
-def _log_finished(fmt: _Format, finished: Finished) -> None:
+def _log_finished(fmt: Format, finished: Finished) -> None:
     logger.info(
         "request %s finished: %s, prompt_tokens=%d (cached %d), completion_tokens=%d",
-        getattr(fmt, "id", "?"),
+        fmt.id,
         finished.finish_reason,
         finished.prompt_tokens,
         finished.cached_tokens,
@@ -230,7 +126,7 @@ def _sse_response(
     service: GenerationService,
     settings: Settings,
     job: PreparedGeneration,
-    fmt: _Format,
+    fmt: Format,
     include_usage: bool,
 ) -> EventSourceResponse:
     return EventSourceResponse(
@@ -248,7 +144,14 @@ async def chat_completions(
 ) -> Response | EventSourceResponse:
     body = await read_body(request, ChatCompletionRequest)
     job = await service.prepare_chat(body)
-    fmt = _ChatFormat(service.model_id)
+    fmt = ChatFormat(
+        service.model_id,
+        reasoning_field=(
+            "reasoning" if service.reasoning_format == "reasoning" else "reasoning_content"
+        ),
+        token_bytes=service.backend.tokenizer.token_bytes,
+        logprobs=body.logprobs,
+    )
     if body.stream:
         return _sse_response(service, settings, job, fmt, body.include_usage)
     return JSONResponse(await _collect(service, job, fmt))
@@ -260,7 +163,7 @@ async def completions(
 ) -> Response | EventSourceResponse:
     body = await read_body(request, CompletionRequest)
     job = await service.prepare_completion(body)
-    fmt = _CompletionFormat(service.model_id)
+    fmt = CompletionFormat(service.model_id)
     if body.stream:
         return _sse_response(service, settings, job, fmt, body.include_usage)
     return JSONResponse(await _collect(service, job, fmt))

@@ -106,26 +106,91 @@ def _reject_truthy(value: Any, name: str) -> None:
         raise ValueError(f"'{name}' is not supported by this server yet")
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        schema = self.json_schema.schema_ if self.json_schema is not None else None
+        if self.type == "json_schema" and not schema:
+            raise ValueError("response_format of type 'json_schema' needs 'json_schema.schema'")
+        return self
+
+
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     chat_template_kwargs: dict[str, Any] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
-    def _unsupported(self) -> ChatCompletionRequest:
-        _reject_truthy(self.logprobs, "logprobs")
-        _reject_truthy(self.top_logprobs, "top_logprobs")
-        _reject_truthy(self.tools, "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported yet")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' requires 'logprobs': true")
+        names = [tool.function.name for tool in self.tools or []]
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise ValueError("'tool_choice' other than 'none'/'auto' requires 'tools'")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names '{choice.function.name}', which is not in 'tools'")
+        if self.json_output and self.forced_tools:
+            raise ValueError("a JSON response_format cannot be combined with a forced tool call")
         return self
 
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def json_output(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
+
+    @property
+    def offered_tools(self) -> list[Tool]:
+        """Tools the model may call: none when ``tool_choice`` is ``none``."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools if t.function.name == self.tool_choice.function.name]
+        return list(self.tools)
+
+    @property
+    def forced_tools(self) -> bool:
+        """The output must be a tool call (``required`` or a named function)."""
+        return bool(self.offered_tools) and self.tool_choice not in (None, "auto")
 
 
 class CompletionRequest(GenerationRequest):
@@ -162,15 +227,52 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
+    """``reasoning_content`` or ``reasoning`` (per ``--reasoning-format``) only when present."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = Field(None, exclude_if=_absent)
+    reasoning: str | None = Field(None, exclude_if=_absent)
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=_absent)
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
 
 
@@ -183,8 +285,18 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-def _absent(value: object) -> bool:
-    return value is None
+class DeltaFunction(BaseModel):
+    name: str | None = Field(None, exclude_if=_absent)
+    arguments: str | None = Field(None, exclude_if=_absent)
+
+
+class DeltaToolCall(BaseModel):
+    """The first delta of a call carries ``id``, ``type`` and the name; later ones arguments."""
+
+    index: int
+    id: str | None = Field(None, exclude_if=_absent)
+    type: Literal["function"] | None = Field(None, exclude_if=_absent)
+    function: DeltaFunction
 
 
 class DeltaMessage(BaseModel):
@@ -192,12 +304,15 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = Field(None, exclude_if=_absent)
     content: str | None = Field(None, exclude_if=_absent)
+    reasoning_content: str | None = Field(None, exclude_if=_absent)
+    reasoning: str | None = Field(None, exclude_if=_absent)
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_absent)
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -5,10 +5,12 @@ helper thread, context length checked) so that every 4xx is decided before a str
 Then ``generate()`` runs the backend on the single engine thread and yields text deltas and
 one final ``Finished`` as they happen; the buffered response is that stream collected.
 
-Concurrency: one llama.cpp context decodes one sequence at a time, so the engine is a
-one-thread executor. Its queue is the arrival order, a running generation is never
-interrupted by a newer request (llama-cpp-python's bundled server does interrupt it), and a
-request whose client leaves while it waits is taken out of the queue. Tokens cross from the
+Concurrency: the engine executor has one thread per generation the backend runs at once
+(one for ``LlamaBackend``, one per slot for the batching backend). Its queue is the arrival
+order, a running generation is never interrupted by a newer request (llama-cpp-python's
+bundled server does interrupt it), and a request whose client leaves while it waits is taken
+out of the queue. How many may wait, how long one may run and when the service stops taking
+requests is ``app.admission``'s business. Tokens cross from the
 engine thread to the response through a bounded channel: a client that reads slowly makes the
 engine wait instead of letting text pile up in memory, and a client that leaves makes
 ``on_token`` return False at the next token.
@@ -22,12 +24,16 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from app.backends import Backend, GenerationResult, SamplingParams
+from app.admission import Admission, Ticket, engine_slots, generate_fn
+from app.backends import Backend, GenerationResult, SamplingParams, TokenLogprobs
+from app.backends.grammar import GrammarError, ToolSpec, json_grammar, tool_call_grammar
 from app.chat_template import ChatTemplate
-from app.errors import ContextLengthExceeded, InvalidRequest, NotFound, as_api_error
+from app.errors import ApiError, ContextLengthExceeded, InvalidRequest, NotFound, as_api_error
+from app.output import Delta, OutputParser
+from app.reasoning import Mode
 from app.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationRequest
 from app.textstream import TextStream
 
@@ -44,11 +50,24 @@ class PreparedGeneration:
     sampling: SamplingParams
     max_tokens: int
     stop: tuple[str, ...]
+    reasoning: Mode = "raw"
+    """How to split a ``<think>`` block from the answer (``raw``: no splitting)."""
+    parse_tool_calls: bool = False
+    ticket: Ticket | None = field(default=None, compare=False, repr=False)
+    """The request's place in ``app.admission``, taken when it was prepared."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One delta of the answer, with the logprobs of the tokens it completed (if asked)."""
+
+    delta: Delta
+    logprobs: tuple[TokenLogprobs, ...] = field(default=())
 
 
 @dataclass(frozen=True)
 class Finished:
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -59,7 +78,7 @@ class _Failed:
     error: BaseException
 
 
-_Item = str | Finished | _Failed
+_Item = Event | Finished | _Failed
 
 
 class _Channel:
@@ -107,8 +126,15 @@ class _Channel:
     def close(self) -> None:
         self._closed.set()
 
+    def fail(self, error: ApiError) -> None:
+        """On the event loop: end the stream with ``error``; the engine stops at its next step."""
+        self._closed.set()
+        self._deliver(_Failed(error))
 
-def _sampling(req: GenerationRequest) -> SamplingParams:
+
+def _sampling(
+    req: GenerationRequest, *, grammar: str | None = None, top_logprobs: int | None = None
+) -> SamplingParams:
     d = DEFAULT_SAMPLING
     return SamplingParams(
         temperature=d.temperature if req.temperature is None else req.temperature,
@@ -123,7 +149,23 @@ def _sampling(req: GenerationRequest) -> SamplingParams:
             d.frequency_penalty if req.frequency_penalty is None else req.frequency_penalty
         ),
         seed=req.seed,
+        grammar=grammar,
+        top_logprobs=top_logprobs,
     )
+
+
+SOFT_SWITCHES = {"/think": True, "/no_think": False}
+
+
+def _soft_switch(messages: Sequence[ChatMessage]) -> bool | None:
+    """Qwen3's ``/think`` or ``/no_think`` in the latest user message (the last one wins)."""
+    latest = next((m for m in reversed(messages) if m.role == "user"), None)
+    if latest is None:
+        return None
+    text = latest.text()
+    found = [(text.rfind(switch), on) for switch, on in SOFT_SWITCHES.items()]
+    position, on = max(found)
+    return on if position >= 0 else None
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:
@@ -143,9 +185,21 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
 
 class GenerationService:
     def __init__(
-        self, backend: Backend, *, model_names: Sequence[str], stream_buffer_tokens: int
+        self,
+        backend: Backend,
+        *,
+        model_names: Sequence[str],
+        stream_buffer_tokens: int,
+        reasoning_format: str = "reasoning_content",
+        enable_thinking: bool = True,
+        max_queue: int | None = None,
+        request_timeout_s: float | None = None,
     ) -> None:
         self.backend = backend
+        slots = engine_slots(backend)
+        self.admission = Admission(slots, max_queue=max_queue, timeout_s=request_timeout_s)
+        self.reasoning_format = reasoning_format
+        self._enable_thinking = enable_thinking
         self.model_id = model_names[0]
         self._model_names = frozenset(model_names)
         self._buffer = stream_buffer_tokens
@@ -155,7 +209,7 @@ class GenerationService:
             if info.chat_template
             else None
         )
-        self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._engine = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="engine")
 
     def close(self) -> None:
         """Drop queued generations and wait for the running one (its client is gone)."""
@@ -177,13 +231,34 @@ class GenerationService:
                 "This model has no chat template; use /v1/completions or start the server "
                 "with --chat-template-file."
             )
+        kwargs = dict(req.chat_template_kwargs or {})
+        if not self._enable_thinking:
+            kwargs.setdefault("enable_thinking", False)
+        # With thinking off in the template, Qwen3 ignores the soft switches.
+        thinking_possible = kwargs.get("enable_thinking", True) is not False
+        soft = _soft_switch(req.messages)
+        thinking = thinking_possible and soft is not False
+        tools = req.offered_tools
         prompt = self._template.render(
             [_template_message(m) for m in req.messages],
+            tools=[tool.model_dump(exclude_none=True) for tool in tools],
             add_generation_prompt=True,
-            extra=req.chat_template_kwargs,
+            extra=kwargs,
         )
+        grammar = _chat_grammar(req, allow_thinking=thinking_possible)
         tokens = await asyncio.to_thread(self.backend.tokenizer.tokenize, prompt)
-        return self._prepared(req, tokens, req.completion_limit(), param="messages")
+        job = self._prepared(
+            req,
+            tokens,
+            req.completion_limit(),
+            param="messages",
+            grammar=grammar,
+            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        )
+        mode: Mode = (
+            "raw" if self.reasoning_format == "none" else ("extract" if thinking else "no_thinking")
+        )
+        return replace(job, reasoning=mode, parse_tool_calls=bool(tools))
 
     async def prepare_completion(self, req: CompletionRequest) -> PreparedGeneration:
         self.check_model(req.model)
@@ -205,6 +280,8 @@ class GenerationService:
         requested_max: int | None,
         *,
         param: str,
+        grammar: str | None = None,
+        top_logprobs: int | None = None,
     ) -> PreparedGeneration:
         if not tokens:
             raise InvalidRequest("The prompt is empty after tokenization.", param=param)
@@ -219,19 +296,22 @@ class GenerationService:
             )
         return PreparedGeneration(
             prompt_tokens=list(tokens),
-            sampling=_sampling(req),
+            sampling=_sampling(req, grammar=grammar, top_logprobs=top_logprobs),
             max_tokens=requested_max if requested_max is not None else room,
             stop=tuple(req.stop_list()),
+            ticket=self.admission.admit(),
         )
 
-    async def generate(self, job: PreparedGeneration) -> AsyncIterator[str | Finished]:
-        """Text deltas as the engine produces them, then exactly one ``Finished``.
+    async def generate(self, job: PreparedGeneration) -> AsyncIterator[Event | Finished]:
+        """Answer deltas as the engine produces them, then exactly one ``Finished``.
 
         Leaving the iteration early (client gone) cancels the generation: a queued one never
         starts, a running one stops at its next token.
         """
         loop = asyncio.get_running_loop()
+        ticket = job.ticket or self.admission.admit()
         channel = _Channel(loop, self._buffer)
+        ticket.start(channel.fail)
         future = loop.run_in_executor(self._engine, self._run, job, channel)
         try:
             while True:
@@ -242,6 +322,7 @@ class GenerationService:
                 if isinstance(item, Finished):
                     return
         finally:
+            ticket.release()
             channel.close()
             future.cancel()
             future.add_done_callback(_log_engine_failure)
@@ -251,33 +332,67 @@ class GenerationService:
         if channel.closed:
             return
         text = TextStream(self.backend.tokenizer.token_bytes, job.stop)
+        parser = OutputParser(reasoning=job.reasoning, tools=job.parse_tool_calls)
+        pending: list[TokenLogprobs] = []  # logprobs of tokens whose text is not out yet
+
+        def send(deltas: list[Delta]) -> bool:
+            for delta in deltas:
+                if not channel.put(Event(delta, tuple(pending))):
+                    return False
+                pending.clear()
+            return True
 
         def on_token(token_id: int) -> bool:
-            delta = text.push(token_id)
-            if delta and not channel.put(delta):
+            released = text.push(token_id)
+            if released and not send(parser.push(released)):
                 return False
             return not text.stopped and not channel.closed
 
+        generate = generate_fn(self.backend, cancelled=lambda: channel.closed)
         try:
-            result: GenerationResult = self.backend.generate(
-                job.prompt_tokens, job.sampling, job.max_tokens, on_token
+            result: GenerationResult = generate(
+                job.prompt_tokens, job.sampling, job.max_tokens, on_token, pending.append
             )
         except Exception as exc:
             channel.put(_Failed(exc))
             return
         if result.finish_reason == "cancelled" and not text.stopped:
             return  # the client left; nobody is reading
-        tail = text.finish()
-        if tail:
-            channel.put(tail)
+        pending.clear()  # end-of-turn and stop-string tokens have no text to carry them
+        send(parser.push(text.finish()) + parser.finish())
+        finish: Literal["stop", "length", "tool_calls"] = (
+            "length" if result.finish_reason == "length" else "stop"
+        )
+        if finish == "stop" and parser.tool_calls:
+            finish = "tool_calls"
         channel.put(
             Finished(
-                finish_reason="stop" if result.finish_reason != "length" else "length",
+                finish_reason=finish,
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 cached_tokens=result.cached_tokens,
             )
         )
+
+
+def _chat_grammar(req: ChatCompletionRequest, *, allow_thinking: bool) -> str | None:
+    """The grammar a forced tool call or a JSON response format needs (400 if impossible)."""
+    try:
+        if req.forced_tools:
+            specs = [ToolSpec(t.function.name, t.function.parameters) for t in req.offered_tools]
+            return tool_call_grammar(
+                specs,
+                parallel=req.parallel_tool_calls is not False,
+                allow_thinking=allow_thinking,
+            )
+        if req.response_format is not None and req.json_output:
+            fmt = req.response_format
+            schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+            return json_grammar(schema, allow_thinking=allow_thinking)
+    except GrammarError as exc:
+        param = "tools" if req.forced_tools else "response_format"
+        raise InvalidRequest(str(exc), param=param, code="unsupported_schema") from exc
+    return None
 
 
 def _log_engine_failure(future: asyncio.Future[None]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +73,18 @@ class Settings(BaseSettings):
         description="Where the demo model is built (once) when no --model is given.",
     )
 
+    # -- Qwen3 semantics --------------------------------------------------------------------
+    reasoning_format: Literal["reasoning_content", "reasoning", "none"] = Field(
+        "reasoning_content",
+        description="Where the <think> block goes: message/delta field 'reasoning_content' "
+        "or 'reasoning'; 'none' leaves the raw text, tags included, in 'content'.",
+    )
+    enable_thinking: bool = Field(
+        True,
+        description="Server-wide default for Qwen3 thinking; a request overrides it with "
+        'chat_template_kwargs {"enable_thinking": ...} or /think and /no_think.',
+    )
+
     # -- streaming ------------------------------------------------------------------------
     sse_keepalive_s: float = Field(
         15.0, gt=0, description="Seconds between SSE comment keep-alives on an idle stream."
@@ -90,3 +103,51 @@ class Settings(BaseSettings):
         if level not in {"critical", "error", "warning", "info", "debug"}:
             raise ValueError("log_level must be one of critical, error, warning, info, debug")
         return level
+
+    # -- deployment: a model larger than one machine ---------------------------------------
+    rpc_servers: str | None = Field(
+        None,
+        description="llama.cpp RPC workers that take model layers, as host:port[,host:port...] "
+        "(qwen3-moe-rpc-worker or llama.cpp's rpc-server of the same version; needs a "
+        "-DGGML_RPC=on build). The RPC protocol is unauthenticated: private networks only.",
+    )
+
+    @field_validator("rpc_servers")
+    @classmethod
+    def _rpc_endpoints(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        endpoints = [part.strip() for part in value.split(",") if part.strip()]
+        for endpoint in endpoints:
+            # ggml splits an endpoint at its first ':', so an IPv6 literal cannot be one.
+            host, _, port = endpoint.partition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"rpc_servers entry {endpoint!r} is not host:port")
+        return ",".join(endpoints) or None
+
+    # -- serving many clients: continuous batching, admission, shutdown -------------------
+    parallel: int = Field(
+        0,
+        ge=0,
+        description="Requests decoded together by continuous batching, each in its own slot "
+        "with the full --n-ctx (the KV cache holds parallel x n-ctx tokens). 1 = one request "
+        "at a time; 0 = auto: 4 when layers are offloaded to a GPU, else 1.",
+    )
+    max_queue: int = Field(
+        64,
+        ge=0,
+        description="Requests that may wait for a free slot; past that a new request gets "
+        "429 (rate_limit_error, code overloaded) with Retry-After.",
+    )
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest a request may take, queueing included; past it the request "
+        "ends with an error (in-band on a stream). Unset: no limit.",
+    )
+    shutdown_grace_s: float = Field(
+        20.0,
+        ge=0,
+        description="On SIGTERM: new requests get 503 at once, running ones get this long to "
+        "finish, then end with an in-band error event and [DONE].",
+    )

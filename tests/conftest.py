@@ -70,8 +70,12 @@ def slow_backend(slow_model_path: Path) -> Iterator[LlamaBackend]:
 
 
 def settings_for(**overrides: object) -> Settings:
-    """Settings for an app around an injected backend (``model`` unset: the demo model's id)."""
-    values: dict[str, object] = {"sse_keepalive_s": 15.0}
+    """Settings for an app around an injected backend (``model`` unset: the demo model's id).
+
+    Transport tests see the model's raw text (``reasoning_format`` ``none``), so the whole
+    demo script is ``content``; the Qwen3 semantics tests set what they test.
+    """
+    values: dict[str, object] = {"sse_keepalive_s": 15.0, "reasoning_format": "none"}
     values.update(overrides)
     return Settings.model_validate(values)
 

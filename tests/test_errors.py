@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.backends import GenerationResult, OnToken, SamplingParams
+from app.backends import GenerationResult, OnLogprobs, OnToken, SamplingParams
 from app.backends.llama import LlamaBackend
 from app.main import create_app
 from tests import sse
@@ -49,8 +49,25 @@ BAD_BODIES: list[tuple[str, dict[str, Any] | bytes, str | None]] = [
     ("max_tokens string", {"messages": HELLO, "max_tokens": "many"}, "max_tokens"),
     ("n above one", {"messages": HELLO, "n": 2}, "n"),
     ("stop wrong type", {"messages": HELLO, "stop": 3}, None),
-    ("logprobs", {"messages": HELLO, "logprobs": True}, None),
-    ("tools", {"messages": HELLO, "tools": [{"type": "function"}]}, None),
+    ("top_logprobs without logprobs", {"messages": HELLO, "top_logprobs": 2}, None),
+    ("top_logprobs above 20", {"messages": HELLO, "logprobs": True, "top_logprobs": 21}, None),
+    ("tool without function", {"messages": HELLO, "tools": [{"type": "function"}]}, None),
+    ("tool_choice without tools", {"messages": HELLO, "tool_choice": "required"}, None),
+    (
+        "tool_choice names an unknown tool",
+        {
+            "messages": HELLO,
+            "tools": [{"type": "function", "function": {"name": "a"}}],
+            "tool_choice": {"type": "function", "function": {"name": "b"}},
+        },
+        None,
+    ),
+    (
+        "json_schema without schema",
+        {"messages": HELLO, "response_format": {"type": "json_schema"}},
+        None,
+    ),
+    ("unknown response_format", {"messages": HELLO, "response_format": {"type": "xml"}}, None),
     ("stream_options without stream", {"messages": HELLO, "stream_options": {}}, None),
 ]
 
@@ -119,7 +136,12 @@ class _FailingBackend:
         self._after = after
 
     def generate(
-        self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int, on_token: OnToken
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        on_token: OnToken,
+        on_logprobs: OnLogprobs | None = None,
     ) -> GenerationResult:
         seen = 0
 
@@ -130,7 +152,7 @@ class _FailingBackend:
                 raise RuntimeError("llama_decode returned -3 at 0xdeadbeef")
             return on_token(token_id)
 
-        return self._inner.generate(prompt, sampling, max_tokens, failing)
+        return self._inner.generate(prompt, sampling, max_tokens, failing, on_logprobs)
 
     def close(self) -> None:
         raise AssertionError("an injected backend is never closed by the app")

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.backends import GenerationResult, OnToken, SamplingParams
+from app.backends import GenerationResult, OnLogprobs, OnToken, SamplingParams
 from app.backends.llama import LlamaBackend
 from app.demo_model import script_text
 from app.main import create_app
@@ -47,7 +47,12 @@ class _ObservedBackend:
         self.gate: Any = None
 
     def generate(
-        self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int, on_token: OnToken
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        on_token: OnToken,
+        on_logprobs: OnLogprobs | None = None,
     ) -> GenerationResult:
         said_false = 0
 
@@ -61,7 +66,7 @@ class _ObservedBackend:
             said_false += not keep
             return keep
 
-        result = self._inner.generate(prompt, sampling, max_tokens, observed)
+        result = self._inner.generate(prompt, sampling, max_tokens, observed, on_logprobs)
         self.results.append(result)
         return result
 

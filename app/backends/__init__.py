@@ -7,9 +7,11 @@ from app.backends.base import (
     FinishReason,
     GenerationResult,
     ModelInfo,
+    OnLogprobs,
     OnToken,
     SamplingParams,
     Tokenizer,
+    TokenLogprobs,
 )
 
 __all__ = [
@@ -17,7 +19,9 @@ __all__ = [
     "FinishReason",
     "GenerationResult",
     "ModelInfo",
+    "OnLogprobs",
     "OnToken",
     "SamplingParams",
+    "TokenLogprobs",
     "Tokenizer",
 ]

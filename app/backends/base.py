@@ -28,6 +28,21 @@ OnToken = Callable[[int], bool]
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """The model's log-probability of a sampled token and of its most likely alternatives.
+
+    Raw model probabilities (before temperature, penalties and grammar), as OpenAI reports.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+OnLogprobs = Callable[[TokenLogprobs], None]
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Engine sampling arguments, mapped explicitly from the request by the service."""
 
@@ -39,6 +54,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    grammar: str | None = None
+    """A GBNF grammar that constrains sampling (built by ``app.backends.grammar``)."""
+    top_logprobs: int | None = None
+    """Report logprobs with this many alternatives per token (``None``: no logprobs)."""
 
     @property
     def greedy(self) -> bool:
@@ -90,10 +109,13 @@ class Backend(Protocol):
         sampling: SamplingParams,
         max_tokens: int,
         on_token: OnToken,
+        on_logprobs: OnLogprobs | None = None,
     ) -> GenerationResult:
         """Decode until end-of-generation, ``max_tokens``, or ``on_token`` returning False.
 
-        Blocking: the service calls it on its engine thread, never on the event loop.
+        With ``sampling.top_logprobs`` set, ``on_logprobs`` receives each token's logprobs just
+        before ``on_token`` receives the token. Blocking: the service calls it on its engine
+        thread, never on the event loop.
         """
         ...
 

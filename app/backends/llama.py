@@ -12,23 +12,43 @@ from a client is splatted into an engine call.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import random
+import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import llama_cpp
+import numpy as np
+from llama_cpp.llama_grammar import LlamaGrammar
 
-from app.backends.base import GenerationResult, ModelInfo, OnToken, SamplingParams, Tokenizer
+from app.backends.base import (
+    GenerationResult,
+    ModelInfo,
+    OnLogprobs,
+    OnToken,
+    SamplingParams,
+    Tokenizer,
+    TokenLogprobs,
+)
 
 logger = logging.getLogger(__name__)
+
+
+class _Vocabulary(Protocol):
+    """What ``LlamaTokenizer`` reads: a ``Llama``, or the bare ``LlamaModel`` that the batching
+    backend (``app.backends.batched``) loads without a ``Llama`` around it."""
+
+    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]: ...
+    def detokenize(self, tokens: list[int], *, special: bool) -> bytes: ...
 
 
 class LlamaTokenizer:
     """Tokenization over the model's own vocabulary (thread-safe: it only reads the vocab)."""
 
-    def __init__(self, llm: llama_cpp.Llama, add_bos: bool) -> None:
+    def __init__(self, llm: _Vocabulary, add_bos: bool) -> None:
         self._llm = llm
         self._add_bos = add_bos
         self._pieces: dict[int, bytes] = {}
@@ -131,8 +151,10 @@ class LlamaBackend:
         sampling: SamplingParams,
         max_tokens: int,
         on_token: OnToken,
+        on_logprobs: OnLogprobs | None = None,
     ) -> GenerationResult:
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        want_logprobs = on_logprobs is not None and sampling.top_logprobs is not None
         self._llm.set_seed(seed)
         cached = self._cached_prefix(prompt_tokens)
         completion_tokens = 0
@@ -146,10 +168,18 @@ class LlamaBackend:
             repeat_penalty=sampling.repeat_penalty,
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
+            grammar=(
+                LlamaGrammar.from_string(sampling.grammar, verbose=False)
+                if sampling.grammar
+                else None
+            ),
         )
         try:
             for token_id in tokens:
                 completion_tokens += 1
+                if want_logprobs:
+                    assert on_logprobs is not None and sampling.top_logprobs is not None
+                    on_logprobs(self._logprobs(token_id, sampling.top_logprobs))
                 if not on_token(token_id):
                     finish = "cancelled"
                     break
@@ -168,5 +198,78 @@ class LlamaBackend:
             cached_tokens=cached,
         )
 
+    def _logprobs(self, token_id: int, top: int) -> TokenLogprobs:
+        """Log-softmax of the logits the token was sampled from (still the last ones decoded)."""
+        n_vocab = self.info.n_vocab
+        logits = np.ctypeslib.as_array(self._llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+        shifted = logits.astype(np.float64) - float(logits.max())
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        k = min(top, n_vocab)
+        best = np.argpartition(-logprobs, k - 1)[:k] if k > 0 else np.arange(0)
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        return TokenLogprobs(
+            token_id=token_id,
+            logprob=float(logprobs[token_id]),
+            top=tuple((int(i), float(logprobs[i])) for i in best),
+        )
+
     def close(self) -> None:
         self._llm.close()
+
+
+# -- RPC: model layers on other machines ---------------------------------------------------
+#
+# llama-cpp-python 0.3.36 has no ``rpc_servers`` argument any more: llama.cpp turned RPC servers
+# from a model parameter into ggml backend devices. Like llama.cpp's own ``--rpc`` flag, we
+# register each server once per process; every model loaded afterwards with ``n_gpu_layers``
+# offloads to the RPC devices first. The RPC entry point is looked up through ggml's registry
+# by name, which works whether the RPC backend is linked in or loaded as a module.
+
+_RPC_CONNECT_TIMEOUT_S = 5.0
+_RpcAddServer = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
+
+
+def register_rpc_servers(endpoints: Sequence[str]) -> None:
+    """Make each ``host:port`` llama.cpp RPC server a device for the models loaded after this.
+
+    ggml aborts the whole process when it cannot connect to a server, so each one is first
+    reached with a plain TCP connection and an unreachable one is an exception here instead.
+    Registering a server twice is a no-op.
+    """
+    if not endpoints:
+        return
+    if not llama_cpp.llama_supports_rpc():
+        raise RuntimeError("rpc_servers needs llama-cpp-python built with -DGGML_RPC=on")
+    from llama_cpp import _ggml  # llama-cpp-python's handle on libggml, loaded with llama_cpp
+
+    ggml = _ggml.libggml
+    ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_count.argtypes = []
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_reg_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_register.restype = None
+
+    rpc = ggml.ggml_backend_reg_by_name(b"RPC")
+    address = ggml.ggml_backend_reg_get_proc_address(rpc, b"ggml_backend_rpc_add_server")
+    if not address:
+        raise RuntimeError("this llama.cpp build has no ggml_backend_rpc_add_server")
+    add_server = _RpcAddServer(address)
+    registered = {ggml.ggml_backend_reg_get(i) for i in range(ggml.ggml_backend_reg_count())}
+    for endpoint in endpoints:
+        host, _, port = endpoint.partition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=_RPC_CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as exc:
+            raise ConnectionError(f"RPC server {endpoint} is not reachable: {exc}") from exc
+        server = add_server(endpoint.encode())
+        if not server:
+            raise RuntimeError(f"RPC server {endpoint} offers no devices")
+        if server not in registered:
+            ggml.ggml_backend_register(server)
+            registered.add(server)
+        logger.info("RPC server %s registered: model layers can go to its devices", endpoint)

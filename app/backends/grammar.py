@@ -1,0 +1,118 @@
+"""GBNF grammars for constrained decoding: JSON output and Qwen3 tool calls.
+
+GBNF is llama.cpp's grammar language, so this module belongs to the llama adapter layer: it
+uses llama-cpp-python's JSON-schema converter (a port of llama.cpp's own) instead of a
+hand-written one. The service calls it while preparing a request, so a schema the converter
+cannot honour is a 400 before any stream starts.
+
+llama.cpp's converter silently ignores JSON-schema keywords it does not implement; a request
+relying on one would get output that ignores it. Those keywords are refused here instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from llama_cpp.llama_grammar import SchemaConverter
+
+_UNSUPPORTED_KEYWORDS = frozenset(
+    {
+        "not",
+        "if",
+        "then",
+        "else",
+        "patternProperties",
+        "propertyNames",
+        "dependentRequired",
+        "dependentSchemas",
+        "dependencies",
+        "uniqueItems",
+        "multipleOf",
+        "contains",
+        "minContains",
+        "maxContains",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+    }
+)
+
+# A thinking block before the constrained part, for models that think first. It may not
+# contain "</" except in its closing tag, a small price for a grammar that stays simple.
+_THINK_RULE = 'think ::= "<think>" ( [^<] | "<" [^/] )* "</think>" [ \\n]*'
+
+
+class GrammarError(ValueError):
+    """The schema uses something constrained decoding cannot honour; the message says what."""
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    parameters: Mapping[str, Any] | None
+
+
+def _check_schema(schema: Any, path: str) -> None:
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            _check_schema(item, f"{path}[{i}]")
+        return
+    if not isinstance(schema, dict):
+        return
+    for key, value in schema.items():
+        if key in _UNSUPPORTED_KEYWORDS:
+            raise GrammarError(f"JSON schema keyword '{key}' at {path} is not supported")
+        if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
+            raise GrammarError(f"only local $ref ('#/...') is supported, got '{value}' at {path}")
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            for name, sub in value.items():
+                _check_schema(sub, f"{path}.{key}.{name}")
+        elif isinstance(value, dict | list):
+            _check_schema(value, f"{path}.{key}")
+
+
+def _converter() -> SchemaConverter:
+    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+
+def _visit(converter: SchemaConverter, schema: Mapping[str, Any], name: str, where: str) -> str:
+    _check_schema(schema, where)
+    try:
+        resolved = converter.resolve_refs(json.loads(json.dumps(schema)), where)
+        rule: str = converter.visit(resolved, name)
+    except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as exc:
+        raise GrammarError(f"cannot build a grammar from the schema at {where}: {exc}") from exc
+    return rule
+
+
+def json_grammar(schema: Mapping[str, Any] | None, *, allow_thinking: bool) -> str:
+    """Output that is one JSON value matching ``schema`` (``None``: any JSON object)."""
+    converter = _converter()
+    value = _visit(converter, schema or {"type": "object"}, "value", "json_schema")
+    prefix = "think? " if allow_thinking else ""
+    rules = [converter.format_grammar(), f"root ::= {prefix}{value}"]
+    if allow_thinking:
+        rules.append(_THINK_RULE)
+    return "\n".join(rules)
+
+
+def tool_call_grammar(tools: Sequence[ToolSpec], *, parallel: bool, allow_thinking: bool) -> str:
+    """Output that is one (or, with ``parallel``, several) Qwen3 ``<tool_call>`` blocks."""
+    converter = _converter()
+    alternatives = []
+    for i, tool in enumerate(tools):
+        schema = tool.parameters or {"type": "object"}
+        args = _visit(converter, schema, f"tool{i}-args", f"tools[{i}].function.parameters")
+        head = json.dumps(f'<tool_call>\n{{"name": {json.dumps(tool.name)}, "arguments": ')
+        alternatives.append(f'{head} {args} "}}\\n</tool_call>"')
+    rules = [converter.format_grammar(), "call ::= " + " | ".join(alternatives)]
+    calls = 'call ( "\\n" call )*' if parallel else "call"
+    prefix = "think? " if allow_thinking else ""
+    rules.append(f"root ::= {prefix}{calls}")
+    if allow_thinking:
+        rules.append(_THINK_RULE)
+    return "\n".join(rules)

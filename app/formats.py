@@ -1,0 +1,230 @@
+"""OpenAI object shapes for one request: its stream chunks and its buffered response.
+
+Chat and text completions differ only in shape, so each has a format class with the same
+four methods; the routes stream or collect through any of them. A buffered response is built
+from the very events a stream would have sent (``Answer`` collects them), so the two cannot
+disagree.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from app.backends import TokenLogprobs
+from app.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    DeltaFunction,
+    DeltaMessage,
+    DeltaToolCall,
+    FunctionCallOut,
+    PromptTokensDetails,
+    TokenLogprob,
+    ToolCallOut,
+    TopLogprob,
+    Usage,
+)
+from app.service import Event, Finished
+
+TokenBytes = Callable[[int], bytes]
+
+
+def usage_of(finished: Finished) -> Usage:
+    return Usage(
+        prompt_tokens=finished.prompt_tokens,
+        completion_tokens=finished.completion_tokens,
+        total_tokens=finished.prompt_tokens + finished.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=finished.cached_tokens),
+    )
+
+
+@dataclass
+class _Call:
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass
+class Answer:
+    """Everything a stream carried, collected for the buffered response."""
+
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: list[_Call] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    def add(self, event: Event) -> None:
+        delta = event.delta
+        self.logprobs += event.logprobs
+        if delta.content:
+            self.content.append(delta.content)
+        if delta.reasoning:
+            self.reasoning.append(delta.reasoning)
+        call = delta.tool_call
+        if call is not None:
+            if call.name is not None and call.id is not None:
+                self.calls.append(_Call(call.id, call.name))
+            self.calls[call.index].arguments += call.arguments
+
+
+def _logprob_entries(
+    logprobs: Sequence[TokenLogprobs], token_bytes: TokenBytes
+) -> list[TokenLogprob]:
+    def text(token_id: int) -> tuple[str, list[int]]:
+        raw = token_bytes(token_id)
+        return raw.decode("utf-8", errors="backslashreplace"), list(raw)
+
+    entries = []
+    for item in logprobs:
+        token, raw = text(item.token_id)
+        top = [
+            TopLogprob(token=alt, logprob=logprob, bytes=alt_raw)
+            for alt_id, logprob in item.top
+            for alt, alt_raw in [text(alt_id)]
+        ]
+        entries.append(TokenLogprob(token=token, logprob=item.logprob, bytes=raw, top_logprobs=top))
+    return entries
+
+
+class Format(Protocol):
+    id: str
+
+    def first_chunk(self) -> BaseModel | None: ...
+    def event_chunk(self, event: Event) -> BaseModel: ...
+    def finish_chunk(self, finished: Finished) -> BaseModel: ...
+    def usage_chunk(self, usage: Usage) -> BaseModel: ...
+    def response(self, answer: Answer, finished: Finished) -> BaseModel: ...
+
+
+class ChatFormat:
+    def __init__(
+        self,
+        model: str,
+        *,
+        reasoning_field: str,
+        token_bytes: TokenBytes,
+        logprobs: bool,
+    ) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self._reasoning_field = reasoning_field
+        self._token_bytes = token_bytes
+        self._logprobs = logprobs
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> BaseModel:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def _choice_logprobs(self, logprobs: Sequence[TokenLogprobs]) -> ChoiceLogprobs | None:
+        if not self._logprobs:
+            return None
+        return ChoiceLogprobs(content=_logprob_entries(logprobs, self._token_bytes))
+
+    def first_chunk(self) -> BaseModel:
+        delta = DeltaMessage(role="assistant", content="")
+        return self._chunk([ChunkChoice(delta=delta, finish_reason=None)])
+
+    def event_chunk(self, event: Event) -> BaseModel:
+        delta = event.delta
+        message = DeltaMessage()
+        if delta.content:
+            message.content = delta.content
+        if delta.reasoning:
+            setattr(message, self._reasoning_field, delta.reasoning)
+        call = delta.tool_call
+        if call is not None:
+            first = call.name is not None
+            message.tool_calls = [
+                DeltaToolCall(
+                    index=call.index,
+                    id=call.id,
+                    type="function" if first else None,
+                    function=DeltaFunction(name=call.name, arguments=call.arguments),
+                )
+            ]
+        choice = ChunkChoice(
+            delta=message, logprobs=self._choice_logprobs(event.logprobs), finish_reason=None
+        )
+        return self._chunk([choice])
+
+    def finish_chunk(self, finished: Finished) -> BaseModel:
+        return self._chunk(
+            [ChunkChoice(delta=DeltaMessage(), finish_reason=finished.finish_reason)]
+        )
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return self._chunk([], usage)
+
+    def response(self, answer: Answer, finished: Finished) -> BaseModel:
+        content = "".join(answer.content)
+        message = AssistantMessage(content=content if content or not answer.calls else None)
+        reasoning = "".join(answer.reasoning)
+        if reasoning:
+            setattr(message, self._reasoning_field, reasoning)
+        if answer.calls:
+            message.tool_calls = [
+                ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+                for c in answer.calls
+            ]
+        choice = ChatChoice(
+            message=message,
+            logprobs=self._choice_logprobs(answer.logprobs),
+            finish_reason=finished.finish_reason,
+        )
+        return ChatCompletion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[choice],
+            usage=usage_of(finished),
+        )
+
+
+class CompletionFormat:
+    def __init__(self, model: str) -> None:
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> BaseModel:
+        return Completion(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def first_chunk(self) -> None:
+        return None
+
+    def event_chunk(self, event: Event) -> BaseModel:
+        return self._chunk([CompletionChoice(text=event.delta.content, finish_reason=None)])
+
+    def finish_chunk(self, finished: Finished) -> BaseModel:
+        return self._chunk([CompletionChoice(text="", finish_reason=finished.finish_reason)])
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return self._chunk([], usage)
+
+    def response(self, answer: Answer, finished: Finished) -> BaseModel:
+        return Completion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[
+                CompletionChoice(text="".join(answer.content), finish_reason=finished.finish_reason)
+            ],
+            usage=usage_of(finished),
+        )

@@ -1,0 +1,193 @@
+"""Parsing Qwen3's ``<tool_call>{json}</tool_call>`` blocks out of the answer, as it streams.
+
+Qwen3 (like Hermes) writes each call as
+``<tool_call>\\n{"name": "...", "arguments": {...}}\\n</tool_call>``, one block per call. The
+parser turns content text into plain text and tool-call deltas the way OpenAI streams them:
+the first delta of a call carries its index, id, type and name (as soon as the name is
+complete), later deltas carry fragments of ``arguments`` as they are decoded. The arguments are
+the model's own JSON text, so the fragments of a stream concatenate to exactly the buffered
+``function.arguments``.
+
+A block whose head is not ``{"name": "<string>", "arguments": `` is not a call: it is returned
+as content, tags included, never as an error. Once a name has been sent the call stays a call;
+constrained decoding (``tool_choice`` ``required`` or a named function) makes its arguments
+valid JSON by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+OPEN = "<tool_call>"
+CLOSE = "</tool_call>"
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+_MAX_HEAD = 512  # a head longer than this is not a call
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
+    """``id`` and ``name`` are set on the first delta of a call only."""
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str = ""
+
+
+Piece = str | ToolCallDelta
+
+
+def _tag_prefix_len(text: str, tag: str) -> int:
+    for length in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:length]):
+            return length
+    return 0
+
+
+class _JsonValueEnd:
+    """Finds where one JSON value ends, fed a character at a time (strings and nesting aware)."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._started = False
+        self.done = False
+
+    def feed(self, text: str) -> int:
+        """How many characters of ``text`` belong to the value (all of them unless it ended)."""
+        for i, ch in enumerate(text):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._in_string = False
+                    if self._depth == 0:
+                        self.done = True
+                        return i + 1
+                continue
+            if ch == '"':
+                self._in_string = True
+                self._started = True
+            elif ch in "{[":
+                self._depth += 1
+                self._started = True
+            elif self._started and self._depth == 0 and (ch.isspace() or ch in ",}]"):
+                self.done = True  # the end of a bare number or literal
+                return i
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    self.done = True
+                    return i + 1
+            elif not ch.isspace():
+                self._started = True
+        return len(text)
+
+
+class ToolCallParser:
+    def __init__(self) -> None:
+        self._state: Literal["text", "head", "arguments", "tail"] = "text"
+        self._held = ""
+        self._value: _JsonValueEnd | None = None
+        self.calls: list[ToolCall] = []
+
+    @property
+    def called(self) -> bool:
+        return bool(self.calls)
+
+    def push(self, text: str) -> list[Piece]:
+        self._held += text
+        pieces: list[Piece] = []
+        while True:
+            before = (self._state, len(self._held))
+            getattr(self, f"_{self._state}")(pieces)
+            if (self._state, len(self._held)) == before:
+                return pieces
+
+    def finish(self) -> list[Piece]:
+        pieces = self.push("")
+        rest, self._held = self._held, ""
+        if self._state == "head":
+            pieces.append(OPEN + rest)  # never became a call
+        elif self._state == "text" and rest and not (self.called and not rest.strip()):
+            pieces.append(rest)
+        elif self._state == "arguments" and rest:
+            pieces.append(self._arguments_delta(rest))
+        return pieces
+
+    def _text(self, pieces: list[Piece]) -> None:
+        held = self._held
+        start = held.find(OPEN)
+        if start >= 0:
+            before, self._held = held[:start], held[start + len(OPEN) :]
+            self._emit_text(before, pieces)
+            self._state = "head"
+            return
+        keep = _tag_prefix_len(held, OPEN)
+        release = held[: len(held) - keep]
+        if self.called and not release.strip():
+            return  # whitespace between or after calls is not an answer; wait for more
+        self._held = held[len(held) - keep :]
+        self._emit_text(release, pieces)
+
+    def _emit_text(self, text: str, pieces: list[Piece]) -> None:
+        if text and not (self.called and not text.strip()):
+            pieces.append(text)
+
+    def _head(self, pieces: list[Piece]) -> None:
+        match = _HEAD.match(self._held)
+        if match is not None and match.end() < len(self._held):
+            name = json.loads(f'"{match.group(1)}"')
+            call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name)
+            self.calls.append(call)
+            pieces.append(ToolCallDelta(len(self.calls) - 1, "", id=call.id, name=name))
+            self._held = self._held[match.end() :]
+            self._value = _JsonValueEnd()
+            self._state = "arguments"
+            return
+        if CLOSE in self._held or len(self._held) > _MAX_HEAD or not self._plausible_head():
+            not_a_call, self._held = OPEN + self._held, ""
+            self._state = "text"
+            pieces.append(not_a_call)
+
+    def _plausible_head(self) -> bool:
+        """Could more text still make the held head match ``{"name": "...", "arguments": ``?"""
+        probe = self._held.lstrip()
+        skeleton = '{"name": "'
+        compact = re.sub(r"\s+", "", probe)
+        if len(compact) < len(skeleton) - 1:
+            return skeleton.replace(" ", "").startswith(compact)
+        return compact.startswith(skeleton.replace(" ", ""))
+
+    def _arguments(self, pieces: list[Piece]) -> None:
+        assert self._value is not None
+        taken = self._value.feed(self._held)
+        if taken:
+            pieces.append(self._arguments_delta(self._held[:taken]))
+            self._held = self._held[taken:]
+        if self._value.done:
+            self._state = "tail"
+
+    def _arguments_delta(self, fragment: str) -> ToolCallDelta:
+        call = self.calls[-1]
+        call.arguments += fragment
+        return ToolCallDelta(len(self.calls) - 1, fragment)
+
+    def _tail(self, _: list[Piece]) -> None:
+        end = self._held.find(CLOSE)
+        if end >= 0:
+            self._held = self._held[end + len(CLOSE) :]
+            self._state = "text"

@@ -1,0 +1,789 @@
+"""Deployment: the image, compose, nginx, Kubernetes, RPC scale-out and the GPU check script.
+
+No Docker engine, cluster or GPU is at hand where the suite runs, so the files are checked
+against the code they must agree with: every variable compose sets is a real setting, every
+probe asks a real route, every port is the one the server listens on, and the files the
+Dockerfile copies are in the build context. What can run without those does run, for real: the
+image's entrypoint and healthcheck start and probe a real server with compose's environment,
+the RPC worker serves a real model to a real server where the build has RPC, and the GPU check
+script reports a machine without a GPU as one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from app.backends.llama import LlamaBackend
+from app.main import create_app
+from app.settings import ENV_PREFIX, Settings
+from tests.conftest import LiveServer, settings_for
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+NGINX = ROOT / "deploy" / "nginx" / "nginx.conf"
+K8S = ROOT / "deploy" / "k8s"
+ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
+HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
+RPC_WORKER = ROOT / "deploy" / "rpc_worker.py"
+SERVER_PORT = 8000
+SERVER = Path(sys.executable).with_name("qwen3-moe-serve")
+HELLO = {"messages": [{"role": "user", "content": "Hello!"}], "temperature": 0}
+
+
+# -- compose ------------------------------------------------------------------------------------
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
+
+
+def interpolate(value: str, env: Mapping[str, str] | None = None) -> str:
+    """Compose's ``${NAME}``, ``${NAME-default}`` and ``${NAME:-default}``, from ``env``."""
+    env = env or {}
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, default = match.group(1), match.group(2), match.group(3) or ""
+        if operator == ":-":
+            return env.get(name) or default
+        if operator == "-":
+            return env.get(name, default)
+        return env.get(name, "")
+
+    return _INTERPOLATION.sub(one, value)
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    return loaded
+
+
+def services() -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = compose()["services"]
+    return found
+
+
+def server_services() -> dict[str, dict[str, Any]]:
+    """The services that run qwen3-moe-serve (not nginx, not the RPC worker)."""
+    return {
+        name: service
+        for name, service in services().items()
+        if str(service.get("image", "")).startswith("qwen3-moe-serve") and "command" not in service
+    }
+
+
+def environment(service: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A service's environment as the container gets it, compose defaults applied."""
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        raw = dict(item.split("=", 1) for item in raw)
+    return {str(key): interpolate(str(value), env) for key, value in raw.items()}
+
+
+def test_compose_sets_only_real_settings() -> None:
+    """A misspelt variable would be ignored by pydantic and silently take the default."""
+    fields = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    text = COMPOSE.read_text(encoding="utf-8")
+    referenced = set(re.findall(rf"\b{ENV_PREFIX}[A-Z0-9_]+", text))
+    assert referenced, "compose.yaml passes no settings"
+    assert referenced <= fields, sorted(referenced - fields)
+    for name, service in server_services().items():
+        prefixed = {key for key in environment(service) if key.startswith(ENV_PREFIX)}
+        assert prefixed <= fields, (name, sorted(prefixed - fields))
+
+
+def test_compose_fixes_what_the_container_needs() -> None:
+    for name, service in server_services().items():
+        env = environment(service, {"QWEN3_MOE_SERVE_HOST": "127.0.0.1"})
+        assert env[f"{ENV_PREFIX}HOST"] == "0.0.0.0", name  # not overridable from the shell
+        assert env[f"{ENV_PREFIX}PORT"] == str(SERVER_PORT), name
+        assert env[f"{ENV_PREFIX}MODEL"].startswith("/models/"), name
+        cache_dir = env[f"{ENV_PREFIX}CACHE_DIR"]
+        assert any(volume["target"] == cache_dir for volume in service["volumes"]), name
+
+
+def test_compose_models_are_mounted_read_only() -> None:
+    for name, service in server_services().items():
+        mounts = [volume for volume in service["volumes"] if volume["target"] == "/models"]
+        assert len(mounts) == 1 and mounts[0]["read_only"] is True, name
+
+
+def test_compose_reserves_an_nvidia_gpu_for_every_cuda_service() -> None:
+    cuda = {name: s for name, s in services().items() if s.get("image", "").endswith(":cuda")}
+    assert {"qwen3-moe-serve", "replica-0", "replica-1", "rpc-worker"} <= set(cuda)
+    for name, service in cuda.items():
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices), name
+    # Replicas on one machine each get their own GPU.
+    pinned = [
+        services()[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+        for name in ("replica-0", "replica-1")
+    ]
+    assert pinned[0] != pinned[1]
+
+
+def test_compose_cpu_profile_builds_and_runs_without_cuda() -> None:
+    cpu = [s for s in services().values() if "cpu" in s.get("profiles", [])]
+    assert len(cpu) == 1
+    service = cpu[0]
+    assert service["build"]["args"]["BACKEND"] == "cpu"
+    assert "deploy" not in service
+    assert environment(service)[f"{ENV_PREFIX}N_GPU_LAYERS"] == "0"
+
+
+def test_compose_default_service_needs_no_profile_and_restarts() -> None:
+    assert "profiles" not in services()["qwen3-moe-serve"]
+    for name, service in services().items():
+        assert service.get("restart") in {"always", "unless-stopped", "on-failure"}, name
+
+
+def healthcheck_paths() -> dict[str, str]:
+    """Every HTTP path a health probe asks, by where the probe is declared."""
+    found: dict[str, str] = {}
+    for name, service in services().items():
+        check = service.get("healthcheck", {})
+        if check.get("disable"):
+            continue
+        test = check["test"]
+        assert test[0] == "CMD", name
+        last = test[-1]
+        found[f"compose:{name}"] = httpx.URL(last).path if "://" in last else last
+    for line in dockerfile_instructions("HEALTHCHECK"):
+        found["Dockerfile"] = json.loads(line.split("CMD", 1)[1])[-1]
+    for document in k8s_documents():
+        for container in pod_containers(document):
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                found[f"k8s:{probe}"] = container[probe]["httpGet"]["path"]
+    return found
+
+
+@pytest.mark.anyio
+async def test_every_health_probe_asks_a_real_route(client: httpx.AsyncClient) -> None:
+    paths = healthcheck_paths()
+    declared = {"Dockerfile", "compose:qwen3-moe-serve", "compose:lb", "k8s:readinessProbe"}
+    assert declared <= set(paths)
+    for path in set(paths.values()):
+        response = await client.get(path)
+        assert response.status_code == 200, (path, response.text)
+        assert response.json() == {"status": "ok"}
+
+
+def test_ports_agree_everywhere() -> None:
+    assert dockerfile_instructions("EXPOSE") == [str(SERVER_PORT)]
+    assert f"{ENV_PREFIX}PORT={SERVER_PORT}" in dockerfile_env()
+    for name, service in server_services().items():
+        for mapping in service.get("ports", []):
+            assert interpolate(mapping).rsplit(":", 1)[1] == str(SERVER_PORT), name
+    # nginx: listens where compose publishes it, and proxies to the server port of each replica.
+    config = NGINX.read_text(encoding="utf-8")
+    listen = re.search(r"^\s*listen\s+(\d+);", config, re.MULTILINE)
+    assert listen is not None
+    lb_port = interpolate(services()["lb"]["ports"][0]).rsplit(":", 1)[1]
+    assert listen.group(1) == lb_port
+    upstreams = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", config, re.MULTILINE)
+    assert upstreams and {port for _, port in upstreams} == {str(SERVER_PORT)}
+    replicas = {name for name, s in services().items() if "scale" in s.get("profiles", [])}
+    assert {host for host, _ in upstreams} == replicas - {"lb"}
+    # Kubernetes: the container port, and the Service's target by name.
+    deployment = k8s_kind("Deployment")
+    (container,) = pod_containers(deployment)
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container_ports == {"http": SERVER_PORT}
+    (port,) = k8s_kind("Service")["spec"]["ports"]
+    assert container_ports[port["targetPort"]] == SERVER_PORT
+
+
+# -- Dockerfile and .dockerignore ---------------------------------------------------------------
+
+
+def dockerfile_lines() -> list[str]:
+    """Instructions with continuation lines joined and comments dropped."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    return [line.strip() for line in "\n".join(lines).replace("\\\n", " ").splitlines() if line]
+
+
+def dockerfile_instructions(keyword: str, stage: str | None = None) -> list[str]:
+    found, current = [], None
+    for line in dockerfile_lines():
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            current = rest.split(" AS ")[-1].strip() if " AS " in rest else None
+        if word.upper() == keyword and (stage is None or current == stage):
+            found.append(rest.strip())
+    return found
+
+
+def dockerfile_env(stage: str = "runtime") -> str:
+    return " ".join(re.sub(r"\s+", " ", env) for env in dockerfile_instructions("ENV", stage))
+
+
+def test_dockerfile_builds_cuda_in_one_stage_and_runs_from_another() -> None:
+    stages = dockerfile_instructions("FROM")
+    assert len(stages) >= 2
+    named = {line.split(" AS ")[1]: line.split(" AS ")[0] for line in stages}
+    assert named["build-cuda"].startswith("nvidia/cuda:") and "-devel-" in named["build-cuda"]
+    assert named["runtime-cuda"].startswith("nvidia/cuda:") and "-runtime-" in named["runtime-cuda"]
+    assert named["build"] == "build-${BACKEND}" and named["runtime"] == "runtime-${BACKEND}"
+    assert {"build-cpu", "runtime-cpu"} <= set(named)
+    assert stages[-1].endswith(" AS runtime"), "the runtime must be the default target"
+    cuda_args = dockerfile_env("build-cuda")
+    assert "-DGGML_CUDA=on" in cuda_args
+    assert "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}" in cuda_args
+    assert "-DGGML_CUDA=off" in dockerfile_env("build-cpu")
+    args = {line.split("=")[0] for line in dockerfile_instructions("ARG")}
+    assert {"BACKEND", "CUDA_VERSION", "CUDA_ARCHITECTURES"} <= args
+    # Only the runtime stage copies from the builder, and only the environment.
+    assert dockerfile_instructions("COPY", "runtime")[0] == "--from=build /opt/venv /opt/venv"
+
+
+def test_dockerfile_builds_the_pinned_llama_cpp_python() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    pinned = re.search(r'"llama-cpp-python==([\d.]+)"', pyproject)
+    assert pinned is not None
+    assert f"LLAMA_CPP_PYTHON_VERSION={pinned.group(1)}" in dockerfile_instructions("ARG")
+
+
+def test_dockerfile_runs_as_an_unprivileged_user_with_a_healthcheck() -> None:
+    users = dockerfile_instructions("USER", "runtime")
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    uid = int(users[-1].split(":")[0])  # numeric, so Kubernetes can check runAsNonRoot
+    pod = k8s_kind("Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == uid
+    (healthcheck,) = dockerfile_instructions("HEALTHCHECK")
+    assert "--start-period=" in healthcheck
+    assert "QWEN3_MOE_SERVE_HOST=0.0.0.0" in dockerfile_env()
+
+
+def test_dockerfile_installs_the_commands_compose_runs() -> None:
+    installed = {
+        line.split()[-1].rsplit("/", 1)[1]: line.split()[-2]
+        for line in dockerfile_instructions("COPY", "runtime")
+        if "/usr/local/bin/" in line
+    }
+    assert installed == {
+        "qwen3-moe-entrypoint": "deploy/entrypoint.sh",
+        "qwen3-moe-healthcheck": "deploy/healthcheck.py",
+        "qwen3-moe-rpc-worker": "deploy/rpc_worker.py",
+    }
+    assert dockerfile_instructions("ENTRYPOINT") == ['["qwen3-moe-entrypoint"]']
+    used = {s["healthcheck"]["test"][1] for s in server_services().values()}
+    used.add(services()["rpc-worker"]["command"][0])
+    assert used <= set(installed)
+
+
+def dockerignored(path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        body = pattern.lstrip("!").rstrip("/")
+        regex = "".join(
+            ".*"
+            if token == "**"
+            else "[^/]*"
+            if token == "*"
+            else token
+            if token.startswith("[")
+            else re.escape(token)
+            for token in re.split(r"(\*\*|\*|\[[^\]]*\])", body)
+        )
+        regex = regex.replace(".*/", "(.*/)?")
+        if any(re.fullmatch(regex, candidate) for candidate in candidates):
+            ignored = not negated
+    return ignored
+
+
+def test_dockerignore_sends_only_the_sources_the_image_needs() -> None:
+    for path in [
+        ".venv/bin/python",
+        ".git/HEAD",
+        "models/Qwen3-30B-A3B-Q4_K_M.gguf",
+        "app/__pycache__/main.cpython-312.pyc",
+        ".mypy_cache/3.11/app.json",
+        ".pytest_cache/v/cache",
+        "build/gpu-carry/wheels/x.whl",
+        "tests/test_deploy.py",
+        "app/model.gguf",
+    ]:
+        assert dockerignored(path), path
+    sources = {
+        source
+        for line in dockerfile_instructions("COPY")
+        if "--from=" not in line
+        for source in line.split()[:-1]
+        if not source.startswith("--")
+    }
+    assert {"pyproject.toml", "app", "deploy/entrypoint.sh"} <= sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert not dockerignored(source), source
+    assert not dockerignored("app/main.py")
+
+
+# -- nginx ----------------------------------------------------------------------------------------
+
+
+def nginx_directive(name: str) -> list[str]:
+    config = NGINX.read_text(encoding="utf-8")
+    return re.findall(rf"^\s*{name}\s+([^;]+);", config, re.MULTILINE)
+
+
+def seconds(value: str) -> int:
+    match = re.fullmatch(r"(\d+)([smh]?)", value.strip())
+    assert match is not None, value
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def test_nginx_passes_server_sent_events_through_unbuffered() -> None:
+    assert nginx_directive("proxy_buffering") == ["off"]
+    assert nginx_directive("proxy_http_version") == ["1.1"]
+    assert nginx_directive("proxy_set_header Connection") == ['""']
+    assert seconds(nginx_directive("proxy_read_timeout")[0]) >= 3600
+    assert seconds(nginx_directive("proxy_send_timeout")[0]) >= 3600
+    assert nginx_directive("gzip") == ["off"]
+    # Each replica decodes one request at a time: send work to the least busy one.
+    assert re.search(r"^\s*least_conn;", NGINX.read_text(encoding="utf-8"), re.MULTILINE)
+
+
+# -- Kubernetes -----------------------------------------------------------------------------------
+
+
+def k8s_documents() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
+    documents = []
+    for resource in kustomization["resources"]:
+        text = (K8S / resource).read_text(encoding="utf-8")
+        documents += [doc for doc in yaml.safe_load_all(text) if doc]
+    return documents
+
+
+def k8s_kind(kind: str) -> dict[str, Any]:
+    (document,) = [d for d in k8s_documents() if d["kind"] == kind]
+    return document
+
+
+def pod_containers(document: Mapping[str, Any]) -> list[dict[str, Any]]:
+    if document["kind"] != "Deployment":
+        return []
+    containers: list[dict[str, Any]] = document["spec"]["template"]["spec"]["containers"]
+    return containers
+
+
+def test_k8s_manifests_parse_and_the_kustomization_lists_them_all() -> None:
+    listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    kinds = {document["kind"] for document in k8s_documents()}
+    assert {"Deployment", "Service", "PersistentVolumeClaim", "Ingress"} <= kinds
+
+
+def test_k8s_deployment_takes_a_gpu_and_probes_health() -> None:
+    deployment = k8s_kind("Deployment")
+    (container,) = pod_containers(deployment)
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "http"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # a 17 GB load
+    fields = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    names = {e["name"] for e in container["env"] if e["name"].startswith(ENV_PREFIX)}
+    assert names <= fields, sorted(names - fields)
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["models"]["readOnly"] is True
+    spec = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= (
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert k8s_kind("Service")["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert {v["name"] for v in spec["volumes"]} == set(mounts)
+
+
+def test_k8s_ingress_keeps_streams_unbuffered() -> None:
+    annotations = k8s_kind("Ingress")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+
+
+# -- entrypoint and healthcheck, run for real -----------------------------------------------------
+
+
+def run_entrypoint(env: Mapping[str, str], *command: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QWEN3_")}
+    return subprocess.run(
+        ["sh", str(ENTRYPOINT), *command],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def entrypoint_environment(env: Mapping[str, str]) -> dict[str, str]:
+    done = run_entrypoint(
+        env,
+        sys.executable,
+        "-c",
+        "import json, os; print(json.dumps({k: v for k, v in os.environ.items()"
+        " if k.startswith('QWEN3_')}))",
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, str] = json.loads(done.stdout)
+    return result
+
+
+def test_entrypoint_unsets_empty_settings_so_defaults_apply() -> None:
+    seen = entrypoint_environment({"QWEN3_MOE_SERVE_N_THREADS": "", "QWEN3_MOE_SERVE_N_CTX": "64"})
+    assert seen == {"QWEN3_MOE_SERVE_N_CTX": "64"}
+
+
+def test_entrypoint_falls_back_to_the_demo_model_only_when_allowed(tmp_path: Path) -> None:
+    missing = str(tmp_path / "absent.gguf")
+    assert entrypoint_environment({"QWEN3_MOE_SERVE_MODEL": missing}) == {}
+    kept = {"QWEN3_MOE_SERVE_MODEL": missing, "QWEN3_DEMO_FALLBACK": "0"}
+    assert entrypoint_environment(kept) == kept
+    present = tmp_path / "present.gguf"
+    present.write_bytes(b"GGUF")
+    assert entrypoint_environment({"QWEN3_MOE_SERVE_MODEL": str(present)}) == {
+        "QWEN3_MOE_SERVE_MODEL": str(present)
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def healthcheck(port: int, path: str = "/health") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(HEALTHCHECK), path],
+        env={**os.environ, "QWEN3_MOE_SERVE_PORT": str(port), "HTTP_PROXY": "http://0.0.0.0:9"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_healthcheck_is_healthy_only_on_200(tmp_path: Path, live_server: LiveServer) -> None:
+    assert healthcheck(live_server.port).returncode == 0
+    assert healthcheck(live_server.port, "/no-such-route").returncode == 1
+    assert healthcheck(free_port()).returncode == 1  # nothing listening
+    # A model that fails to load leaves /health at 503: unhealthy, not starting forever.
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf")
+    with LiveServer(create_app(settings_for(model=broken))) as server:
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{server.url}/health").json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        done = healthcheck(server.port)
+    assert done.returncode == 1 and "503" in done.stdout
+
+
+def settings_from_environment(env: Mapping[str, str]) -> Settings:
+    """The settings a server reads from ``env``, an empty variable meaning unset."""
+    values = {
+        key.removeprefix(ENV_PREFIX).lower(): value
+        for key, value in env.items()
+        if key.startswith(ENV_PREFIX) and value
+    }
+    return Settings.model_validate(values)
+
+
+def test_compose_environment_through_the_entrypoint_serves_and_stops(
+    tmp_path: Path, demo_backend: LlamaBackend
+) -> None:
+    """compose.yaml's environment, as given, through the image's entrypoint and healthcheck.
+
+    The configured model is absent here, so the demo model is served: its answer must equal that
+    of an in-process app with the same settings around the demo model. SIGTERM must stop the
+    server itself (the entrypoint execs it).
+    """
+    port = free_port()
+    env = environment(services()["qwen3-moe-serve"])
+    env.update(
+        {
+            f"{ENV_PREFIX}HOST": "127.0.0.1",
+            f"{ENV_PREFIX}PORT": str(port),
+            f"{ENV_PREFIX}CACHE_DIR": str(tmp_path / "cache"),
+            "PATH": f"{SERVER.parent}{os.pathsep}{os.environ['PATH']}",
+        }
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QWEN3_")}
+    log = tmp_path / "server.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            ["sh", str(ENTRYPOINT)], env={**clean, **env}, stdout=sink, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while healthcheck(port).returncode != 0:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        served = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=HELLO)
+        assert served.status_code == 200, served.text
+        assert served.json()["model"] == "qwen3-moe-demo"
+        expected = settings_from_environment(env).model_copy(update={"model": None})
+        with LiveServer(create_app(expected, backend=demo_backend)) as reference:
+            local = httpx.post(f"{reference.url}/v1/chat/completions", json=HELLO)
+        assert served.json()["choices"] == local.json()["choices"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=30)
+    output = log.read_text()
+    assert "serving the demo model instead" in output
+    # exec: the shell's process became the server, so the signal reached uvicorn, which shut
+    # down cleanly (and, like uvicorn does, re-raised the signal it was stopped by).
+    assert f"Started server process [{process.pid}]" in output
+    assert "Finished server process" in output
+    assert returncode in {0, -signal.SIGTERM}, output
+
+
+# -- RPC: a model larger than one machine ---------------------------------------------------------
+
+
+def test_rpc_servers_setting_takes_host_port_lists() -> None:
+    assert Settings(rpc_servers=" 10.0.0.2:50052, gpu-b:50052 ").rpc_servers == (
+        "10.0.0.2:50052,gpu-b:50052"
+    )
+    assert Settings(rpc_servers="").rpc_servers is None
+    for wrong in ("10.0.0.2", ":50052", "host:0", "host:65536", "[::1]:50052", "host:x"):
+        with pytest.raises(ValueError, match="host:port"):
+            Settings(rpc_servers=wrong)
+
+
+def rpc_supported() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_rpc())
+
+
+def test_rpc_server_that_cannot_be_used_is_an_error_not_an_abort() -> None:
+    """ggml aborts the process when it cannot reach an RPC server; we must raise first.
+
+    Run in a child process, so that an abort (or a registration) cannot touch this one.
+    """
+    code = (
+        "from app.backends.llama import register_rpc_servers\n"
+        "try:\n"
+        f"    register_rpc_servers(['127.0.0.1:{free_port()}'])\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    if rpc_supported():
+        assert done.stdout.startswith("ConnectionError RPC server 127.0.0.1:"), done.stdout
+    else:
+        assert done.stdout.startswith("RuntimeError"), done.stdout
+        assert "-DGGML_RPC=on" in done.stdout
+
+
+@dataclass
+class _Output:
+    """A child process's output lines, read as they come."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def follow(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+
+@pytest.fixture
+def rpc_worker() -> Iterator[tuple[str, _Output]]:
+    if not rpc_supported():
+        pytest.skip("llama-cpp-python here was built without -DGGML_RPC=on")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(RPC_WORKER), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = _Output()
+    threading.Thread(target=output.follow, args=(process.stdout,), daemon=True).start()
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert process.poll() is None, output.lines
+        assert time.monotonic() < deadline, output.lines
+        time.sleep(0.1)
+    try:
+        yield f"127.0.0.1:{port}", output
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, output.lines
+
+
+def test_rpc_worker_serves_the_model_to_a_server(
+    rpc_worker: tuple[str, _Output], demo_model_path: Path, demo_backend: LlamaBackend
+) -> None:
+    """The server started with --rpc-servers keeps a connection to the worker for its layers,
+    and answers exactly what the same model answers without RPC."""
+    endpoint, worker = rpc_worker
+    port = free_port()
+    flags = {"--model": str(demo_model_path), "--port": str(port), "--rpc-servers": endpoint}
+    flags.update({"--n-gpu-layers": "-1", "--n-ctx": "2048"})
+    process = subprocess.Popen(
+        [str(SERVER), *(item for pair in flags.items() for item in pair)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("QWEN3_")},
+    )
+    server = _Output()
+    threading.Thread(target=server.follow, args=(process.stdout,), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        while healthcheck(port).returncode != 0:
+            assert process.poll() is None, server.lines
+            assert time.monotonic() < deadline, server.lines
+            time.sleep(0.2)
+        # Reachability check and registration each open and close a connection; the model's
+        # buffers hold one open for as long as it is loaded.
+        deadline = time.monotonic() + 10
+        while worker.count("Accepted client connection") - worker.count("connection closed") != 1:
+            assert time.monotonic() < deadline, worker.lines
+            time.sleep(0.1)
+        served = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=HELLO)
+        assert served.status_code == 200, served.text
+        expected = Settings(model=demo_model_path, n_ctx=2048)
+        with LiveServer(create_app(expected, backend=demo_backend)) as reference:
+            local = httpx.post(f"{reference.url}/v1/chat/completions", json=HELLO)
+        assert served.json()["choices"] == local.json()["choices"]
+        assert server.count(f"RPC server {endpoint} registered") == 1, server.lines
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+# -- scripts --------------------------------------------------------------------------------------
+
+
+def test_stream_bench_times_a_real_stream(live_server: LiveServer) -> None:
+    bench = ROOT / "scripts" / "stream_bench.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--url", live_server.url, "--requests=2", "--max-tokens=16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert len(result["runs"]) == 2
+    for run in result["runs"]:
+        assert run["content_events"] > 0 and run["ttft_s"] > 0
+        assert run["completion_tokens"] >= run["content_events"]
+    assert result["median_ttft_s"] > 0
+
+
+def test_gpu_check_without_a_gpu_fails_at_the_first_step_and_still_reports(
+    tmp_path: Path,
+) -> None:
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "GPU_CHECK_DIR": str(tmp_path / "work"),
+        "GPU_CARRY": str(tmp_path / "no-carry"),
+        "GPU_CHECK_STEPS": "env build",
+        # No nvidia-smi anywhere on this PATH, whatever the machine has.
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        "PYTHON": sys.executable,
+    }
+    (tmp_path / "bin").mkdir()
+    if shutil.which("nvidia-smi", path=env["PATH"]):
+        pytest.fail("this test needs a PATH without nvidia-smi")
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["ok"] is False
+    assert [(s["step"], s["status"]) for s in report["steps"]] == [("env", "failed")]
+    assert "stopping" in done.stdout
+
+
+def lint_tool(name: str) -> str:
+    path = shutil.which(name, path=str(SERVER.parent)) or shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (make test installs it)")
+    return path
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    scripts = [ENTRYPOINT, *sorted((ROOT / "scripts").glob("*.sh"))]
+    done = subprocess.run(
+        [lint_tool("shellcheck"), "-x", *map(str, scripts)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    done = subprocess.run(
+        [lint_tool("hadolint"), "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout
+
+
+def test_deploy_and_script_python_is_lint_clean() -> None:
+    paths = [str(ROOT / "deploy"), str(ROOT / "scripts")]
+    for command in (["check"], ["format", "--check"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, *paths],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if "No module named ruff" in done.stderr:
+            pytest.skip("ruff is not installed (make test installs it)")
+        assert done.returncode == 0, done.stdout + done.stderr

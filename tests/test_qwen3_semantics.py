@@ -1,0 +1,460 @@
+"""Qwen3 semantics on the real engine: thinking, tool calls, structured output, logprobs.
+
+Each behaviour runs on a scripted demo model whose greedy output is exactly the text under
+test (``write_demo_model`` takes the script), so every expectation below is derived from the
+script, not hard-coded model output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from app.backends.llama import LlamaBackend
+from app.demo_model import DEFAULT_SCRIPT, ensure_demo_model
+from app.main import create_app
+from tests import sse
+from tests.conftest import LiveServer, asgi_client, load, settings_for
+
+pytestmark = pytest.mark.anyio
+
+HELLO = [{"role": "user", "content": "Hello!"}]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city"],
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
+    },
+}
+
+ANSWER = b"".join(DEFAULT_SCRIPT[DEFAULT_SCRIPT.index(b"</think>") + 2 : -1]).decode()
+THOUGHT = b"".join(DEFAULT_SCRIPT[1 : DEFAULT_SCRIPT.index(b"</think>")]).decode().strip()
+
+# Scripts. Every piece of a script is one token and must be unique within it, so a second
+# tool call spells its tags with ordinary tokens: the parser works on text, like the model's.
+NO_THINK_SCRIPT = (
+    b"<think>",
+    b"\n\n",
+    b"</think>",
+    b"\n\nSure",
+    b",",
+    b" here",
+    b".",
+    b"<|im_end|>",
+)
+ANSWER_ONLY_SCRIPT = (b"Just", b" the", b" answer", b".", b"<|im_end|>")
+THINKING_ONLY_SCRIPT = (
+    b"<think>", b"\nHmm", b",", b" nothing", b" to", b" add", b".\n", b"</think>", b"<|im_end|>",
+)  # fmt: skip
+SINGLE_CALL_SCRIPT = (
+    b"<think>", b"\nThe", b" user", b" asks", b" weather", b".\n", b"</think>", b"\n\n",
+    b"<tool_call>", b'\n{"name": "get_weather"', b', "arguments": ', b'{"city', b'": "', b"Par",
+    b"is", b'", "unit"', b': "C"}', b"}\n", b"</tool_call>", b"<|im_end|>",
+)  # fmt: skip
+PARALLEL_CALL_SCRIPT = (
+    b"<tool_call>", b'\n{"name": "get_weather", ', b'"arguments": {"city": ', b'"Oslo"}', b"}\n",
+    b"</tool_call>", b"\n<tool_", b"call>", b'\n{"name": "get_time", ', b'"arguments": {"tz"',
+    b': "CET"}}', b"\n</tool_call", b">", b"<|im_end|>",
+)  # fmt: skip
+MALFORMED_CALL_SCRIPT = (
+    b"<tool_call>", b"\nnot", b" json", b" at", b" all\n", b"</tool_call>", b"<|im_end|>",
+)  # fmt: skip
+JSON_SCRIPT = (b'{"answer"', b": 42", b', "unit": ', b'"cm"', b"}", b"<|im_end|>")
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., LlamaBackend]]:
+    """Loads (once per module) the demo model variant whose greedy output is ``script``."""
+    cache = tmp_path_factory.mktemp("scripted")
+    loaded: dict[tuple[bytes, ...], LlamaBackend] = {}
+
+    def backend(script: Sequence[bytes]) -> LlamaBackend:
+        key = tuple(script)
+        if key not in loaded:
+            loaded[key] = load(ensure_demo_model(cache, key))
+        return loaded[key]
+
+    yield backend
+    for b in loaded.values():
+        b.close()
+
+
+def _text(script: Sequence[bytes]) -> str:
+    return b"".join(script[:-1]).decode()
+
+
+@contextlib.asynccontextmanager
+async def _client(backend: LlamaBackend, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    overrides = {"reasoning_format": "reasoning_content", **settings}
+    async with asgi_client(create_app(settings_for(**overrides), backend=backend)) as client:
+        yield client
+
+
+async def both(client: httpx.AsyncClient, **body: Any) -> tuple[dict[str, Any], sse.Stream]:
+    """The buffered response and the stream of the same greedy request."""
+    body = {"messages": HELLO, "temperature": 0, **body}
+    buffered = await client.post("/v1/chat/completions", json=body)
+    assert buffered.status_code == 200, buffered.text
+    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        stream = await sse.aread(r.aiter_lines())
+    return buffered.json(), stream
+
+
+def delta_field(stream: sse.Stream, name: str) -> list[str]:
+    return [
+        c["choices"][0]["delta"][name]
+        for c in stream.chunks
+        if c.get("choices") and c["choices"][0]["delta"].get(name)
+    ]
+
+
+def streamed_calls(stream: sse.Stream) -> list[dict[str, Any]]:
+    """Tool calls rebuilt from stream deltas the way OpenAI clients accumulate them."""
+    calls: dict[int, dict[str, Any]] = {}
+    for chunk in stream.chunks:
+        for part in chunk["choices"][0]["delta"].get("tool_calls", []) if chunk["choices"] else []:
+            call = calls.setdefault(part["index"], {"id": None, "name": None, "arguments": ""})
+            if "id" in part:
+                assert call["id"] is None, "id only on the first delta of a call"
+                assert part["type"] == "function" and "name" in part["function"]
+                call["id"], call["name"] = part["id"], part["function"]["name"]
+            else:
+                assert "name" not in part["function"], "name only on the first delta"
+            call["arguments"] += part["function"].get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
+
+
+# -- reasoning ------------------------------------------------------------------------------
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_001")
+async def test_thinking_goes_to_reasoning_content_token_by_token(
+    demo_backend: LlamaBackend,
+) -> None:
+    async with _client(demo_backend) as client:
+        buffered, stream = await both(client)
+    message = buffered["choices"][0]["message"]
+    assert message["reasoning_content"] == THOUGHT
+    assert message["content"] == ANSWER
+    reasoning, content = delta_field(stream, "reasoning_content"), delta_field(stream, "content")
+    assert "".join(reasoning) == message["reasoning_content"]
+    assert "".join(content) == message["content"]
+    assert len(reasoning) > 10, "reasoning must stream as it is decoded, not in one piece"
+    assert not any("<think>" in c or "</think>" in c for c in content + reasoning)
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_001")
+async def test_reasoning_field_name_is_a_setting(demo_backend: LlamaBackend) -> None:
+    async with _client(demo_backend, reasoning_format="reasoning") as client:
+        buffered, stream = await both(client)
+    message = buffered["choices"][0]["message"]
+    assert message["reasoning"] == THOUGHT and "reasoning_content" not in message
+    assert "".join(delta_field(stream, "reasoning")) == THOUGHT
+    async with _client(demo_backend, reasoning_format="none") as client:
+        raw, _ = await both(client)
+    assert raw["choices"][0]["message"]["content"].startswith("<think>\nOkay")
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_002")
+async def test_enable_thinking_false_renders_the_prefill_and_fills_no_reasoning(
+    scripted: Callable[..., LlamaBackend],
+) -> None:
+    backend = scripted(ANSWER_ONLY_SCRIPT)
+    async with _client(backend) as client:
+        buffered, stream = await both(client, chat_template_kwargs={"enable_thinking": False})
+        prompt_off = buffered["usage"]["prompt_tokens"]
+        default, _ = await both(client)
+    message = buffered["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": _text(ANSWER_ONLY_SCRIPT)}
+    assert not delta_field(stream, "reasoning_content")
+    # The template pre-fills "<think>\n\n</think>\n\n": the prompt is longer by those tokens.
+    assert prompt_off > default["usage"]["prompt_tokens"]
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_002")
+async def test_server_wide_thinking_off_leaves_reasoning_empty(demo_backend: LlamaBackend) -> None:
+    """The model may still think (the demo one does); its answer must not land in reasoning."""
+    async with _client(demo_backend, enable_thinking=False) as client:
+        buffered, stream = await both(client)
+    message = buffered["choices"][0]["message"]
+    assert "reasoning_content" not in message
+    assert message["content"].endswith(ANSWER)
+    assert not delta_field(stream, "reasoning_content")
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_002")
+async def test_no_think_soft_switch_drops_the_empty_think_block(
+    scripted: Callable[..., LlamaBackend],
+) -> None:
+    backend = scripted(NO_THINK_SCRIPT)
+    messages = [{"role": "user", "content": "Tell me something /no_think"}]
+    async with _client(backend) as client:
+        buffered, stream = await both(client, messages=messages)
+        thinking, _ = await both(
+            client, messages=[{"role": "user", "content": "x /no_think /think"}]
+        )
+    assert buffered["choices"][0]["message"] == {"role": "assistant", "content": "Sure, here."}
+    assert "".join(delta_field(stream, "content")) == "Sure, here."
+    # The latest switch wins: /think after /no_think means an (empty) reasoning block.
+    assert thinking["choices"][0]["message"]["content"] == "Sure, here."
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_001")
+async def test_thinking_only_answer_has_empty_content(
+    scripted: Callable[..., LlamaBackend],
+) -> None:
+    async with _client(scripted(THINKING_ONLY_SCRIPT)) as client:
+        buffered, stream = await both(client)
+    message = buffered["choices"][0]["message"]
+    assert message["reasoning_content"] == "Hmm, nothing to add."
+    assert message["content"] == ""
+    assert "".join(delta_field(stream, "reasoning_content")) == "Hmm, nothing to add."
+
+
+# -- tool calls -----------------------------------------------------------------------------
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_003")
+async def test_single_tool_call_buffered_and_streamed(
+    scripted: Callable[..., LlamaBackend],
+) -> None:
+    async with _client(scripted(SINGLE_CALL_SCRIPT)) as client:
+        buffered, stream = await both(client, tools=[WEATHER_TOOL])
+    choice = buffered["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["content"] is None
+    assert message["reasoning_content"] == "The user asks weather."
+    (call,) = message["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "unit": "C"}
+    (rebuilt,) = streamed_calls(stream)
+    assert (rebuilt["name"], rebuilt["arguments"]) == ("get_weather", call["function"]["arguments"])
+    assert stream.finish_reasons() == ["tool_calls"]
+    assert not delta_field(stream, "content"), "no tag text may leak into content"
+    fragments = [
+        c for c in stream.chunks if c["choices"] and c["choices"][0]["delta"].get("tool_calls")
+    ]
+    assert len(fragments) > 3, "arguments must stream as they are decoded"
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_003")
+async def test_parallel_tool_calls(scripted: Callable[..., LlamaBackend]) -> None:
+    async with _client(scripted(PARALLEL_CALL_SCRIPT)) as client:
+        buffered, stream = await both(client, tools=[WEATHER_TOOL, TIME_TOOL])
+    calls = buffered["choices"][0]["message"]["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Oslo"}),
+        ("get_time", {"tz": "CET"}),
+    ]
+    assert len({c["id"] for c in calls}) == 2
+    rebuilt = streamed_calls(stream)
+    assert [(c["name"], c["arguments"]) for c in rebuilt] == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in calls
+    ]
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_004")
+async def test_tool_calls_are_plain_text_without_tools(
+    scripted: Callable[..., LlamaBackend],
+) -> None:
+    async with _client(scripted(PARALLEL_CALL_SCRIPT)) as client:
+        buffered, _ = await both(client)
+        none, _ = await both(client, tools=[WEATHER_TOOL], tool_choice="none")
+    for result in (buffered, none):
+        assert result["choices"][0]["finish_reason"] == "stop"
+        assert result["choices"][0]["message"]["content"] == _text(PARALLEL_CALL_SCRIPT)
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_004")
+async def test_malformed_tool_call_is_returned_as_content(
+    scripted: Callable[..., LlamaBackend],
+) -> None:
+    async with _client(scripted(MALFORMED_CALL_SCRIPT)) as client:
+        buffered, stream = await both(client, tools=[WEATHER_TOOL])
+    message = buffered["choices"][0]["message"]
+    assert message["content"] == _text(MALFORMED_CALL_SCRIPT)
+    assert "tool_calls" not in message
+    assert buffered["choices"][0]["finish_reason"] == "stop"
+    assert "".join(delta_field(stream, "content")) == message["content"]
+
+
+async def test_history_with_tool_calls_and_tool_results_is_accepted(
+    scripted: Callable[..., LlamaBackend],
+) -> None:
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    ]
+    async with _client(scripted(ANSWER_ONLY_SCRIPT)) as client:
+        buffered, _ = await both(client, messages=history, tools=[WEATHER_TOOL])
+    assert buffered["choices"][0]["message"]["content"] == _text(ANSWER_ONLY_SCRIPT)
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_005")
+async def test_forced_tool_choice_constrains_decoding(demo_backend: LlamaBackend) -> None:
+    """The demo model wants to answer in prose; a named tool_choice forces a call instead."""
+    body = {
+        "tools": [WEATHER_TOOL, TIME_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+        "max_tokens": 80,
+    }
+    async with _client(demo_backend) as client:
+        buffered, stream = await both(client, **body)
+    message = buffered["choices"][0]["message"]
+    assert message["reasoning_content"] == THOUGHT  # thinking is allowed before the call
+    assert message["content"] is None
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time"]
+    assert [c["name"] for c in streamed_calls(stream)] == ["get_time"]
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_003")
+async def test_openai_sdk_accumulates_streamed_tool_calls(
+    scripted: Callable[..., LlamaBackend],
+) -> None:
+    app = create_app(
+        settings_for(reasoning_format="reasoning_content"), backend=scripted(PARALLEL_CALL_SCRIPT)
+    )
+    with LiveServer(app) as server:
+        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        kwargs: dict[str, Any] = {
+            "model": "qwen3-moe-demo",
+            "messages": HELLO,
+            "tools": [WEATHER_TOOL, TIME_TOOL],
+            "temperature": 0,
+        }
+        buffered = sdk.chat.completions.create(**kwargs)
+        rebuilt: dict[int, dict[str, str]] = {}
+        finish = None
+        for chunk in sdk.chat.completions.create(**kwargs, stream=True):
+            for choice in chunk.choices:
+                finish = choice.finish_reason or finish
+                for part in choice.delta.tool_calls or []:
+                    call = rebuilt.setdefault(part.index, {"name": "", "arguments": ""})
+                    if part.function is not None:
+                        call["name"] += part.function.name or ""
+                        call["arguments"] += part.function.arguments or ""
+    expected = [
+        {"name": c.function.name, "arguments": c.function.arguments}
+        for c in buffered.choices[0].message.tool_calls or []
+    ]
+    assert len(expected) == 2
+    assert [rebuilt[i] for i in sorted(rebuilt)] == expected
+    assert finish == buffered.choices[0].finish_reason == "tool_calls"
+
+
+# -- structured output ----------------------------------------------------------------------
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_005")
+async def test_json_schema_response_format(scripted: Callable[..., LlamaBackend]) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}, "unit": {"type": "string"}},
+        "required": ["answer", "unit"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "measure", "schema": schema}}
+    async with _client(scripted(JSON_SCRIPT)) as client:
+        buffered, stream = await both(client, response_format=fmt)
+    content = buffered["choices"][0]["message"]["content"]
+    assert json.loads(content) == {"answer": 42, "unit": "cm"}
+    assert "".join(delta_field(stream, "content")) == content
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_005")
+async def test_json_object_mode_forces_json_from_a_prose_model(demo_backend: LlamaBackend) -> None:
+    async with _client(demo_backend) as client:
+        buffered, _ = await both(client, response_format={"type": "json_object"}, max_tokens=60)
+    content = buffered["choices"][0]["message"]["content"]
+    assert content.lstrip().startswith("{"), content
+    assert buffered["choices"][0]["message"]["reasoning_content"] == THOUGHT
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object", "not": {"required": ["x"]}},
+        {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+        {"$ref": "https://example.com/schema.json"},
+    ],
+)
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_005")
+async def test_unsupported_schema_feature_is_a_400(
+    demo_backend: LlamaBackend, schema: dict[str, Any]
+) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    async with _client(demo_backend) as client:
+        for stream in (False, True):
+            response = await client.post(
+                "/v1/chat/completions",
+                json={"messages": HELLO, "response_format": fmt, "stream": stream},
+            )
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert (error["param"], error["code"]) == ("response_format", "unsupported_schema")
+
+
+# -- logprobs -------------------------------------------------------------------------------
+
+
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_006")
+async def test_logprobs_buffered_and_streamed(demo_backend: LlamaBackend) -> None:
+    async with _client(demo_backend) as client:
+        buffered, stream = await both(client, logprobs=True, top_logprobs=3)
+    entries = buffered["choices"][0]["logprobs"]["content"]
+    streamed = [
+        entry
+        for c in stream.chunks
+        if c["choices"] and c["choices"][0].get("logprobs")
+        for entry in c["choices"][0]["logprobs"]["content"]
+    ]
+    assert [(e["token"], e["logprob"]) for e in streamed] == [
+        (e["token"], e["logprob"]) for e in entries
+    ]
+    # One entry per visible token: every script token but the end-of-turn one.
+    assert len(entries) == len(DEFAULT_SCRIPT) - 1
+    assert b"".join(bytes(e["bytes"]) for e in entries) == b"".join(DEFAULT_SCRIPT[:-1])
+    for entry in entries:
+        assert entry["logprob"] <= 0
+        tops = entry["top_logprobs"]
+        assert len(tops) == 3
+        assert [t["logprob"] for t in tops] == sorted((t["logprob"] for t in tops), reverse=True)
+        assert tops[0]["token"] == entry["token"]  # greedy: the sampled token is the best one
+    assert stream.chunks[-1]["choices"][0]["logprobs"] is None
+
+
+async def test_no_logprobs_unless_asked(demo_backend: LlamaBackend) -> None:
+    async with _client(demo_backend) as client:
+        buffered, _ = await both(client, max_tokens=3)
+    assert buffered["choices"][0]["logprobs"] is None
