@@ -17,11 +17,19 @@ batch in micro-batches of *consecutive* sequence ids only, so once a stream in t
 finishes, every step of the others would become several forward passes. (``llama-server``'s
 ``--kv-unified-per-slot`` is the same layout as ours.)
 
-Prefix reuse. A slot keeps the KV cells of its last request after it ends; a new request goes
-to the free slot whose cells share the longest prefix with its prompt (least recently used on
-a tie), and only the rest of the prompt is decoded: a multi-turn chat re-decodes its newest
-turn. Cells past the shared prefix are removed (``llama_memory_seq_rm``) when the slot is
-reused.
+Prefix reuse. A slot keeps the KV cells of its last request after it ends (they stay counted
+in its share of the pool, so they never crowd out a running request); a new request goes to
+the free slot whose cells share the longest prefix with its prompt, and only the rest of the
+prompt is decoded: a multi-turn chat re-decodes its newest turn. A match shorter than
+``SLOT_PROMPT_SIMILARITY`` of the prompt (a chat template's common opening) does not count;
+the least recently used slot is taken instead, as ``llama-server`` does. Cells past the shared
+prefix are removed (``llama_memory_seq_rm``) when the slot is reused; a cancelled request's
+slot keeps what it had decoded, so a retried prompt resumes its prefill.
+
+Sampling mirrors ``Llama._init_sampler``: per request a ``llama_sampler`` chain of penalties,
+grammar, then greedy or top-k/top-p/min-p/temperature/``dist(seed)``; each chain has its own
+random state, so one request's seed decides only its own tokens. Logprobs come from a copy of
+the raw logits taken before sampling, computed on the caller's thread.
 
 Callbacks never run on the scheduler thread. ``generate()`` blocks its caller; the scheduler
 hands each sampled token to that request's queue, and the *caller's* thread calls
@@ -265,6 +273,12 @@ class BatchedLlamaBackend:
     def running(self) -> int:
         """Requests holding a slot now (decoding, prefilling, or parked behind their reader)."""
         return sum(slot.request is not None for slot in self._slots)
+
+    def kv_cache_usage(self) -> float:
+        """Share of the KV pool's cells that hold tokens: running requests' and the prefix
+        caches that idle slots keep."""
+        held = sum(len(slot.tokens) for slot in self._slots)
+        return held / (self.info.n_ctx * self.max_concurrency)
 
     def _token_text(self, token_id: int) -> str:
         if token_id < 0:
