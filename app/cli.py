@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from app.main import create_app
+from app.observability import JsonFormatter
 from app.settings import Settings
 
 
@@ -23,17 +24,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
         sys.exit(f"qwen3-moe-serve: invalid settings:\n{exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # keep our handlers: uvicorn's own config would replace them
+        access_log=False,  # app.observability writes one richer line per request
         timeout_graceful_shutdown=5,
     )
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ class MethodNotAllowed(InvalidRequest):
     status_code = 405
 
 
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+
+
 class Unauthorized(ApiError):
     status_code = 401
     error_type = "authentication_error"
@@ -111,20 +115,28 @@ def validation_error(errors: Sequence[Any]) -> InvalidRequest:
     return InvalidRequest(text, param=param, code="invalid_value")
 
 
-def _response(error: ApiError) -> JSONResponse:
+def record_error(request: Request, error: ApiError) -> None:
+    """Count the error in the app's metrics, when it has them."""
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.error(error.error_type, error.status_code)
+
+
+def _response(request: Request, error: ApiError) -> JSONResponse:
+    record_error(request, error)
     headers = {"Retry-After": "1"} if isinstance(error, Overloaded) else None
     return JSONResponse(error.envelope(), status_code=error.status_code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
-        return _response(as_api_error(exc))
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        return _response(request, as_api_error(exc))
 
-    async def on_request_validation(_: Request, exc: Exception) -> JSONResponse:
+    async def on_request_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError | ValidationError)
-        return _response(validation_error(exc.errors()))
+        return _response(request, validation_error(exc.errors()))
 
-    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         error: ApiError
         if exc.status_code == 404:
@@ -135,7 +147,7 @@ def install_error_handlers(app: FastAPI) -> None:
             error = InvalidRequest(str(exc.detail))
         else:
             error = InternalError()
-        return _response(error)
+        return _response(request, error)
 
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_request_validation)

@@ -31,6 +31,7 @@ from app.schemas import (
     DeltaToolCall,
     FunctionCallOut,
     PromptTokensDetails,
+    Timings,
     TokenLogprob,
     ToolCallOut,
     TopLogprob,
@@ -47,6 +48,24 @@ def usage_of(finished: Finished) -> Usage:
         completion_tokens=finished.completion_tokens,
         total_tokens=finished.prompt_tokens + finished.completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=finished.cached_tokens),
+    )
+
+
+def timings_of(finished: Finished) -> Timings:
+    t = finished.timings
+    decoded = finished.prompt_tokens - finished.cached_tokens
+    after_first = max(finished.completion_tokens - 1, 0)
+    return Timings(
+        queue_ms=round(t.queue_ms, 3),
+        prompt_n=decoded,
+        prompt_ms=round(t.prompt_ms, 3),
+        prompt_per_second=round(decoded / t.prompt_ms * 1000, 2) if t.prompt_ms > 0 else 0.0,
+        predicted_n=finished.completion_tokens,
+        predicted_ms=round(t.decode_ms, 3),
+        predicted_per_second=(
+            round(after_first / t.decode_ms * 1000, 2) if t.decode_ms > 0 else 0.0
+        ),
+        cache_n=finished.cached_tokens,
     )
 
 
@@ -163,8 +182,13 @@ class ChatFormat:
         return self._chunk([choice])
 
     def finish_chunk(self, finished: Finished) -> BaseModel:
-        return self._chunk(
-            [ChunkChoice(delta=DeltaMessage(), finish_reason=finished.finish_reason)]
+        choice = ChunkChoice(delta=DeltaMessage(), finish_reason=finished.finish_reason)
+        return ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[choice],
+            timings=timings_of(finished),
         )
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
@@ -192,6 +216,7 @@ class ChatFormat:
             model=self.model,
             choices=[choice],
             usage=usage_of(finished),
+            timings=timings_of(finished),
         )
 
 
@@ -213,7 +238,14 @@ class CompletionFormat:
         return self._chunk([CompletionChoice(text=event.delta.content, finish_reason=None)])
 
     def finish_chunk(self, finished: Finished) -> BaseModel:
-        return self._chunk([CompletionChoice(text="", finish_reason=finished.finish_reason)])
+        choice = CompletionChoice(text="", finish_reason=finished.finish_reason)
+        return Completion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[choice],
+            timings=timings_of(finished),
+        )
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return self._chunk([], usage)
@@ -227,4 +259,5 @@ class CompletionFormat:
                 CompletionChoice(text="".join(answer.content), finish_reason=finished.finish_reason)
             ],
             usage=usage_of(finished),
+            timings=timings_of(finished),
         )

@@ -25,11 +25,15 @@ from pathlib import Path
 from types import FrameType
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.backends import Backend
 from app.errors import install_error_handlers
+from app.metrics import Metrics
+from app.observability import RequestLogMiddleware
 from app.routes import router
+from app.security import ApiKeyMiddleware, BodyLimitMiddleware, load_api_keys
 from app.service import GenerationService
 from app.settings import Settings
 
@@ -134,9 +138,34 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                     service.backend.close()
 
     app = FastAPI(title="qwen3-moe-serve", version=__version__, lifespan=lifespan)
+    app.state.metrics = Metrics()
     install_error_handlers(app)
     app.include_router(router)
+    _install_middleware(app, settings)
     return app
+
+
+OPS_PATHS = ("/health", "/metrics")
+
+
+def _install_middleware(app: FastAPI, settings: Settings) -> None:
+    """Outermost first: request id and access log, CORS, body limit, then API keys."""
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    keys = load_api_keys(api_key, settings.api_key_file)
+    if keys:
+        open_paths = () if settings.protect_health_metrics else OPS_PATHS
+        app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    origins = [o.strip() for o in (settings.cors_origins or "").split(",") if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id"],
+        )
+    app.add_middleware(RequestLogMiddleware)
 
 
 def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: Path) -> None:
@@ -148,6 +177,14 @@ def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: P
         enable_thinking=settings.enable_thinking,
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
+        max_tokens_limit=settings.max_tokens_limit,
+    )
+    admission = app.state.service.admission
+    metrics: Metrics = app.state.metrics
+    metrics.track_load(
+        running=lambda: min(admission.in_flight, admission.concurrency),
+        waiting=lambda: max(admission.in_flight - admission.concurrency, 0),
+        kv_cache_usage=getattr(backend, "kv_cache_usage", None),
     )
     app.state.load_status = "ok"
 

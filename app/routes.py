@@ -12,7 +12,7 @@ The body is parsed from the raw bytes whatever the Content-Type: ``curl -d`` sen
 from __future__ import annotations
 
 import json
-import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
@@ -21,8 +21,16 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.errors import InvalidRequest, Unavailable, as_api_error, validation_error
+from app.errors import (
+    InvalidRequest,
+    Unavailable,
+    as_api_error,
+    record_error,
+    validation_error,
+)
 from app.formats import Answer, ChatFormat, CompletionFormat, Format, usage_of
+from app.metrics import Metrics
+from app.observability import request_facts
 from app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -31,8 +39,6 @@ from app.schemas import (
 )
 from app.service import Event, Finished, GenerationService, PreparedGeneration
 from app.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -77,60 +83,74 @@ def _event(chunk: BaseModel) -> ServerSentEvent:
     return _sse(chunk.model_dump_json())
 
 
+async def _generation(
+    request: Request, service: GenerationService, job: PreparedGeneration, arrived: float
+) -> AsyncIterator[Event | Finished]:
+    """The service's generation, measured for /metrics and noted for the access log."""
+    metrics: Metrics = request.app.state.metrics
+    async for item in metrics.observe(service.generate(job), arrived):
+        if isinstance(item, Finished):
+            request_facts(request.scope).update(
+                finish_reason=item.finish_reason,
+                prompt_tokens=item.prompt_tokens,
+                cached_tokens=item.cached_tokens,
+                completion_tokens=item.completion_tokens,
+                queue_ms=round(item.timings.queue_ms, 2),
+                prompt_ms=round(item.timings.prompt_ms, 2),
+                decode_ms=round(item.timings.decode_ms, 2),
+            )
+        yield item
+
+
 async def _stream_events(
-    service: GenerationService, job: PreparedGeneration, fmt: Format, include_usage: bool
+    request: Request, items: AsyncIterator[Event | Finished], fmt: Format, include_usage: bool
 ) -> AsyncIterator[ServerSentEvent]:
     first = fmt.first_chunk()
     if first is not None:
         yield _event(first)
     try:
-        async for item in service.generate(job):
+        async for item in items:
             if isinstance(item, Event):
                 yield _event(fmt.event_chunk(item))
                 continue
             yield _event(fmt.finish_chunk(item))
             if include_usage:
                 yield _event(fmt.usage_chunk(usage_of(item)))
-            _log_finished(fmt, item)
     except Exception as exc:
         # Headers are gone: the error travels in-band, then the stream ends normally.
-        yield _sse(json.dumps(as_api_error(exc).envelope()))
+        error = as_api_error(exc)
+        record_error(request, error)
+        yield _sse(json.dumps(error.envelope()))
     yield _sse("[DONE]")
 
 
-async def _collect(
-    service: GenerationService, job: PreparedGeneration, fmt: Format
-) -> dict[str, Any]:
+async def _collect(items: AsyncIterator[Event | Finished], fmt: Format) -> dict[str, Any]:
     answer = Answer()
-    async for item in service.generate(job):
+    async for item in items:
         if isinstance(item, Event):
             answer.add(item)
         else:
-            _log_finished(fmt, item)
             return fmt.response(answer, item).model_dump()
     raise RuntimeError("generation ended without a finish")  # the service always finishes
 
 
-def _log_finished(fmt: Format, finished: Finished) -> None:
-    logger.info(
-        "request %s finished: %s, prompt_tokens=%d (cached %d), completion_tokens=%d",
-        fmt.id,
-        finished.finish_reason,
-        finished.prompt_tokens,
-        finished.cached_tokens,
-        finished.completion_tokens,
-    )
-
-
-def _sse_response(
+async def _respond(
+    request: Request,
     service: GenerationService,
     settings: Settings,
     job: PreparedGeneration,
     fmt: Format,
+    *,
+    stream: bool,
     include_usage: bool,
-) -> EventSourceResponse:
+    arrived: float,
+) -> Response | EventSourceResponse:
+    """One generation path: streamed as SSE, or the same events collected into JSON."""
+    items = _generation(request, service, job, arrived)
+    if not stream:
+        return JSONResponse(await _collect(items, fmt))
     return EventSourceResponse(
-        _stream_events(service, job, fmt, include_usage),
+        _stream_events(request, items, fmt, include_usage),
         ping=settings.sse_keepalive_s,
         sep="\n",
         ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
@@ -142,6 +162,7 @@ def _sse_response(
 async def chat_completions(
     request: Request, service: ServiceDep, settings: SettingsDep
 ) -> Response | EventSourceResponse:
+    arrived = time.perf_counter()
     body = await read_body(request, ChatCompletionRequest)
     job = await service.prepare_chat(body)
     fmt = ChatFormat(
@@ -152,27 +173,48 @@ async def chat_completions(
         token_bytes=service.backend.tokenizer.token_bytes,
         logprobs=body.logprobs,
     )
-    if body.stream:
-        return _sse_response(service, settings, job, fmt, body.include_usage)
-    return JSONResponse(await _collect(service, job, fmt))
+    return await _respond(
+        request,
+        service,
+        settings,
+        job,
+        fmt,
+        stream=body.stream,
+        include_usage=body.include_usage,
+        arrived=arrived,
+    )
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(
     request: Request, service: ServiceDep, settings: SettingsDep
 ) -> Response | EventSourceResponse:
+    arrived = time.perf_counter()
     body = await read_body(request, CompletionRequest)
     job = await service.prepare_completion(body)
     fmt = CompletionFormat(service.model_id)
-    if body.stream:
-        return _sse_response(service, settings, job, fmt, body.include_usage)
-    return JSONResponse(await _collect(service, job, fmt))
+    return await _respond(
+        request,
+        service,
+        settings,
+        job,
+        fmt,
+        stream=body.stream,
+        include_usage=body.include_usage,
+        arrived=arrived,
+    )
 
 
 @router.get("/v1/models")
 async def list_models(service: ServiceDep, request: Request) -> ModelList:
     created: int = request.app.state.started_at
     return ModelList(data=[ModelCard(id=service.model_id, created=created)])
+
+
+@router.get("/metrics", response_model=None)
+async def metrics(request: Request) -> Response:
+    exported: Metrics = request.app.state.metrics
+    return Response(exported.exposition(), media_type=exported.content_type)
 
 
 @router.get("/health", response_model=None)

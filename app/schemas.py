@@ -259,6 +259,21 @@ class ToolCallOut(BaseModel):
     function: FunctionCallOut
 
 
+class Timings(BaseModel):
+    """llama-server's ``timings``: where the request's time went (milliseconds)."""
+
+    queue_ms: float
+    prompt_n: int
+    """Prompt tokens actually decoded (the rest came from the KV cache: ``cache_n``)."""
+    prompt_ms: float
+    prompt_per_second: float
+    predicted_n: int
+    predicted_ms: float
+    predicted_per_second: float
+    """Decode speed over the tokens after the first (the first one ends the prompt phase)."""
+    cache_n: int
+
+
 class AssistantMessage(BaseModel):
     """``reasoning_content`` or ``reasoning`` (per ``--reasoning-format``) only when present."""
 
@@ -283,6 +298,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    timings: Timings | None = Field(None, exclude_if=_absent)
 
 
 class DeltaFunction(BaseModel):
@@ -323,6 +339,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = Field(None, exclude_if=_absent)
+    timings: Timings | None = Field(None, exclude_if=_absent)
 
 
 class CompletionChoice(BaseModel):
@@ -341,6 +358,7 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = Field(None, exclude_if=_absent)
+    timings: Timings | None = Field(None, exclude_if=_absent)
 
 
 class ModelCard(BaseModel):

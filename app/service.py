@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,11 +67,25 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Timings:
+    """Where a generation's time went, as llama-server's ``timings`` reports it."""
+
+    queue_ms: float
+    """Waiting for the engine thread."""
+    prompt_ms: float
+    """From the start of decoding to the first sampled token: prefill (and, with batching,
+    any wait for a free slot)."""
+    decode_ms: float
+    """From the first sampled token to the last."""
+
+
+@dataclass(frozen=True)
 class Finished:
     finish_reason: Literal["stop", "length", "tool_calls"]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    timings: Timings = field(default=Timings(0.0, 0.0, 0.0))
 
 
 @dataclass(frozen=True)
@@ -194,8 +209,10 @@ class GenerationService:
         enable_thinking: bool = True,
         max_queue: int | None = None,
         request_timeout_s: float | None = None,
+        max_tokens_limit: int | None = None,
     ) -> None:
         self.backend = backend
+        self._max_tokens_limit = max_tokens_limit
         slots = engine_slots(backend)
         self.admission = Admission(slots, max_queue=max_queue, timeout_s=request_timeout_s)
         self.reasoning_format = reasoning_format
@@ -285,6 +302,13 @@ class GenerationService:
     ) -> PreparedGeneration:
         if not tokens:
             raise InvalidRequest("The prompt is empty after tokenization.", param=param)
+        limit = self._max_tokens_limit
+        if limit is not None and requested_max is not None and requested_max > limit:
+            raise InvalidRequest(
+                f"max_tokens is {requested_max}, above this server's limit of {limit}.",
+                param="max_tokens",
+                code="max_tokens_above_limit",
+            )
         n_ctx = self.backend.info.n_ctx
         room = n_ctx - len(tokens)
         if room < 1 or (requested_max is not None and requested_max > room):
@@ -297,7 +321,7 @@ class GenerationService:
         return PreparedGeneration(
             prompt_tokens=list(tokens),
             sampling=_sampling(req, grammar=grammar, top_logprobs=top_logprobs),
-            max_tokens=requested_max if requested_max is not None else room,
+            max_tokens=requested_max if requested_max is not None else min(room, limit or room),
             stop=tuple(req.stop_list()),
             ticket=self.admission.admit(),
         )
@@ -312,7 +336,7 @@ class GenerationService:
         ticket = job.ticket or self.admission.admit()
         channel = _Channel(loop, self._buffer)
         ticket.start(channel.fail)
-        future = loop.run_in_executor(self._engine, self._run, job, channel)
+        future = loop.run_in_executor(self._engine, self._run, job, channel, time.perf_counter())
         try:
             while True:
                 item = await channel.get()
@@ -327,10 +351,12 @@ class GenerationService:
             future.cancel()
             future.add_done_callback(_log_engine_failure)
 
-    def _run(self, job: PreparedGeneration, channel: _Channel) -> None:
+    def _run(self, job: PreparedGeneration, channel: _Channel, submitted: float) -> None:
         """Engine thread: one generation, every outcome delivered through the channel."""
         if channel.closed:
             return
+        started = time.perf_counter()
+        first_token: list[float] = []
         text = TextStream(self.backend.tokenizer.token_bytes, job.stop)
         parser = OutputParser(reasoning=job.reasoning, tools=job.parse_tool_calls)
         pending: list[TokenLogprobs] = []  # logprobs of tokens whose text is not out yet
@@ -343,6 +369,8 @@ class GenerationService:
             return True
 
         def on_token(token_id: int) -> bool:
+            if not first_token:
+                first_token.append(time.perf_counter())
             released = text.push(token_id)
             if released and not send(parser.push(released)):
                 return False
@@ -356,8 +384,15 @@ class GenerationService:
         except Exception as exc:
             channel.put(_Failed(exc))
             return
+        ended = time.perf_counter()
         if result.finish_reason == "cancelled" and not text.stopped:
             return  # the client left; nobody is reading
+        first = first_token[0] if first_token else ended
+        timings = Timings(
+            queue_ms=(started - submitted) * 1000,
+            prompt_ms=(first - started) * 1000,
+            decode_ms=(ended - first) * 1000,
+        )
         pending.clear()  # end-of-turn and stop-string tokens have no text to carry them
         send(parser.push(text.finish()) + parser.finish())
         finish: Literal["stop", "length", "tool_calls"] = (
@@ -371,6 +406,7 @@ class GenerationService:
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 cached_tokens=result.cached_tokens,
+                timings=timings,
             )
         )
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "QWEN3_MOE_SERVE_"
@@ -150,4 +150,36 @@ class Settings(BaseSettings):
         ge=0,
         description="On SIGTERM: new requests get 503 at once, running ones get this long to "
         "finish, then end with an in-band error event and [DONE].",
+    )
+
+    # -- operations: access control, limits, logs -----------------------------------------
+    api_key: SecretStr | None = Field(
+        None,
+        description="API key(s) clients must send as 'Authorization: Bearer <key>'; several "
+        "separated by commas. Unset (and no --api-key-file): no authentication.",
+    )
+    api_key_file: Path | None = Field(
+        None, description="File with one accepted API key per line ('#' starts a comment)."
+    )
+    protect_health_metrics: bool = Field(
+        False,
+        description="Require the API key on /health and /metrics too (default: open, for "
+        "probes and Prometheus).",
+    )
+    cors_origins: str | None = Field(
+        None,
+        description="Browser origins allowed by CORS, comma-separated ('*' for any). "
+        "Unset: no CORS headers.",
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger is a 413."
+    )
+    max_tokens_limit: int | None = Field(
+        None,
+        ge=1,
+        description="Ceiling on max_tokens / max_completion_tokens: a request above it is a "
+        "400, and one without max_tokens generates at most this many tokens.",
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log lines as JSON objects (one per line) or plain text."
     )

@@ -1,0 +1,240 @@
+"""The servers under test: how each is found, started with matching settings, and stopped.
+
+Every server gets the same model, context, CPU threads, batch size and number of parallel
+sequences, and all layers on the GPU when the build has one. A peer that cannot be found is
+*skipped* with the reason, never replaced by something else. llama-cpp-python's bundled server
+runs with ``--interrupt_requests False``: its default ends a running stream early whenever
+another request arrives, which would turn every concurrent level into a list of cut streams
+rather than a measurement of serving them.
+
+Peak memory is the kernel's high-water mark of the server's resident set (``VmHWM``), read
+just before it is stopped: exact, and no polling thread competes for the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OURS = "qwen3-moe-serve"
+LLAMA_CPP_PYTHON = "llama-cpp-python server"
+LLAMA_SERVER = "llama-server"
+ALL_SERVERS = (OURS, LLAMA_CPP_PYTHON, LLAMA_SERVER)
+
+LLAMA_SERVER_ENV = "LLAMA_SERVER"
+BUNDLED_SERVER_MODULES = ("fastapi", "uvicorn", "sse_starlette", "starlette_context")
+"""What ``python -m llama_cpp.server`` imports beyond llama-cpp-python (its ``[server]`` extra)."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every server is started with."""
+
+    model: Path
+    n_ctx: int
+    """Context per sequence."""
+    n_threads: int
+    n_batch: int
+    parallel: int
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class Server:
+    """A server to measure, or the reason it is skipped."""
+
+    name: str
+    command: list[str] = field(default_factory=list)
+    version: str | None = None
+    skipped: str | None = None
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def find_llama_server(flag: Path | None, root: Path) -> tuple[Path | None, str]:
+    """``--llama-server``, else ``$LLAMA_SERVER``, else ``PATH``, else a build under ``.cache/``.
+
+    Returns the binary (or None) and how it was found (or why not).
+    """
+    if flag is not None:
+        if flag.is_file() and os.access(flag, os.X_OK):
+            return flag, "--llama-server"
+        return None, f"--llama-server {flag} is not an executable file"
+    env = os.environ.get(LLAMA_SERVER_ENV)
+    if env:
+        path = Path(env)
+        if path.is_file() and os.access(path, os.X_OK):
+            return path, f"${LLAMA_SERVER_ENV}"
+        return None, f"${LLAMA_SERVER_ENV}={env} is not an executable file"
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return Path(on_path), "PATH"
+    pattern = str(root / ".cache" / "llama-server" / "**" / "bin" / "llama-server")
+    for candidate in sorted(glob.glob(pattern, recursive=True)):
+        if os.access(candidate, os.X_OK):
+            return Path(candidate), ".cache/llama-server"
+    return None, (
+        "no llama-server binary (give --llama-server PATH or $LLAMA_SERVER, put one on PATH, "
+        "or build one under .cache/llama-server/)"
+    )
+
+
+def _binary_version(binary: Path) -> str | None:
+    try:
+        done = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in (done.stdout + done.stderr).splitlines():
+        if line.startswith("version:"):
+            return line.removeprefix("version:").strip()
+    return None
+
+
+def servers(
+    wanted: tuple[str, ...], settings: ServerSettings, llama_server: Path | None, root: Path
+) -> list[Server]:
+    """The servers to measure, in order, each with its command or its reason to be skipped."""
+    s = settings
+    threads, batch = str(s.n_threads), str(s.n_batch)
+    out: list[Server] = []
+    for name in wanted:
+        server = Server(name)
+        if name == OURS:
+            server.version = _version("qwen3-moe-serve")
+            server.command = [
+                sys.executable, "-m", "app.cli", "--model", str(s.model), "--host", s.host,
+                "--n-ctx", str(s.n_ctx), "--n-threads", threads, "--n-batch", batch,
+                "--parallel", str(s.parallel), "--log-level", "warning",
+            ]  # fmt: skip
+        elif name == LLAMA_CPP_PYTHON:
+            server.version = _version("llama-cpp-python")
+            missing = [m for m in BUNDLED_SERVER_MODULES if importlib.util.find_spec(m) is None]
+            if missing:
+                server.skipped = (
+                    f"llama-cpp-python's server needs {', '.join(missing)} "
+                    "(pip install -e '.[bench]')"
+                )
+            elif s.parallel != 1:
+                server.skipped = "it decodes one request at a time (no --parallel)"
+            server.command = [
+                sys.executable, "-m", "llama_cpp.server", "--model", str(s.model),
+                "--host", s.host, "--n_ctx", str(s.n_ctx), "--n_threads", threads,
+                "--n_threads_batch", threads, "--n_batch", batch, "--n_ubatch", batch,
+                "--n_gpu_layers", "-1", "--interrupt_requests", "False",
+            ]  # fmt: skip
+        elif name == LLAMA_SERVER:
+            binary, how = find_llama_server(llama_server, root)
+            if binary is None:
+                server.skipped = how
+            else:
+                server.version = _binary_version(binary)
+                server.command = [
+                    str(binary), "--model", str(s.model), "--host", s.host,
+                    "--ctx-size", str(s.n_ctx * s.parallel), "--parallel", str(s.parallel),
+                    "--threads", threads, "--threads-batch", threads,
+                    "--batch-size", batch, "--ubatch-size", batch,
+                    "--n-gpu-layers", "999", "--no-webui",
+                ]  # fmt: skip
+        else:
+            raise ValueError(f"unknown server {name!r}; known: {', '.join(ALL_SERVERS)}")
+        out.append(server)
+    return out
+
+
+def peak_rss_bytes(pid: int) -> int | None:
+    """The process's resident-set high-water mark (Linux ``VmHWM``), or None elsewhere."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+@dataclass
+class Running:
+    """A started server: where it listens and what it cost to start."""
+
+    name: str
+    host: str
+    port: int
+    process: subprocess.Popen[bytes]
+    ready_s: float
+    peak_rss: int | None = None
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def serve(
+    server: Server, settings: ServerSettings, log_path: Path, ready_timeout_s: float
+) -> Iterator[Running]:
+    """Start ``server`` on a free loopback port, wait until ``/v1/models`` answers 200, and
+    stop it (recording its peak RSS) on exit."""
+    port = free_port(settings.host)
+    command = [*server.command, "--port", str(port)]  # the same flag on all three
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        running = Running(server.name, settings.host, port, process, ready_s=0.0)
+        try:
+            url = f"http://{settings.host}:{port}/v1/models"
+            deadline = time.monotonic() + ready_timeout_s
+            while not _ready(url):
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"{server.name} exited with status {process.returncode} "
+                        f"before it was ready (log: {log_path})"
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{server.name} was not ready within {ready_timeout_s:g} s "
+                        f"(log: {log_path})"
+                    )
+                time.sleep(0.1)
+            running.ready_s = time.perf_counter() - started
+            yield running
+        finally:
+            running.peak_rss = peak_rss_bytes(process.pid)
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
