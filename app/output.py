@@ -32,6 +32,10 @@ class OutputParser:
     def tool_calls(self) -> list[ToolCall]:
         return self._tools.calls if self._tools is not None else []
 
+    @property
+    def completed_tool_calls(self) -> int:
+        return self._tools.completed if self._tools is not None else 0
+
     def push(self, text: str) -> list[Delta]:
         return self._route(self._reasoning.push(text), final=False)
 

@@ -54,6 +54,8 @@ class PreparedGeneration:
     reasoning: Mode = "raw"
     """How to split a ``<think>`` block from the answer (``raw``: no splitting)."""
     parse_tool_calls: bool = False
+    single_tool_call: bool = False
+    """``parallel_tool_calls: false``: generation ends once the first call is complete."""
     ticket: Ticket | None = field(default=None, compare=False, repr=False)
     """The request's place in ``app.admission``, taken when it was prepared."""
 
@@ -275,7 +277,12 @@ class GenerationService:
         mode: Mode = (
             "raw" if self.reasoning_format == "none" else ("extract" if thinking else "no_thinking")
         )
-        return replace(job, reasoning=mode, parse_tool_calls=bool(tools))
+        return replace(
+            job,
+            reasoning=mode,
+            parse_tool_calls=bool(tools),
+            single_tool_call=req.parallel_tool_calls is False,
+        )
 
     async def prepare_completion(self, req: CompletionRequest) -> PreparedGeneration:
         self.check_model(req.model)
@@ -359,6 +366,7 @@ class GenerationService:
         first_token: list[float] = []
         text = TextStream(self.backend.tokenizer.token_bytes, job.stop)
         parser = OutputParser(reasoning=job.reasoning, tools=job.parse_tool_calls)
+        enough_calls: list[bool] = []  # set when parallel_tool_calls=false has its one call
         pending: list[TokenLogprobs] = []  # logprobs of tokens whose text is not out yet
 
         def send(deltas: list[Delta]) -> bool:
@@ -374,6 +382,9 @@ class GenerationService:
             released = text.push(token_id)
             if released and not send(parser.push(released)):
                 return False
+            if job.single_tool_call and parser.completed_tool_calls:
+                enough_calls.append(True)
+                return False
             return not text.stopped and not channel.closed
 
         generate = generate_fn(self.backend, cancelled=lambda: channel.closed)
@@ -385,7 +396,7 @@ class GenerationService:
             channel.put(_Failed(exc))
             return
         ended = time.perf_counter()
-        if result.finish_reason == "cancelled" and not text.stopped:
+        if result.finish_reason == "cancelled" and not (text.stopped or enough_calls):
             return  # the client left; nobody is reading
         first = first_token[0] if first_token else ended
         timings = Timings(

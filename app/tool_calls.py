@@ -103,6 +103,8 @@ class ToolCallParser:
         self._held = ""
         self._value: _JsonValueEnd | None = None
         self.calls: list[ToolCall] = []
+        self.completed = 0
+        """Calls whose closing tag has been read."""
 
     @property
     def called(self) -> bool:
@@ -191,3 +193,4 @@ class ToolCallParser:
         if end >= 0:
             self._held = self._held[end + len(CLOSE) :]
             self._state = "text"
+            self.completed += 1

@@ -274,6 +274,22 @@ async def test_parallel_tool_calls(scripted: Callable[..., LlamaBackend]) -> Non
     ]
 
 
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_003")
+async def test_parallel_tool_calls_false_ends_after_the_first_call(
+    scripted: Callable[..., LlamaBackend],
+) -> None:
+    async with _client(scripted(PARALLEL_CALL_SCRIPT)) as client:
+        buffered, stream = await both(
+            client, tools=[WEATHER_TOOL, TIME_TOOL], parallel_tool_calls=False
+        )
+    (call,) = buffered["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert buffered["choices"][0]["finish_reason"] == "tool_calls"
+    # Decoding stopped at the first call's closing tag, before the second call.
+    assert buffered["usage"]["completion_tokens"] == PARALLEL_CALL_SCRIPT.index(b"</tool_call>") + 1
+    assert [c["name"] for c in streamed_calls(stream)] == ["get_weather"]
+
+
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_004")
 async def test_tool_calls_are_plain_text_without_tools(
     scripted: Callable[..., LlamaBackend],
