@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test contracts lint install dev clean-cache
+.PHONY: serve test contracts lint install dev bench clean-cache
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PIP) install -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+$(VENV)/.installed-bench: pyproject.toml | $(PY)
+	$(PIP) install -e '.[bench]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -38,6 +42,12 @@ contracts: $(VENV)/.installed-dev
 	echo "findings: $${QWEN3_MOE_FINDINGS:-$(CURDIR)/findings.json}"; exit $$status
 
 lint: $(VENV)/.installed-dev
-	$(PY) -m ruff check app tests
-	$(PY) -m ruff format --check app tests
-	$(PY) -m mypy app
+	$(PY) -m ruff check app tests bench
+	$(PY) -m ruff format --check app tests bench
+	$(PY) -m mypy app bench
+
+# This server against llama-cpp-python's bundled server and llama.cpp's llama-server (when a
+# binary is found) on the same model: results, table and plots in bench/results/ (see README,
+# Performance). Flags through ARGS, e.g. ARGS="--models /models/x.gguf --llama-server PATH".
+bench: $(VENV)/.installed-bench
+	$(PY) -m bench $(ARGS)

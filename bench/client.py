@@ -18,6 +18,7 @@ against ``curl -w %{time_starttransfer}`` and records both figures.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import time
@@ -295,7 +296,7 @@ class Stream:
     @property
     def gaps(self) -> list[float]:
         times = self.token_times
-        return [b - a for a, b in zip(times, times[1:], strict=False)]
+        return [b - a for a, b in itertools.pairwise(times)]
 
 
 def _carries_text(chunk: dict[str, Any]) -> bool:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-WORDS = (
+TEXT = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly mix "
     "jam and fourteen bold zebras graze beside the river"
-).split()
+)
 
 
 @dataclass(frozen=True)
@@ -62,14 +62,15 @@ class Floor:
         Words are added until the count would pass ``n_tokens``; servers tokenize the same
         text with the same vocabulary, so every one of them decodes the same prompt.
         """
+        source = TEXT.split()
         words: list[str] = []
         count = 0
         for i in range(100 * n_tokens):
-            candidate = " ".join([*words, WORDS[i % len(WORDS)]])
-            size = len(self.tokenize(candidate))
+            word = source[i % len(source)]
+            size = len(self.tokenize(" ".join([*words, word])))
             if size > n_tokens:
                 break
-            words.append(WORDS[i % len(WORDS)])
+            words.append(word)
             count = size
         return " ".join(words), count
 
