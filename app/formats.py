@@ -4,10 +4,17 @@ Chat and text completions differ only in shape, so each has a format class with 
 four methods; the routes stream or collect through any of them. A buffered response is built
 from the very events a stream would have sent (``Answer`` collects them), so the two cannot
 disagree.
+
+A token's chunk is on the hot path of every stream, and building and serializing a pydantic
+object per token was the largest piece of our own per-token cost. So ``event_json`` renders
+the common chunk (one piece of text, no logprobs, no tool call) from a ``_TextTemplate``: the
+chunk serialized once per request by pydantic with a marker for the text, split around it;
+only the text is encoded per token. Every other chunk goes through pydantic as before.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -118,11 +125,41 @@ def _logprob_entries(
     return entries
 
 
+class _TextTemplate:
+    """A chunk's JSON with one text field left open (see the module docstring)."""
+
+    _MARK = "<<qwen3-moe-serve text>>"
+
+    def __init__(self, head: str, tail: str) -> None:
+        self._head = head
+        self._tail = tail
+
+    @classmethod
+    def around(cls, chunk: Callable[[str], BaseModel]) -> _TextTemplate | None:
+        """The template of ``chunk(text)``; None when the marker is not found exactly once
+        (say, a model id that contains it): such a request keeps the pydantic path."""
+        sample = chunk(cls._MARK).model_dump_json()
+        marker = json.dumps(cls._MARK)
+        if sample.count(marker) != 1:
+            return None
+        head, _, tail = sample.partition(marker)
+        return cls(head, tail)
+
+    def fill(self, text: str) -> str:
+        # pydantic and json.dumps(ensure_ascii=False) escape strings identically (quote,
+        # backslash, control characters); tests/test_sse_fast_path.py holds them to it.
+        return self._head + json.dumps(text, ensure_ascii=False) + self._tail
+
+
 class Format(Protocol):
     id: str
 
     def first_chunk(self) -> BaseModel | None: ...
     def event_chunk(self, event: Event) -> BaseModel: ...
+    def event_json(self, event: Event) -> str:
+        """``event_chunk(event).model_dump_json()``, faster for the common chunks."""
+        ...
+
     def finish_chunk(self, finished: Finished) -> BaseModel: ...
     def usage_chunk(self, usage: Usage) -> BaseModel: ...
     def response(self, answer: Answer, finished: Finished) -> BaseModel: ...
@@ -143,6 +180,14 @@ class ChatFormat:
         self._reasoning_field = reasoning_field
         self._token_bytes = token_bytes
         self._logprobs = logprobs
+        self._content_json = _TextTemplate.around(lambda text: self._text_chunk(content=text))
+        self._reasoning_json = _TextTemplate.around(
+            lambda text: self._text_chunk(**{reasoning_field: text})
+        )
+
+    def _text_chunk(self, **delta: str) -> BaseModel:
+        choice = ChunkChoice(delta=DeltaMessage(**delta), logprobs=None, finish_reason=None)
+        return self._chunk([choice])
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> BaseModel:
         return ChatCompletionChunk(
@@ -180,6 +225,15 @@ class ChatFormat:
             delta=message, logprobs=self._choice_logprobs(event.logprobs), finish_reason=None
         )
         return self._chunk([choice])
+
+    def event_json(self, event: Event) -> str:
+        delta = event.delta
+        if not self._logprobs and delta.tool_call is None:
+            if delta.content and not delta.reasoning and self._content_json is not None:
+                return self._content_json.fill(delta.content)
+            if delta.reasoning and not delta.content and self._reasoning_json is not None:
+                return self._reasoning_json.fill(delta.reasoning)
+        return self.event_chunk(event).model_dump_json()
 
     def finish_chunk(self, finished: Finished) -> BaseModel:
         choice = ChunkChoice(delta=DeltaMessage(), finish_reason=finished.finish_reason)
@@ -225,6 +279,9 @@ class CompletionFormat:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
+        self._text_json = _TextTemplate.around(
+            lambda text: self._chunk([CompletionChoice(text=text, finish_reason=None)])
+        )
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> BaseModel:
         return Completion(
@@ -236,6 +293,11 @@ class CompletionFormat:
 
     def event_chunk(self, event: Event) -> BaseModel:
         return self._chunk([CompletionChoice(text=event.delta.content, finish_reason=None)])
+
+    def event_json(self, event: Event) -> str:
+        if self._text_json is not None:
+            return self._text_json.fill(event.delta.content)
+        return self.event_chunk(event).model_dump_json()
 
     def finish_chunk(self, finished: Finished) -> BaseModel:
         choice = CompletionChoice(text="", finish_reason=finished.finish_reason)

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.errors import (
     InvalidRequest,
@@ -39,6 +38,7 @@ from app.schemas import (
 )
 from app.service import Event, Finished, GenerationService, PreparedGeneration
 from app.settings import Settings
+from app.sse import EventStreamResponse, frame
 
 router = APIRouter()
 
@@ -75,12 +75,8 @@ async def read_body(request: Request, model: type[RequestModel]) -> RequestModel
         raise validation_error(exc.errors()) from exc
 
 
-def _sse(data: str) -> ServerSentEvent:
-    return ServerSentEvent(data=data, sep="\n")
-
-
-def _event(chunk: BaseModel) -> ServerSentEvent:
-    return _sse(chunk.model_dump_json())
+def _event(chunk: BaseModel) -> bytes:
+    return frame(chunk.model_dump_json())
 
 
 async def _generation(
@@ -104,14 +100,14 @@ async def _generation(
 
 async def _stream_events(
     request: Request, items: AsyncIterator[Event | Finished], fmt: Format, include_usage: bool
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncGenerator[bytes, None]:
     first = fmt.first_chunk()
     if first is not None:
         yield _event(first)
     try:
         async for item in items:
             if isinstance(item, Event):
-                yield _event(fmt.event_chunk(item))
+                yield frame(fmt.event_json(item))
                 continue
             yield _event(fmt.finish_chunk(item))
             if include_usage:
@@ -120,8 +116,8 @@ async def _stream_events(
         # Headers are gone: the error travels in-band, then the stream ends normally.
         error = as_api_error(exc)
         record_error(request, error)
-        yield _sse(json.dumps(error.envelope()))
-    yield _sse("[DONE]")
+        yield frame(json.dumps(error.envelope()))
+    yield frame("[DONE]")
 
 
 async def _collect(items: AsyncIterator[Event | Finished], fmt: Format) -> dict[str, Any]:
@@ -144,16 +140,14 @@ async def _respond(
     stream: bool,
     include_usage: bool,
     arrived: float,
-) -> Response | EventSourceResponse:
+) -> Response:
     """One generation path: streamed as SSE, or the same events collected into JSON."""
     items = _generation(request, service, job, arrived)
     if not stream:
         return JSONResponse(await _collect(items, fmt))
-    return EventSourceResponse(
+    return EventStreamResponse(
         _stream_events(request, items, fmt, include_usage),
-        ping=settings.sse_keepalive_s,
-        sep="\n",
-        ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
+        keepalive_s=settings.sse_keepalive_s,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -161,7 +155,7 @@ async def _respond(
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     request: Request, service: ServiceDep, settings: SettingsDep
-) -> Response | EventSourceResponse:
+) -> Response:
     arrived = time.perf_counter()
     body = await read_body(request, ChatCompletionRequest)
     job = await service.prepare_chat(body)
@@ -186,9 +180,7 @@ async def chat_completions(
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(
-    request: Request, service: ServiceDep, settings: SettingsDep
-) -> Response | EventSourceResponse:
+async def completions(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     arrived = time.perf_counter()
     body = await read_body(request, CompletionRequest)
     job = await service.prepare_completion(body)

@@ -35,16 +35,29 @@ from bench.servers import OURS, ServerSettings, serve, servers
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of ``pid``."""
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """CPU seconds (user, system) of each thread of ``pid``."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the thread ended
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        out[int(task.name)] = (int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS)
     return out
+
+
+def _spent(
+    before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]], main: bool
+) -> tuple[float, float]:
+    """User and system seconds between two readings, of the main thread or of the others."""
+    pid = min(after)  # the main thread's id is the process id, the lowest of its threads
+    user = system = 0.0
+    for tid, (u, s) in after.items():
+        if (tid == pid) == main:
+            u0, s0 = before.get(tid, (0.0, 0.0))
+            user, system = user + u - u0, system + s - s0
+    return user, system
 
 
 def summarize_raw(path: Path, top: int = 12) -> dict[str, list[tuple[str, float]]]:
@@ -124,15 +137,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             spy.wait(timeout=60)
     streams = [client.read_stream(e) for e in done.exchanges]
     produced = sum(len(s.token_times) for s in streams)
-    main_thread = after.get(pid, 0.0) - before.get(pid, 0.0)
-    others = sum(after[t] - before.get(t, 0.0) for t in after if t != pid)
+    main_user, main_system = _spent(before, after, main=True)
+    other_user, other_system = _spent(before, after, main=False)
     per_token = [(s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for s in streams]
     figures |= {
         "tokens": produced,
         "errors": sum(s.error is not None for s in streams),
         "http_ms_per_token": round(1000 * sorted(per_token)[len(per_token) // 2], 4),
-        "server_main_thread_cpu_us_per_token": round(main_thread / produced * 1e6, 1),
-        "server_other_threads_cpu_us_per_token": round(others / produced * 1e6, 1),
+        "server_main_thread_user_us_per_token": round(main_user / produced * 1e6, 1),
+        "server_main_thread_system_us_per_token": round(main_system / produced * 1e6, 1),
+        "server_other_threads_user_us_per_token": round(other_user / produced * 1e6, 1),
+        "server_other_threads_system_us_per_token": round(other_system / produced * 1e6, 1),
         "client_cpu_us_per_token": round((client_after - client_before) / produced * 1e6, 1),
         "floor_cpu_us_per_token": round(floor_cpu * 1e6, 1),
     }
