@@ -214,27 +214,36 @@ def test_greedy_output_is_the_same_alone_and_beside_other_streams(
     assert batched_demo.stats.peak_sequences >= 2, "the streams never shared a decode step"
 
 
-def test_a_seed_drives_only_its_own_request(batched_slow: BatchedLlamaBackend) -> None:
+def test_a_seed_drives_only_its_own_request(slow_model_path: Path) -> None:
     """Decoded side by side, two requests with one seed agree and a third seed differs: each
-    request samples from its own generator (a shared one would interleave their draws)."""
-    prompt = batched_slow.tokenizer.tokenize("Once upon a time")
-    seeds = {"a": 7, "b": 7, "c": 8}
-    texts: dict[str, list[int]] = {}
+    request samples from its own generator (a shared one would interleave their draws).
 
-    def run(name: str) -> None:
-        tokens: list[int] = []
-        sampling = SamplingParams(temperature=1.0, seed=seeds[name])
-        batched_slow.generate(prompt, sampling, 24, lambda t: tokens.append(t) or True)
-        texts[name] = tokens
+    The two same-seed requests arrive while a long prompt is being decoded, so they start in
+    the same step and stay in lockstep: their logits are computed alike.
+    """
+    backend = batched(slow_model_path, parallel=3, n_ctx=2048, n_batch=2048)
+    try:
+        long_prompt = backend.tokenizer.tokenize("The quick brown fox jumps. " * 400)[:1800]
+        prompt = backend.tokenizer.tokenize("Once upon a time")
+        seeds = {"a": 7, "b": 7, "c": 8}
+        texts: dict[str, list[int]] = {}
 
-    threads = [threading.Thread(target=run, args=(name,)) for name in seeds]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        def run(name: str) -> None:
+            tokens: list[int] = []
+            sampling = SamplingParams(temperature=1.0, seed=seeds[name])
+            backend.generate(prompt, sampling, 24, lambda t: tokens.append(t) or True)
+            texts[name] = tokens
+
+        with ThreadPoolExecutor(4) as pool:
+            blocker = pool.submit(backend.generate, long_prompt, GREEDY, 1, lambda _: True)
+            wait_until(lambda: backend.running == 1)
+            list(pool.map(run, seeds))
+            blocker.result()
+    finally:
+        backend.close()
     assert texts["a"] == texts["b"]
     assert texts["a"] != texts["c"]
-    assert batched_slow.stats.peak_sequences == 2
+    assert backend.stats.peak_sequences >= 2
 
 
 # -- prefix reuse ------------------------------------------------------------------------
