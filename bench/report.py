@@ -142,8 +142,10 @@ def _client_check_line(check: dict[str, Any]) -> str:
         return f"Client check against curl: skipped ({check['skipped']})."
     return (
         "Client check (non-streamed 1-token completion, time to first byte, median of "
-        f"{check['runs']}): this client {check['client_ttfb_ms']:.2f} ms, "
-        f"`curl -w %{{time_starttransfer}}` {check['curl_ttfb_ms']:.2f} ms."
+        f"{check['runs']}): this client {check['client_ttfb_ms']:.2f} ms; "
+        f"`curl -w %{{time_starttransfer}}` {check['curl_ttfb_ms']:.2f} ms, of which "
+        f"{check['curl_ttfb_after_connect_ms']:.2f} ms after its connect (this client's "
+        "connection is open before its clock starts)."
     )
 
 

@@ -288,7 +288,11 @@ def _load(
 
 
 def client_check(running: Running, prompt: str, runs: int = 5) -> dict[str, Any]:
-    """This client's time to first byte against curl's, alternated, on a 1-token completion."""
+    """This client's time to first byte against curl's, alternated, on a 1-token completion.
+
+    The client's connection is open before its clock starts; curl's ``time_starttransfer``
+    includes its connect, so ``time_starttransfer - time_pretransfer`` is the like figure.
+    """
     curl = shutil.which("curl")
     if curl is None:
         return {"skipped": "curl is not on PATH"}
@@ -297,6 +301,7 @@ def client_check(running: Running, prompt: str, runs: int = 5) -> dict[str, Any]
     url = f"http://{running.host}:{running.port}/v1/completions"
     ours: list[float] = []
     theirs: list[float] = []
+    theirs_after_connect: list[float] = []
     with tempfile.NamedTemporaryFile("wb", suffix=".json") as payload:
         payload.write(request.split(b"\r\n\r\n", 1)[1])
         payload.flush()
@@ -309,15 +314,17 @@ def client_check(running: Running, prompt: str, runs: int = 5) -> dict[str, Any]
             exchange = load.exchanges[0]
             if exchange.first_byte is not None and exchange.status == 200:
                 ours.append(exchange.first_byte - exchange.sent)
+            write_out = "%{http_code} %{time_pretransfer} %{time_starttransfer}"
             done = subprocess.run(
-                [curl, "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_starttransfer}",
+                [curl, "-s", "-o", "/dev/null", "-w", write_out,
                  "-H", "Content-Type: application/json", "--data-binary", f"@{payload.name}",
                  url],
                 capture_output=True, text=True, timeout=120, check=False,
             )  # fmt: skip
-            code, _, seconds = done.stdout.partition(" ")
+            code, pretransfer, starttransfer = [*done.stdout.split(), "", "", ""][:3]
             if code == "200":
-                theirs.append(float(seconds))
+                theirs.append(float(starttransfer))
+                theirs_after_connect.append(float(starttransfer) - float(pretransfer))
     if not ours or not theirs:
         return {"skipped": "the check requests failed"}
     return {
@@ -325,6 +332,7 @@ def client_check(running: Running, prompt: str, runs: int = 5) -> dict[str, Any]
         "runs": runs,
         "client_ttfb_ms": round(statistics.median(ours) * 1000, 3),
         "curl_ttfb_ms": round(statistics.median(theirs) * 1000, 3),
+        "curl_ttfb_after_connect_ms": round(statistics.median(theirs_after_connect) * 1000, 3),
         "client_samples_ms": [round(s * 1000, 3) for s in ours],
         "curl_samples_ms": [round(s * 1000, 3) for s in theirs],
     }

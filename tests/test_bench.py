@@ -146,4 +146,5 @@ def test_bench_checks_its_client_against_curl(
         return
     assert check["server"] == "qwen3-moe-serve"
     assert len(check["client_samples_ms"]) == len(check["curl_samples_ms"]) == check["runs"]
-    assert check["client_ttfb_ms"] > 0 and check["curl_ttfb_ms"] > 0
+    assert check["client_ttfb_ms"] > 0
+    assert 0 < check["curl_ttfb_after_connect_ms"] <= check["curl_ttfb_ms"]
