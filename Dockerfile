@@ -63,6 +63,9 @@ RUN pip install --no-cache-dir .
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION} AS runtime-cuda
 
 FROM ubuntu:${UBUNTU_VERSION} AS runtime-cpu
+# The RPC backend counts as one that layers can be offloaded to: with no RPC servers given, a
+# CPU image keeps every layer on the CPU, and its log says gpu_offload=False.
+ENV QWEN3_MOE_SERVE_N_GPU_LAYERS=0
 
 # hadolint ignore=DL3006
 FROM runtime-${BACKEND} AS runtime

@@ -7,7 +7,9 @@ reads), so changing the port cannot leave the probe knocking on the old one. Pro
 are ignored: a probe of localhost must never travel through ``HTTP_PROXY``.
 
 ``/health`` answers 503 while the model loads and after a failed load, so a container is
-"starting" during the HEALTHCHECK start period and "unhealthy" if the load failed.
+"starting" during the HEALTHCHECK start period and "unhealthy" if the load failed. A server
+that also protects /health with its API key (QWEN3_MOE_SERVE_PROTECT_HEALTH_METRICS) is sent
+the first key it accepts, read the way the server reads its keys.
 """
 
 from __future__ import annotations
@@ -16,8 +18,20 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 TIMEOUT_S = 4.0
+
+
+def _headers() -> dict[str, str]:
+    inline = os.environ.get("QWEN3_MOE_SERVE_API_KEY")
+    key_file = os.environ.get("QWEN3_MOE_SERVE_API_KEY_FILE")
+    if not (inline or key_file):
+        return {}
+    from app.security import load_api_keys
+
+    keys = load_api_keys(inline, Path(key_file) if key_file else None)
+    return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
 
 
 def main(argv: list[str]) -> int:
@@ -26,7 +40,8 @@ def main(argv: list[str]) -> int:
     url = f"http://127.0.0.1:{port}{path}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=TIMEOUT_S) as response:
+        request = urllib.request.Request(url, headers=_headers())
+        with opener.open(request, timeout=TIMEOUT_S) as response:
             status = int(response.status)
             body = response.read(200).decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:

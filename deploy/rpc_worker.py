@@ -38,9 +38,15 @@ _StartServer = ctypes.CFUNCTYPE(
 
 
 def _ggml() -> ctypes.CDLL:
-    from llama_cpp import _ggml  # the libggml that llama-cpp-python itself loaded
+    """ggml, as llama-cpp-python's libllama sees it.
 
-    lib: ctypes.CDLL = _ggml.libggml
+    Symbols are looked up through libllama's handle, which resolves them in the libggml it
+    links: the wheel holds libggml.so and libggml.so.0 as separate files, and opening the former
+    by path would load a second copy of ggml with a registry of its own.
+    """
+    import llama_cpp
+
+    lib: ctypes.CDLL = llama_cpp.llama_cpp._lib
     signatures: dict[str, tuple[list[type], type | None]] = {
         "ggml_backend_dev_count": ([], ctypes.c_size_t),
         "ggml_backend_dev_get": ([ctypes.c_size_t], ctypes.c_void_p),

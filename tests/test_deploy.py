@@ -107,6 +107,17 @@ def test_compose_sets_only_real_settings() -> None:
         assert prefixed <= fields, (name, sorted(prefixed - fields))
 
 
+def test_compose_passes_every_setting_to_every_server() -> None:
+    """So that any setting can be changed from the shell or .env without editing the file.
+
+    A new setting needs its line in compose.yaml's x-settings block (empty: the default).
+    """
+    fields = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    for name, service in server_services().items():
+        missing = fields - set(environment(service))
+        assert not missing, (name, sorted(missing))
+
+
 def test_compose_fixes_what_the_container_needs() -> None:
     for name, service in server_services().items():
         env = environment(service, {"QWEN3_MOE_SERVE_HOST": "127.0.0.1"})
@@ -150,6 +161,9 @@ def test_compose_default_service_needs_no_profile_and_restarts() -> None:
     assert "profiles" not in services()["qwen3-moe-serve"]
     for name, service in services().items():
         assert service.get("restart") in {"always", "unless-stopped", "on-failure"}, name
+    for name, service in server_services().items():
+        # `docker compose stop` must wait out the server's drain before it kills.
+        assert seconds(service["stop_grace_period"]) > Settings().shutdown_grace_s, name
 
 
 def healthcheck_paths() -> dict[str, str]:
@@ -419,6 +433,9 @@ def test_k8s_deployment_takes_a_gpu_and_probes_health() -> None:
     )
     assert k8s_kind("Service")["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert {v["name"] for v in spec["volumes"]} == set(mounts)
+    # SIGTERM drains for shutdown_grace_s after the preStop pause: the kill must come later.
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert spec["terminationGracePeriodSeconds"] > pause + Settings().shutdown_grace_s
 
 
 def test_k8s_ingress_keeps_streams_unbuffered() -> None:
@@ -479,10 +496,19 @@ def free_port() -> int:
         return port
 
 
-def healthcheck(port: int, path: str = "/health") -> subprocess.CompletedProcess[str]:
+def healthcheck(
+    port: int, path: str = "/health", env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QWEN3_")}
     return subprocess.run(
         [sys.executable, str(HEALTHCHECK), path],
-        env={**os.environ, "QWEN3_MOE_SERVE_PORT": str(port), "HTTP_PROXY": "http://0.0.0.0:9"},
+        env={
+            **clean,
+            **(env or {}),
+            "QWEN3_MOE_SERVE_PORT": str(port),
+            "HTTP_PROXY": "http://0.0.0.0:9",
+            "PYTHONPATH": str(ROOT),
+        },
         capture_output=True,
         text=True,
         timeout=30,
@@ -516,6 +542,21 @@ def settings_from_environment(env: Mapping[str, str]) -> Settings:
     return Settings.model_validate(values)
 
 
+def test_healthcheck_sends_the_api_key_to_a_server_that_protects_health(
+    demo_backend: LlamaBackend, tmp_path: Path
+) -> None:
+    settings = settings_for(api_key="k1,k2", protect_health_metrics=True)
+    with LiveServer(create_app(settings, backend=demo_backend)) as server:
+        assert healthcheck(server.port).returncode == 1  # no key: 401
+        keys = tmp_path / "keys"
+        keys.write_text("# rotated weekly\nk2\n", encoding="utf-8")
+        for env in (
+            {"QWEN3_MOE_SERVE_API_KEY": "k1,k2"},
+            {"QWEN3_MOE_SERVE_API_KEY_FILE": str(keys)},
+        ):
+            assert healthcheck(server.port, env=env).returncode == 0, env
+
+
 def test_compose_environment_through_the_entrypoint_serves_and_stops(
     tmp_path: Path, demo_backend: LlamaBackend
 ) -> None:
@@ -547,12 +588,12 @@ def test_compose_environment_through_the_entrypoint_serves_and_stops(
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        served = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=HELLO)
+        served = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=HELLO, timeout=120)
         assert served.status_code == 200, served.text
         assert served.json()["model"] == "qwen3-moe-demo"
         expected = settings_from_environment(env).model_copy(update={"model": None})
         with LiveServer(create_app(expected, backend=demo_backend)) as reference:
-            local = httpx.post(f"{reference.url}/v1/chat/completions", json=HELLO)
+            local = httpx.post(f"{reference.url}/v1/chat/completions", json=HELLO, timeout=120)
         assert served.json()["choices"] == local.json()["choices"]
     finally:
         process.send_signal(signal.SIGTERM)
@@ -680,11 +721,11 @@ def test_rpc_worker_serves_the_model_to_a_server(
         while worker.count("Accepted client connection") - worker.count("connection closed") != 1:
             assert time.monotonic() < deadline, worker.lines
             time.sleep(0.1)
-        served = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=HELLO)
+        served = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=HELLO, timeout=120)
         assert served.status_code == 200, served.text
         expected = Settings(model=demo_model_path, n_ctx=2048)
         with LiveServer(create_app(expected, backend=demo_backend)) as reference:
-            local = httpx.post(f"{reference.url}/v1/chat/completions", json=HELLO)
+            local = httpx.post(f"{reference.url}/v1/chat/completions", json=HELLO, timeout=120)
         assert served.json()["choices"] == local.json()["choices"]
         assert server.count(f"RPC server {endpoint} registered") == 1, server.lines
     finally:

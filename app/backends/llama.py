@@ -240,9 +240,11 @@ def register_rpc_servers(endpoints: Sequence[str]) -> None:
         return
     if not llama_cpp.llama_supports_rpc():
         raise RuntimeError("rpc_servers needs llama-cpp-python built with -DGGML_RPC=on")
-    from llama_cpp import _ggml  # llama-cpp-python's handle on libggml, loaded with llama_cpp
-
-    ggml = _ggml.libggml
+    # ggml's registry through libllama's own handle: symbols looked up there resolve in the
+    # libggml that libllama uses. (The wheel holds libggml.so and libggml.so.0 as two files, so
+    # opening libggml by path, as llama_cpp._ggml does, loads a second copy with an empty
+    # registry that model loading never sees.)
+    ggml = llama_cpp.llama_cpp._lib
     ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
     ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
     ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
