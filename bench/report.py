@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -193,6 +194,18 @@ def _model_section(model: dict[str, Any], settings: dict[str, Any]) -> list[str]
             f"| {_f(o['floor_per_token_ms'], 3)} | {_f(o['per_token_ratio'], 3)} "
             f"| {_f(o['ttft_overhead_ms'], 2)} | {_f(o['events_per_s_per_stream'], 0)} |"
         )
+    others = [
+        f"{server['name']} {_f(server.get('other_processes_cpus'), 2)}"
+        for server in model["servers"]
+        if server["status"] == "ok"
+    ]
+    if others:
+        lines += [
+            "",
+            "CPUs kept busy by other processes on the host while each server was measured: "
+            + ", ".join(others)
+            + ".",
+        ]
     if skipped:
         lines += ["", "Not measured:", "", *skipped]
     return lines
@@ -266,11 +279,21 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
+def _json(results: dict[str, Any]) -> str:
+    """Indented JSON with each list of numbers on one line (samples run to thousands)."""
+    text = json.dumps(results, indent=1)
+    return re.sub(
+        r"\[\s*(-?[\d.e+-]+(?:,\s*-?[\d.e+-]+)*)\s*\]",
+        lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]",
+        text,
+    )
+
+
 def write_outputs(results: dict[str, Any], out_dir: Path) -> list[Path]:
     """``results.json``, ``results.md`` and the plots into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    json_path.write_text(_json(results) + "\n")
     md_path = out_dir / "results.md"
     md_path.write_text(markdown(results))
     return [json_path, md_path, *plots(results, out_dir)]

@@ -31,6 +31,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from bench import client, report
 from bench.floor import Floor, FloorRun
 from bench.servers import (
     ALL_SERVERS,
+    OtherLoad,
     Running,
     Server,
     ServerSettings,
@@ -67,7 +69,7 @@ BUILT_MODELS: dict[str, dict[str, int]] = {
         "head_dim": 32,
     },
 }
-DEFAULT_MAX_TOKENS = {"bench": 128, "tiny": 512}
+DEFAULT_MAX_TOKENS = {"bench": 128, "tiny": 256}
 WARM_UP_TOKENS = 4
 VERSIONED = (
     "qwen3-moe-serve",
@@ -108,7 +110,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-tokens",
         type=int,
-        help="tokens per request (default: 128 for bench and paths, 512 for tiny)",
+        help="tokens per request (default: 128 for bench and paths, 256 for tiny)",
     )
     parser.add_argument(
         "--reps", type=int, default=4, help="alternated floor/HTTP single-stream runs"
@@ -461,17 +463,26 @@ def _measure_one(
             if "client_check" not in results:
                 bar.phase("client check against curl")
                 results["client_check"] = client_check(running, prompt)
+            other = OtherLoad(running.process.pid)
             figures, floor_runs = measure_server(
                 running, floor, prompt, prompt_tokens, max_tokens, args, bar
             )
+            entry["other_processes_cpus"] = other.cores()
         all_floor += floor_runs
     except RuntimeError as exc:
         return {**entry, "status": "failed", "reason": str(exc)}
     return {**entry, "status": "ok", "peak_rss_bytes": running.peak_rss, **figures}
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # Raised in the main thread, so every ``serve`` block stops its server on the way out
+    # (Python's default would end this process and leave the server running).
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     started = time.perf_counter()
     results: dict[str, Any] = {
         "schema": 1,

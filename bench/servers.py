@@ -180,6 +180,48 @@ def peak_rss_bytes(pid: int) -> int | None:
     return None
 
 
+def _process_cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def _busy_cpu_ticks() -> int:
+    """CPU time the whole host spent busy (all of /proc/stat's first line but idle, iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(fields) - fields[3] - fields[4]
+
+
+class OtherLoad:
+    """How many CPUs other processes kept busy while a server was measured.
+
+    Host busy time minus this process's and the server's, over the wall-clock time: the
+    figure to read next to every latency, on a host shared with other work. None where
+    ``/proc`` is missing.
+    """
+
+    def __init__(self, server_pid: int) -> None:
+        self._pids = (os.getpid(), server_pid)
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, int, int] | None:
+        try:
+            busy = _busy_cpu_ticks()
+        except (OSError, ValueError, IndexError):
+            return None
+        return time.monotonic(), busy, sum(_process_cpu_ticks(p) for p in self._pids)
+
+    def cores(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        other = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        return round(max(other, 0) / ticks / (end[0] - self._start[0]), 3)
+
+
 @dataclass
 class Running:
     """A started server: where it listens and what it cost to start."""

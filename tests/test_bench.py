@@ -112,6 +112,7 @@ def test_bench_figures_are_consistent(bench_run: tuple[Path, dict[str, Any], str
     max_tokens = model["max_tokens"]
     for server in measured:
         assert server["peak_rss_bytes"] > 0
+        assert server["other_processes_cpus"] >= 0
         assert [level["concurrency"] for level in server["levels"]] == [1, 2]
         for level in server["levels"]:
             requests = 2 if level["concurrency"] == 1 else level["concurrency"]
