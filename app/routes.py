@@ -38,7 +38,7 @@ from app.schemas import (
 )
 from app.service import Event, Finished, GenerationService, PreparedGeneration
 from app.settings import Settings
-from app.sse import EventStreamResponse, frame
+from app.sse import event_stream, frame
 
 router = APIRouter()
 
@@ -145,7 +145,7 @@ async def _respond(
     items = _generation(request, service, job, arrived)
     if not stream:
         return JSONResponse(await _collect(items, fmt))
-    return EventStreamResponse(
+    return event_stream(
         _stream_events(request, items, fmt, include_usage),
         keepalive_s=settings.sse_keepalive_s,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

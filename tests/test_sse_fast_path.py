@@ -1,9 +1,9 @@
 """The per-token fast path found by profiling (``python -m bench.profile``).
 
 A token's chunk JSON is rendered from a per-request template instead of a pydantic object,
-and events go out through ``app.sse.EventStreamResponse`` instead of sse-starlette. Both must
-be invisible on the wire: the template renders byte for byte what pydantic would, and the
-response keeps sse-starlette's headers and idle keep-alive comments. (A disconnect cancelling
+and events reach sse-starlette already framed as bytes (``app.sse.frame``). Both must be
+invisible on the wire: the template renders byte for byte what pydantic would, and the
+response keeps sse-starlette's headers and keep-alive comments. (A disconnect cancelling
 the generation is held by ``tests/test_streaming_http.py``.)
 """
 
