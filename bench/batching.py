@@ -3,7 +3,8 @@
 when given, llama.cpp's ``llama-server`` on the same model, in one run.
 
     .venv/bin/python bench/batching.py [--model PATH] [--clients 1,2,4,8] [--parallel 1,4]
-        [--llama-server .cache/llama-server/build/bin/llama-server] [--json out.json]
+        [--llama-server .cache/llama-server/build/bin/llama-server] [--flash-attn]
+        [--repeat 2] [--json out.json]
 
 Without ``--model`` it builds the default random-weight bench model (``app.demo_model``:
 12 layers, d=1024, 32 experts / 8 active, F16). Every request streams ``/v1/completions`` with
@@ -13,6 +14,8 @@ Each of C clients sends ``--rounds`` requests back to back. Reported per server 
 aggregate completion tokens/s over the whole window, per-stream inter-token latency p50/p95
 (gaps between consecutive token events of one stream), time to first token p50/p95, and
 errors (a non-200, an error event, a missing ``[DONE]`` or fewer tokens than asked).
+With ``--repeat R`` the servers take turns R times (so a noisy neighbour on a shared machine
+hits them alike) and each cell is the median of its R runs; errors are summed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -103,7 +107,7 @@ async def one_stream(
 async def measure(
     url: str, name: str, clients: int, rounds: int, prompt_tokens: int, max_tokens: int
 ) -> Row:
-    rng = random.Random(clients)
+    rng = random.Random(f"{name} {clients} {time.time()}")
     streams: list[Stream] = []
 
     async def client() -> None:
@@ -171,6 +175,33 @@ def run_server(name: str, command: list[str], port: int, args: argparse.Namespac
     return rows
 
 
+def medians(rows: list[Row]) -> list[Row]:
+    """One row per (server, clients): the median of every figure, errors and requests summed."""
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.server, row.clients), []).append(row)
+    out = []
+    for (server, clients), runs in groups.items():
+
+        def mid(name: str, runs: list[Row] = runs) -> float:
+            return float(statistics.median(getattr(r, name) for r in runs))
+
+        out.append(
+            Row(
+                server=server,
+                clients=clients,
+                tokens_per_s=mid("tokens_per_s"),
+                itl_p50_ms=mid("itl_p50_ms"),
+                itl_p95_ms=mid("itl_p95_ms"),
+                ttft_p50_ms=mid("ttft_p50_ms"),
+                ttft_p95_ms=mid("ttft_p95_ms"),
+                requests=sum(r.requests for r in runs),
+                errors=sum(r.errors for r in runs),
+            )
+        )
+    return out
+
+
 def table(rows: list[Row]) -> str:
     baseline = {r.server: r.tokens_per_s for r in rows if r.clients == 1}
     lines = [
@@ -201,6 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=253)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every server, in turn")
+    parser.add_argument(
+        "--flash-attn", action="store_true", help="flash attention on in every server"
+    )
     parser.add_argument("--port", type=int, default=8470)
     parser.add_argument("--logs", default=".cache/bench")
     parser.add_argument("--json", type=Path, help="write the rows here")
@@ -213,27 +248,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         model = ensure_bench_model(args.cache_dir)
     threads = str(args.n_threads)
-    rows: list[Row] = []
+    servers: list[tuple[str, list[str]]] = []
     for parallel in (int(p) for p in args.parallel.split(",")):
         command = [
             sys.executable, "-m", "app.cli", "--model", str(model), "--port", str(args.port),
             "--parallel", str(parallel), "--n-ctx", str(args.n_ctx), "--n-threads", threads,
             "--max-queue", "64", "--log-level", "warning",
         ]  # fmt: skip
-        rows += run_server(f"qwen3-moe-serve --parallel {parallel}", command, args.port, args)
+        if args.flash_attn:
+            command.append("--flash-attn")
+        servers.append((f"qwen3-moe-serve --parallel {parallel}", command))
     if args.llama_server is not None:
         np_ = args.llama_server_np
         command = [
             str(args.llama_server), "-m", str(model), "--port", str(args.port),
             "-np", str(np_), "-c", str(args.n_ctx * np_), "-t", threads, "-tb", threads,
-            "-b", "512", "-ub", "512", "--no-webui",
+            "-b", "512", "-ub", "512", "-fa", "on" if args.flash_attn else "off", "--no-webui",
         ]  # fmt: skip
-        rows += run_server(f"llama-server -np {np_}", command, args.port, args)
+        servers.append((f"llama-server -np {np_}", command))
+    rows: list[Row] = []
+    for _ in range(args.repeat):
+        for name, command in servers:
+            rows += run_server(name, command, args.port, args)
     print()
     print(f"model {model.name}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs; {args.prompt_tokens}-token prompts, "
-          f"{args.max_tokens} tokens per request, {args.rounds} requests per client")  # fmt: skip
-    print(table(rows))
+          f"{os.cpu_count()} CPUs, {threads} threads, flash attention "
+          f"{'on' if args.flash_attn else 'off'}; {args.prompt_tokens}-token prompts, "
+          f"{args.max_tokens} tokens per request, {args.rounds} requests per client, "
+          f"median of {args.repeat} run(s)")  # fmt: skip
+    print(table(medians(rows)))
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
     return 0

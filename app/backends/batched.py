@@ -14,10 +14,12 @@ context one request may use (prompt plus completion), exactly as on the one-slot
 No slot can hold more than one request's cells, so the pool never runs out. The split layout
 (``kv_unified=false``, one KV stream per sequence) was rejected: llama.cpp decodes a split
 batch in micro-batches of *consecutive* sequence ids only, so once a stream in the middle
-finishes, every step of the others would become several forward passes. (``llama-server``'s
-``--kv-unified-per-slot`` is the same layout as ours.) The price of unified: a step's attention
-spans every cell in use, the idle slots' prefix caches included (masked out), so with long
-cached contexts a step costs more than it would split.
+finishes, every step of the others would become several forward passes (on a GPU, about
+twice the time per gap). (``llama-server``'s ``--kv-unified-per-slot`` is the same layout as
+ours.) The price of unified: a step's attention spans every cell in use, the idle slots' prefix
+caches included (masked out), so with long cached contexts a step costs more than it would
+split. At chat lengths it does not show: on the bench model (CPU, 4 sequences of ~300 tokens)
+both layouts decode a step in the same time, within run-to-run noise.
 
 Prefix reuse. A slot keeps the KV cells of its last request after it ends (they stay counted
 in its share of the pool, so they never crowd out a running request); a new request goes to
