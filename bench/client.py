@@ -2,12 +2,15 @@
 
 Decision: no HTTP library on the measuring side. A benchmark client must not add latency of
 its own, and on a 2-core host every microsecond it spends on the CPU is taken from the
-server's decode threads. So each worker opens its connection once, before the clock starts
-(an httpx transport would build an SSL context per client: tens of milliseconds that land in
-the first request's time to first token), sets ``TCP_NODELAY``, writes a request prepared once
-as bytes, and takes the arrival time of each read in ``data_received`` itself, with no task
-wake-up between the socket and the clock. Event bodies are kept as raw bytes with their
-arrival times; JSON is parsed only after the load is over (``read_stream``).
+server's decode threads. So every request goes out on a connection opened before its clock
+starts (an httpx transport would build an SSL context per client: tens of milliseconds that
+land in the first request's time to first token), with ``TCP_NODELAY``, as bytes prepared
+once, and the arrival time of each read is taken in ``data_received`` itself, with no task
+wake-up between the socket and the clock. The connection is a fresh one per request:
+llama-server closes a connection after a streamed response, so a reused one would fail or
+time a reconnect, and the same rule for every server keeps them comparable. Event bodies are
+kept as raw bytes with their arrival times; JSON is parsed only after the load is over
+(``read_stream``).
 
 The alternative rejected: httpx with ``aiter_raw()``. It times well enough when built once per
 worker, but its per-chunk async iterators cost CPU inside the measurement window, and
@@ -258,13 +261,17 @@ async def run_load(
 ) -> Load:
     """``concurrency`` workers, each sending ``request`` ``requests_per_worker`` times in a row.
 
-    Every connection is open before the window starts, so connecting is never timed.
+    The first connections are open before the window starts and each later one before its
+    request is sent, so connecting is never part of a request's time.
     """
     connections = [await Connection(host, port).open() for _ in range(concurrency)]
     exchanges: list[Exchange] = []
 
     async def worker(connection: Connection) -> None:
-        for _ in range(requests_per_worker):
+        for index in range(requests_per_worker):
+            if index:
+                connection.close()
+                await connection.open()
             exchange = await connection.exchange(request, timeout_s)
             exchanges.append(exchange)
             if on_done is not None:

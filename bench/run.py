@@ -71,6 +71,10 @@ BUILT_MODELS: dict[str, dict[str, int]] = {
 }
 DEFAULT_MAX_TOKENS = {"bench": 128, "tiny": 256}
 WARM_UP_TOKENS = 4
+SETTLE_S = 0.2
+"""Pause between alternated floor and HTTP runs: the one that just ended still has work in
+flight for a moment (llama.cpp's OpenMP threads spin before they sleep; a server logs and
+tidies up after its last byte), which would otherwise land in the next one's first token."""
 VERSIONED = (
     "qwen3-moe-serve",
     "llama-cpp-python",
@@ -361,8 +365,10 @@ def measure_server(
     floor_runs: list[FloorRun] = []
     singles: list[client.Exchange] = []
     for _ in range(args.reps):
+        time.sleep(SETTLE_S)
         floor_runs.append(floor.run(prompt_tokens, max_tokens))
         bar.step()
+        time.sleep(SETTLE_S)
         singles += _load(running, request, 1, 1, bar).exchanges
     streams = [client.read_stream(e) for e in singles]
     overhead = report.overhead_figures(
@@ -376,6 +382,7 @@ def measure_server(
         levels.append(report.level_figures(alternated, max_tokens, window_s=window))
     for concurrency in (c for c in args.concurrency if c > 1):
         bar.phase(f"{running.name}: {concurrency} streams")
+        time.sleep(SETTLE_S)
         load = _load(running, request, concurrency, args.rounds, bar)
         levels.append(report.level_figures(load, max_tokens))
     return {"overhead": overhead, "levels": levels}, floor_runs
