@@ -14,8 +14,8 @@ Each of C clients sends ``--rounds`` requests back to back. Reported per server 
 aggregate completion tokens/s over the whole window, per-stream inter-token latency p50/p95
 (gaps between consecutive token events of one stream), time to first token p50/p95, and
 errors (a non-200, an error event, a missing ``[DONE]`` or fewer tokens than asked).
-With ``--repeat R`` the servers take turns R times (so a noisy neighbour on a shared machine
-hits them alike) and each cell is the median of its R runs; errors are summed.
+The servers take turns for every client count (each turn starts its server afresh), R times
+with ``--repeat R``; each cell is the median of its R runs, errors summed.
 """
 
 from __future__ import annotations
@@ -151,15 +151,17 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 300)
     raise RuntimeError("server did not become ready")
 
 
-def run_server(name: str, command: list[str], port: int, args: argparse.Namespace) -> list[Row]:
+def run_server(
+    name: str, command: list[str], port: int, clients_list: list[int], args: argparse.Namespace
+) -> list[Row]:
     url = f"http://127.0.0.1:{port}"
-    log = open(Path(args.logs) / f"{name.replace(' ', '_')}.log", "wb")  # noqa: SIM115
+    log = open(Path(args.logs) / f"{name.replace(' ', '_')}.log", "ab")  # noqa: SIM115
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     rows = []
     try:
         wait_ready(url, process)
         asyncio.run(measure(url, name, 1, 1, args.prompt_tokens, 8))  # warm-up
-        for clients in args.clients:
+        for clients in clients_list:
             row = asyncio.run(
                 measure(url, name, clients, args.rounds, args.prompt_tokens, args.max_tokens)
             )
@@ -267,9 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]  # fmt: skip
         servers.append((f"llama-server -np {np_}", command))
     rows: list[Row] = []
+    # Servers take turns per client count, so a noisy neighbour on a shared machine tends
+    # to hit them alike; each turn starts the server afresh (no KV cache carried over).
     for _ in range(args.repeat):
-        for name, command in servers:
-            rows += run_server(name, command, args.port, args)
+        for clients in args.clients:
+            for name, command in servers:
+                rows += run_server(name, command, args.port, [clients], args)
     print()
     print(f"model {model.name}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, {threads} threads, flash attention "
