@@ -14,7 +14,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.backends.base import FlashAttn
+
 ENV_PREFIX = "QWEN3_MOE_SERVE_"
+_SWITCH_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 
 def _default_cache_dir() -> Path:
@@ -62,7 +65,12 @@ class Settings(BaseSettings):
         None, ge=1, description="CPU threads for decoding (default: llama.cpp's choice)."
     )
     n_batch: int = Field(512, ge=1, description="Prompt tokens decoded per llama.cpp batch.")
-    flash_attn: bool = Field(False, description="Use flash attention (GPU builds).")
+    flash_attn: FlashAttn = Field(
+        "auto",
+        description="Flash attention: auto (llama.cpp turns it on where the device supports it, "
+        "as CPU and CUDA do; llama-server's default), on, or off. With --parallel above 1 it "
+        "also keeps idle slots' cached prefixes from costing attention time.",
+    )
     chat_template_file: Path | None = Field(
         None,
         description="Jinja chat template that replaces the GGUF's tokenizer.chat_template "
@@ -95,6 +103,17 @@ class Settings(BaseSettings):
         description="Bounded channel between the engine thread and a response: the engine "
         "waits when a slow client lets this many text deltas pile up.",
     )
+
+    @field_validator("flash_attn", mode="before")
+    @classmethod
+    def _flash_attn_switch(cls, value: object) -> object:
+        """Booleans (``true``/``false`` in the environment) still mean on and off."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            word = value.strip().lower()
+            return _SWITCH_WORDS.get(word, word)
+        return value
 
     @field_validator("log_level")
     @classmethod

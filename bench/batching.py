@@ -3,7 +3,7 @@
 when given, llama.cpp's ``llama-server`` on the same model, in one run.
 
     .venv/bin/python bench/batching.py [--model PATH] [--clients 1,2,4,8] [--parallel 1,4]
-        [--llama-server .cache/llama-server/build/bin/llama-server] [--flash-attn]
+        [--llama-server .cache/llama-server/build/bin/llama-server] [--flash-attn auto|on|off]
         [--repeat 2] [--json out.json]
 
 Without ``--model`` it builds the default random-weight bench model (``app.demo_model``:
@@ -236,7 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client")
     parser.add_argument("--repeat", type=int, default=1, help="runs of every server, in turn")
     parser.add_argument(
-        "--flash-attn", action="store_true", help="flash attention on in every server"
+        "--flash-attn",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="flash attention in every server (auto: each server's and llama.cpp's default)",
     )
     parser.add_argument("--port", type=int, default=8470)
     parser.add_argument("--logs", default=".cache/bench")
@@ -257,15 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--parallel", str(parallel), "--n-ctx", str(args.n_ctx), "--n-threads", threads,
             "--max-queue", "64", "--log-level", "warning",
         ]  # fmt: skip
-        if args.flash_attn:
-            command.append("--flash-attn")
+        command += ["--flash-attn", args.flash_attn]
         servers.append((f"qwen3-moe-serve --parallel {parallel}", command))
     if args.llama_server is not None:
         np_ = args.llama_server_np
         command = [
             str(args.llama_server), "-m", str(model), "--port", str(args.port),
             "-np", str(np_), "-c", str(args.n_ctx * np_), "-t", threads, "-tb", threads,
-            "-b", "512", "-ub", "512", "-fa", "on" if args.flash_attn else "off", "--no-webui",
+            "-b", "512", "-ub", "512", "-fa", args.flash_attn, "--no-webui",
         ]  # fmt: skip
         servers.append((f"llama-server -np {np_}", command))
     rows: list[Row] = []
@@ -278,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"model {model.name}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, {threads} threads, flash attention "
-          f"{'on' if args.flash_attn else 'off'}; {args.prompt_tokens}-token prompts, "
+          f"{args.flash_attn}; {args.prompt_tokens}-token prompts, "
           f"{args.max_tokens} tokens per request, {args.rounds} requests per client, "
           f"median of {args.repeat} run(s)")  # fmt: skip
     print(table(medians(rows)))

@@ -38,7 +38,9 @@ class FloorRun:
 class Floor:
     """A ``Llama`` loaded with the servers' settings, generating greedily from token ids."""
 
-    def __init__(self, model: Path, *, n_ctx: int, n_threads: int, n_batch: int) -> None:
+    def __init__(
+        self, model: Path, *, n_ctx: int, n_threads: int, n_batch: int, flash_attn: bool
+    ) -> None:
         import llama_cpp  # the engine loads only when a floor is measured
 
         self._llm: Any = llama_cpp.Llama(
@@ -49,6 +51,7 @@ class Floor:
             n_batch=n_batch,
             n_ubatch=n_batch,
             n_gpu_layers=-1,
+            flash_attn=flash_attn,
             verbose=False,
         )
 

@@ -92,9 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ((_, model, _),) = resolve_models(args.model, ROOT / ".cache" / "bench")
     settings = ServerSettings(
-        model=model, n_ctx=args.max_tokens + 512, n_threads=args.n_threads, n_batch=512, parallel=1
+        model=model,
+        n_ctx=args.max_tokens + 512,
+        n_threads=args.n_threads,
+        n_batch=512,
+        parallel=1,
+        flash_attn=True,
     )
-    floor = Floor(model, n_ctx=settings.n_ctx, n_threads=args.n_threads, n_batch=512)
+    floor = Floor(
+        model, n_ctx=settings.n_ctx, n_threads=args.n_threads, n_batch=512, flash_attn=True
+    )
     prompt, _ = floor.prompt(253)
     tokens = floor.tokenize(prompt)
     floor.run(tokens, 4)

@@ -158,7 +158,8 @@ def _model_section(model: dict[str, Any], settings: dict[str, Any]) -> list[str]
         f"{model['prompt_tokens']}-token prompt (the same text every request, so it is warm in "
         f"the KV cache), {model['max_tokens']} tokens per request, greedy; n_ctx "
         f"{settings['n_ctx']}, {settings['n_threads']} threads, batch {settings['n_batch']}, "
-        f"parallel {settings['parallel']}. In-process floor (llama-cpp-python's token "
+        f"parallel {settings['parallel']}, flash attention "
+        f"{settings.get('flash_attn', 'off')}. In-process floor (llama-cpp-python's token "
         f"iterator, no HTTP): TTFT {_f(floor['ttft_ms'], 2)} ms, "
         f"{_f(floor['per_token_ms'], 3)} ms/token.",
         "",

@@ -131,6 +131,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="sequences decoded at once (this server, llama-server)",
     )
+    parser.add_argument(
+        "--flash-attn",
+        choices=("on", "off"),
+        default="on",
+        help="flash attention in the floor and every server (llama-cpp-python's takes on/off "
+        "only, so auto is not offered; on is what auto resolves to on CPU and CUDA)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "bench")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds per start")
@@ -403,9 +410,16 @@ def measure_model(
         n_threads=args.n_threads,
         n_batch=args.n_batch,
         parallel=args.parallel,
+        flash_attn=args.flash_attn == "on",
     )
     bar.phase(f"{label}: loading the floor")
-    floor = Floor(path, n_ctx=args.n_ctx, n_threads=args.n_threads, n_batch=args.n_batch)
+    floor = Floor(
+        path,
+        n_ctx=args.n_ctx,
+        n_threads=args.n_threads,
+        n_batch=args.n_batch,
+        flash_attn=args.flash_attn == "on",
+    )
     try:
         prompt, prompt_count = floor.prompt(args.prompt_tokens)
         prompt_tokens = floor.tokenize(prompt)
@@ -502,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "n_threads": args.n_threads,
             "n_batch": args.n_batch,
             "parallel": args.parallel,
+            "flash_attn": args.flash_attn,
             "prompt_tokens_asked": args.prompt_tokens,
             "reps": args.reps,
             "rounds": args.rounds,

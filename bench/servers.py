@@ -49,6 +49,7 @@ class ServerSettings:
     n_threads: int
     n_batch: int
     parallel: int
+    flash_attn: bool
     host: str = "127.0.0.1"
 
 
@@ -123,6 +124,7 @@ def servers(
     """The servers to measure, in order, each with its command or its reason to be skipped."""
     s = settings
     threads, batch = str(s.n_threads), str(s.n_batch)
+    flash = "on" if s.flash_attn else "off"
     out: list[Server] = []
     for name in wanted:
         server = Server(name)
@@ -131,7 +133,7 @@ def servers(
             server.command = [
                 sys.executable, "-m", "app.cli", "--model", str(s.model), "--host", s.host,
                 "--n-ctx", str(s.n_ctx), "--n-threads", threads, "--n-batch", batch,
-                "--parallel", str(s.parallel), "--log-level", "warning",
+                "--parallel", str(s.parallel), "--flash-attn", flash, "--log-level", "warning",
             ]  # fmt: skip
         elif name == LLAMA_CPP_PYTHON:
             server.version = _version("llama-cpp-python")
@@ -147,7 +149,8 @@ def servers(
                 sys.executable, "-m", "llama_cpp.server", "--model", str(s.model),
                 "--host", s.host, "--n_ctx", str(s.n_ctx), "--n_threads", threads,
                 "--n_threads_batch", threads, "--n_batch", batch, "--n_ubatch", batch,
-                "--n_gpu_layers", "-1", "--interrupt_requests", "False",
+                "--n_gpu_layers", "-1", "--flash_attn", str(s.flash_attn),
+                "--interrupt_requests", "False",
             ]  # fmt: skip
         elif name == LLAMA_SERVER:
             binary, how = find_llama_server(llama_server, root)
@@ -160,7 +163,7 @@ def servers(
                     "--ctx-size", str(s.n_ctx * s.parallel), "--parallel", str(s.parallel),
                     "--threads", threads, "--threads-batch", threads,
                     "--batch-size", batch, "--ubatch-size", batch,
-                    "--n-gpu-layers", "999", "--no-webui",
+                    "--n-gpu-layers", "999", "--flash-attn", flash, "--no-webui",
                 ]  # fmt: skip
         else:
             raise ValueError(f"unknown server {name!r}; known: {', '.join(ALL_SERVERS)}")

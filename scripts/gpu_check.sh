@@ -280,7 +280,7 @@ PY
 
     # The server, as README.md tells an operator to check it.
     before=$(gpu_memory_used_mib)
-    if start_server "$server_log" --flash-attn; then
+    if start_server "$server_log" --flash-attn on; then
         after=$(gpu_memory_used_mib)
         fact server_gpu_memory_mib "$((after - before))"
         nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
@@ -337,7 +337,7 @@ step_bench() {
         return "$status"
     fi
     echo "no make bench here: scripts/stream_bench.py through the server instead"
-    start_server "$work/bench-server.log" --flash-attn || {
+    start_server "$work/bench-server.log" --flash-attn on || {
         cat "$work/bench-server.log"
         return 1
     }

@@ -45,7 +45,7 @@ def demo_model_path(model_cache: Path) -> Path:
 
 def load(path: Path, n_ctx: int = 2048) -> LlamaBackend:
     return LlamaBackend(
-        path, n_ctx=n_ctx, n_gpu_layers=0, n_threads=1, n_batch=256, flash_attn=False
+        path, n_ctx=n_ctx, n_gpu_layers=0, n_threads=1, n_batch=256, flash_attn="off"
     )
 
 
@@ -171,7 +171,7 @@ def real_backend(real_model_path: Path) -> Iterator[LlamaBackend]:
         n_gpu_layers=-1,
         n_threads=int(os.environ.get(REAL_MODEL_THREADS_ENV, "1")),
         n_batch=512,
-        flash_attn=False,
+        flash_attn="off",
     )
     if backend.info.architecture != "qwen3moe":
         backend.close()

@@ -49,7 +49,7 @@ def batched(path: Path, *, parallel: int = 4, n_ctx: int = 1024, n_batch: int = 
         n_gpu_layers=0,
         n_threads=1,
         n_batch=n_batch,
-        flash_attn=False,
+        flash_attn="off",
     )
 
 

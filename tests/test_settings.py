@@ -18,13 +18,13 @@ def test_flags_set_every_model_level_setting(tmp_path: Path) -> None:
         [
             "--model", str(model), "--model-alias", "qwen3", "--n-ctx", "8192",
             "--n-gpu-layers", "20", "--n-threads", "6", "--n-batch", "1024",
-            "--flash-attn", "--chat-template-file", str(tmp_path / "t.jinja"),
+            "--flash-attn", "off", "--chat-template-file", str(tmp_path / "t.jinja"),
             "--host", "0.0.0.0", "--port", "9000",
         ]
     )  # fmt: skip
     assert settings.model == model
     assert (settings.model_alias, settings.n_ctx, settings.n_gpu_layers) == ("qwen3", 8192, 20)
-    assert (settings.n_threads, settings.n_batch, settings.flash_attn) == (6, 1024, True)
+    assert (settings.n_threads, settings.n_batch, settings.flash_attn) == (6, 1024, "off")
     assert (settings.host, settings.port) == ("0.0.0.0", 9000)
 
 
@@ -39,6 +39,23 @@ def test_defaults_serve_the_demo_model_on_loopback_with_all_layers_on_gpu() -> N
     settings = Settings()
     assert settings.model is None
     assert (settings.host, settings.port, settings.n_gpu_layers) == ("127.0.0.1", 8000, -1)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("auto", "auto"), ("on", "on"), ("OFF", "off"), ("true", "on"), ("false", "off")],
+)
+def test_flash_attention_is_auto_by_default_and_takes_switch_words(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    assert Settings().flash_attn == "auto"
+    monkeypatch.setenv(f"{ENV_PREFIX}FLASH_ATTN", value)
+    assert parse_settings([]).flash_attn == expected
+
+
+def test_flash_attention_rejects_other_words() -> None:
+    with pytest.raises(ValueError, match="flash_attn"):
+        Settings(flash_attn="sometimes")  # type: ignore[arg-type]
 
 
 def test_help_documents_every_setting() -> None:

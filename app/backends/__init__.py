@@ -5,6 +5,7 @@ from __future__ import annotations
 from app.backends.base import (
     Backend,
     FinishReason,
+    FlashAttn,
     GenerationResult,
     ModelInfo,
     OnLogprobs,
@@ -17,6 +18,7 @@ from app.backends.base import (
 __all__ = [
     "Backend",
     "FinishReason",
+    "FlashAttn",
     "GenerationResult",
     "ModelInfo",
     "OnLogprobs",

@@ -69,6 +69,7 @@ from llama_cpp import _internals
 
 from app.backends.base import (
     FinishReason,
+    FlashAttn,
     GenerationResult,
     ModelInfo,
     OnLogprobs,
@@ -194,7 +195,7 @@ class BatchedLlamaBackend:
         n_gpu_layers: int,
         n_threads: int | None,
         n_batch: int,
-        flash_attn: bool,
+        flash_attn: FlashAttn,
         chat_template: str | None = None,
     ) -> None:
         if parallel < 1:
@@ -221,11 +222,11 @@ class BatchedLlamaBackend:
         # an explicit thread count applies to both (Llama's own defaults otherwise).
         params.n_threads = n_threads or max(cpus // 2, 1)
         params.n_threads_batch = n_threads or cpus
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        params.flash_attn_type = {
+            "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[flash_attn]
         self._ctx = llama_cpp.llama_init_from_model(self._model.model, params)
         if self._ctx is None:
             self._model.close()  # type: ignore[no-untyped-call]

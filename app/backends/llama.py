@@ -25,6 +25,7 @@ import numpy as np
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from app.backends.base import (
+    FlashAttn,
     GenerationResult,
     ModelInfo,
     OnLogprobs,
@@ -81,7 +82,7 @@ class LlamaBackend:
         n_gpu_layers: int,
         n_threads: int | None,
         n_batch: int,
-        flash_attn: bool,
+        flash_attn: FlashAttn,
         chat_template: str | None = None,
     ) -> None:
         gpu_offload = bool(llama_cpp.llama_supports_gpu_offload()) and n_gpu_layers != 0
@@ -92,7 +93,9 @@ class LlamaBackend:
             n_threads=n_threads,
             n_batch=n_batch,
             n_ubatch=n_batch,
-            flash_attn=flash_attn,
+            # Llama takes on/off only: auto is on, which is what llama.cpp's auto resolves to
+            # on CPU and CUDA devices.
+            flash_attn=flash_attn != "off",
             verbose=False,
         )
         metadata: dict[str, Any] = self._llm.metadata
