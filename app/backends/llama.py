@@ -138,12 +138,9 @@ class LlamaBackend:
         It reuses the common prefix with what the context holds, minus one token when the
         whole prompt matches (that token is decoded again to refresh the logits).
         """
-        held = self._llm.input_ids[: self._llm.n_tokens]
-        common = 0
-        for held_id, new_id in zip(held, prompt_tokens, strict=False):
-            if int(held_id) != new_id:
-                break
-            common += 1
+        n = min(int(self._llm.n_tokens), len(prompt_tokens))
+        differ = np.flatnonzero(self._llm.input_ids[:n] != np.asarray(prompt_tokens[:n]))
+        common = int(differ[0]) if differ.size else n
         if common == len(prompt_tokens) and common > 0 and self._llm.n_tokens != common:
             common -= 1
         return common
