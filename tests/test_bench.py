@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -149,3 +150,38 @@ def test_bench_checks_its_client_against_curl(
     assert len(check["client_samples_ms"]) == len(check["curl_samples_ms"]) == check["runs"]
     assert check["client_ttfb_ms"] > 0
     assert 0 < check["curl_ttfb_after_connect_ms"] <= check["curl_ttfb_ms"]
+
+
+def _readme_section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index(f"\n## {title}\n")
+    end = readme.find("\n## ", start + 1)
+    return readme[start:end]
+
+
+def test_readme_performance_figures_are_the_committed_runs() -> None:
+    """The README's tables are the committed results, not numbers typed in by hand."""
+    section = _readme_section("Performance")
+    assert "make bench" in section and "bench.batching" in section
+    results = json.loads((ROOT / "bench" / "results" / "results.json").read_text())
+    assert results["machine"]["git_commit"][:7] in section
+    rows = 0
+    for model in results["models"]:
+        for server in model["servers"]:
+            overhead = server["overhead"]
+            digits = 2 if model["label"] == "bench" else 3
+            row = (
+                f"| {model['label']} | {server['name']} "
+                f"| {overhead['http_per_token_ms']:.{digits}f} "
+                f"| {overhead['floor_per_token_ms']:.{digits}f} |"
+            )
+            assert row in section, row
+            rows += 1
+    assert rows == 6
+    batching = (ROOT / "bench" / "results" / "batching.md").read_text(encoding="utf-8")
+    table = [line for line in batching.splitlines() if line.startswith(("| qwen3", "| llama"))]
+    assert len(table) == 12
+    for line in table:
+        assert line in section, line
+    (image,) = re.findall(r"!\[[^]]*\]\(([^)]+)\)", section)
+    assert (ROOT / image).read_bytes().startswith(PNG_MAGIC)
