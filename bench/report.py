@@ -90,7 +90,7 @@ def overhead_figures(
         "floor_per_token_ms": _ms(f_tok),
         "http_ttft_ms": _ms(h_ttft),
         "http_per_token_ms": _ms(h_tok),
-        "per_token_ratio": round(h_tok / f_tok, 4) if h_tok and f_tok else None,
+        "per_token_ratio": round(h_tok / f_tok, 4) if h_tok is not None and f_tok else None,
         "ttft_overhead_ms": _ms(h_ttft - f_ttft) if h_ttft is not None and f_ttft else None,
         "events_per_s_per_stream": round(1 / h_tok, 1) if h_tok else None,
         "floor_ttft_samples_ms": _ms_list(floor_ttft),
