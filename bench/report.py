@@ -77,9 +77,16 @@ def overhead_figures(
     floor_ttft: Sequence[float],
     floor_per_token: Sequence[float],
     streams: Sequence[Stream],
+    *,
+    http_ttft: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """A server's single-stream cost over the in-process floor, from alternated runs."""
-    http_ttft = [s.ttft for s in streams if s.ttft is not None]
+    """A server's single-stream cost over the in-process floor, from alternated runs.
+
+    ``http_ttft``: first-token times from their own requests (then ``floor_ttft`` should come
+    from the same kind of floor runs); without it, the ``streams``' own first tokens.
+    """
+    if http_ttft is None:
+        http_ttft = [s.ttft for s in streams if s.ttft is not None]
     http_per_token = [p for s in streams if (p := per_token(s)) is not None]
     f_ttft = statistics.median(floor_ttft) if floor_ttft else None
     f_tok = statistics.median(floor_per_token) if floor_per_token else None
@@ -180,7 +187,10 @@ def _model_section(model: dict[str, Any], settings: dict[str, Any]) -> list[str]
             )
     lines += [
         "",
-        "Single stream over the floor, from alternated runs (floor, HTTP, floor, HTTP, …):",
+        "Single stream over the floor, from alternated runs (floor, HTTP, floor, HTTP, …): "
+        f"per token from {settings['reps']} full-length runs each, time to first token from "
+        f"{settings.get('ttft_probes', 0) or settings['reps']} 1-token requests each"
+        f"{'' if settings.get('ttft_probes') else ' (the full-length runs)'}:",
         "",
         "| server | HTTP ms/token | floor ms/token | ratio | HTTP TTFT - floor TTFT (ms) "
         "| events/s per stream |",

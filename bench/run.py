@@ -120,6 +120,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--reps", type=int, default=4, help="alternated floor/HTTP single-stream runs"
     )
     parser.add_argument(
+        "--ttft-probes",
+        type=int,
+        default=16,
+        help="alternated floor/HTTP 1-token requests that time the first token",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=2, help="requests per worker at concurrency > 1"
     )
     parser.add_argument("--n-ctx", type=int, default=1024, help="context per sequence")
@@ -148,8 +154,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.servers) - set(ALL_SERVERS)
     if unknown:
         parser.error(f"unknown server(s) {', '.join(sorted(unknown))}")
-    if args.reps < 1 or args.rounds < 1 or min(args.concurrency) < 1:
-        parser.error("--reps, --rounds and --concurrency must be at least 1")
+    if args.reps < 1 or args.rounds < 1 or min(args.concurrency) < 1 or args.ttft_probes < 0:
+        parser.error("--reps, --rounds and --concurrency must be at least 1, --ttft-probes 0")
     return args
 
 
@@ -278,7 +284,9 @@ def _requests_per_server(args: argparse.Namespace) -> int:
     rounds: int = args.rounds
     concurrency: list[int] = args.concurrency
     sweep = sum(c * rounds for c in concurrency if c > 1)
-    return 1 + 2 * reps + sweep  # warm-up, alternated floor/HTTP runs, the sweep
+    probes: int = args.ttft_probes
+    # warm-up, alternated floor/HTTP runs and first-token probes, the sweep
+    return 1 + 2 * reps + 2 * probes + sweep
 
 
 def _completion(prompt: str, max_tokens: int, *, stream: bool = True) -> dict[str, Any]:
@@ -378,8 +386,26 @@ def measure_server(
         time.sleep(SETTLE_S)
         singles += _load(running, request, 1, 1, bar).exchanges
     streams = [client.read_stream(e) for e in singles]
+
+    # The first token, timed apart: one long run per rep gives too few samples to see a few
+    # ms through this host's noise, and 1-token requests are cheap.
+    bar.phase(f"{running.name}: first token vs floor")
+    probe = client.post_request(host, port, path, _completion(prompt, 1))
+    floor_ttft: list[float] = []
+    http_ttft: list[float] = []
+    for _ in range(args.ttft_probes):
+        time.sleep(SETTLE_S)
+        floor_ttft.append(floor.run(prompt_tokens, 1).ttft)
+        bar.step()
+        time.sleep(SETTLE_S)
+        for exchange in _load(running, probe, 1, 1, bar).exchanges:
+            if (ttft := client.read_stream(exchange).ttft) is not None:
+                http_ttft.append(ttft)
     overhead = report.overhead_figures(
-        [r.ttft for r in floor_runs], [r.per_token for r in floor_runs], streams
+        floor_ttft or [r.ttft for r in floor_runs],
+        [r.per_token for r in floor_runs],
+        streams,
+        http_ttft=http_ttft if args.ttft_probes else None,
     )
 
     levels = []
@@ -519,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "flash_attn": args.flash_attn,
             "prompt_tokens_asked": args.prompt_tokens,
             "reps": args.reps,
+            "ttft_probes": args.ttft_probes,
             "rounds": args.rounds,
             "concurrency": args.concurrency,
             "servers": list(args.servers),

@@ -67,7 +67,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     out = tmp_path_factory.mktemp("bench")
     command = [
         sys.executable, "-m", "bench", "--models", "tiny", "--concurrency", "1,2",
-        "--reps", "2", "--rounds", "1", "--prompt-tokens", "24", "--max-tokens", "6",
+        "--reps", "2", "--ttft-probes", "3", "--rounds", "1", "--prompt-tokens", "24", "--max-tokens", "6",
         "--n-threads", "1", "--llama-server", str(out / "no-such-llama-server"),
         "--out", str(out), "--cache-dir", str(out / "models"), "--no-progress",
     ]  # fmt: skip
@@ -130,6 +130,9 @@ def test_bench_figures_are_consistent(bench_run: tuple[Path, dict[str, Any], str
         overhead = server["overhead"]
         assert len(overhead["floor_per_token_samples_ms"]) == 2
         assert len(overhead["http_per_token_samples_ms"]) == 2
+        # the first token is timed by its own alternated 1-token requests
+        assert len(overhead["floor_ttft_samples_ms"]) == 3
+        assert len(overhead["http_ttft_samples_ms"]) == 3
         assert overhead["per_token_ratio"] == pytest.approx(
             overhead["http_per_token_ms"] / overhead["floor_per_token_ms"], 0.01
         )
