@@ -67,7 +67,8 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     out = tmp_path_factory.mktemp("bench")
     command = [
         sys.executable, "-m", "bench", "--models", "tiny", "--concurrency", "1,2",
-        "--reps", "2", "--ttft-probes", "3", "--rounds", "1", "--prompt-tokens", "24", "--max-tokens", "6",
+        "--reps", "2", "--ttft-probes", "3", "--rounds", "1", "--prompt-tokens", "24",
+        "--max-tokens", "6",
         "--n-threads", "1", "--llama-server", str(out / "no-such-llama-server"),
         "--out", str(out), "--cache-dir", str(out / "models"), "--no-progress",
     ]  # fmt: skip
