@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from app.backends import Backend, GenerationResult, OnLogprobs, OnToken, SamplingParams
 from app.backends.llama import LlamaBackend
 from app.demo_model import ensure_bench_model, ensure_demo_model
 from app.main import create_app
@@ -47,6 +48,68 @@ def load(path: Path, n_ctx: int = 2048) -> LlamaBackend:
     return LlamaBackend(
         path, n_ctx=n_ctx, n_gpu_layers=0, n_threads=1, n_batch=256, flash_attn="off"
     )
+
+
+class InjectedBackend:
+    """Fault injection around the real engine: the same model and tokenizer, with a test's
+    hooks around ``generate``: ``watch`` wraps each request's token callback (it runs before
+    decoding starts), ``finished`` sees each result."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.info = inner.info
+        self.tokenizer = inner.tokenizer
+        self.inner = inner
+
+    def watch(self, on_token: OnToken) -> OnToken:
+        return on_token
+
+    def finished(self, result: GenerationResult) -> None:
+        pass
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        on_token: OnToken,
+        on_logprobs: OnLogprobs | None = None,
+    ) -> GenerationResult:
+        watched = self.watch(on_token)
+        result = self.inner.generate(prompt, sampling, max_tokens, watched, on_logprobs)
+        self.finished(result)
+        return result
+
+    def close(self) -> None:
+        raise AssertionError("an injected backend is never closed by the app")
+
+
+class ObservedBackend(InjectedBackend):
+    """The engine with its callback watched: every result, every ``on_token`` call made after
+    one said False, and an optional ``gate`` run after each token (to hold the engine)."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.results: list[GenerationResult] = []
+        self.calls_after_false: list[int] = []
+        self.gate: Callable[[int], object] | None = None
+
+    def watch(self, on_token: OnToken) -> OnToken:
+        refused = False
+
+        def observed(token_id: int) -> bool:
+            nonlocal refused
+            if refused:
+                self.calls_after_false.append(token_id)
+            keep = on_token(token_id)
+            if self.gate is not None:
+                self.gate(token_id)
+            refused = refused or not keep
+            return keep
+
+        return observed
+
+    def finished(self, result: GenerationResult) -> None:
+        self.results.append(result)
 
 
 @pytest.fixture(scope="session")

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import httpx
 import pytest
 
-from app.backends import GenerationResult, OnLogprobs, OnToken, SamplingParams
+from app.backends import OnToken
 from app.backends.llama import LlamaBackend
 from app.main import create_app
 from tests import sse
-from tests.conftest import asgi_client, settings_for
+from tests.conftest import InjectedBackend, asgi_client, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -126,23 +125,14 @@ async def test_unknown_route_and_wrong_method_use_the_envelope(client: httpx.Asy
     assert_envelope(await client.get("/v1/chat/completions"), 405)
 
 
-class _FailingBackend:
+class _FailingBackend(InjectedBackend):
     """Fault injection: the real engine, failing after ``after`` tokens."""
 
     def __init__(self, inner: LlamaBackend, after: int) -> None:
-        self.info = inner.info
-        self.tokenizer = inner.tokenizer
-        self._inner = inner
+        super().__init__(inner)
         self._after = after
 
-    def generate(
-        self,
-        prompt: Sequence[int],
-        sampling: SamplingParams,
-        max_tokens: int,
-        on_token: OnToken,
-        on_logprobs: OnLogprobs | None = None,
-    ) -> GenerationResult:
+    def watch(self, on_token: OnToken) -> OnToken:
         seen = 0
 
         def failing(token_id: int) -> bool:
@@ -152,10 +142,7 @@ class _FailingBackend:
                 raise RuntimeError("llama_decode returned -3 at 0xdeadbeef")
             return on_token(token_id)
 
-        return self._inner.generate(prompt, sampling, max_tokens, failing, on_logprobs)
-
-    def close(self) -> None:
-        raise AssertionError("an injected backend is never closed by the app")
+        return failing
 
 
 @pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_006")

@@ -14,17 +14,17 @@ import json
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from app.backends import Backend, GenerationResult, OnToken, SamplingParams, Tokenizer
+from app.backends import Backend, SamplingParams, Tokenizer
 from app.main import create_app
 from app.textstream import TextStream
 from tests import sse
-from tests.conftest import LiveServer, settings_for
+from tests.conftest import LiveServer, ObservedBackend, settings_for
 from tests.contracts_plugin import ContractThreshold, RecordFinding
 
 STREAMING = "QWEN3_MOE_STREAMING_SSE_V1"
@@ -42,46 +42,6 @@ def model(request: pytest.FixtureRequest) -> Backend:
 
 def chat_body(**fields: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": COUNTING}], "temperature": 0, **fields}
-
-
-class _Observed:
-    """The backend under test, its ``on_token`` calls watched and optionally held."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.info = inner.info
-        self.tokenizer: Tokenizer = inner.tokenizer
-        self._inner = inner
-        self.after_token: Any = None
-        self.results: list[GenerationResult] = []
-        self.calls_after_false = 0
-
-    def generate(
-        self,
-        prompt: Sequence[int],
-        sampling: SamplingParams,
-        max_tokens: int,
-        on_token: OnToken,
-        *more: Any,
-    ) -> GenerationResult:
-        """The inner ``generate``; ``more`` forwards whatever optional callbacks the backend
-        protocol grows, so this observer watches the same call the service makes."""
-        refused = False
-
-        def observed(token_id: int) -> bool:
-            nonlocal refused
-            self.calls_after_false += refused
-            keep = on_token(token_id)
-            if self.after_token is not None:
-                self.after_token(token_id)
-            refused = refused or not keep
-            return keep
-
-        result = self._inner.generate(prompt, sampling, max_tokens, observed, *more)
-        self.results.append(result)
-        return result
-
-    def close(self) -> None:
-        raise AssertionError("an injected backend is never closed by the app")
 
 
 class _DeliveryGate:
@@ -128,9 +88,9 @@ def content_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
 def test_each_token_reaches_the_client_before_the_next_is_decoded(
     model: Backend, record_finding: RecordFinding
 ) -> None:
-    observed = _Observed(model)
+    observed = ObservedBackend(model)
     gate = _DeliveryGate(model.tokenizer)
-    observed.after_token = gate
+    observed.gate = gate
     with (
         LiveServer(create_app(settings_for(), backend=observed)) as server,
         httpx.Client(base_url=server.url, timeout=60) as http,
@@ -268,7 +228,7 @@ def test_disconnect_stops_decoding_and_the_next_request_is_served_promptly(
     model: Backend, contract_threshold: ContractThreshold, record_finding: RecordFinding
 ) -> None:
     follow_up_max = contract_threshold(f"{STREAMING}_004", "follow_up_ms_max")
-    observed = _Observed(model)
+    observed = ObservedBackend(model)
     with (
         LiveServer(create_app(settings_for(), backend=observed)) as server,
         httpx.Client(base_url=server.url, timeout=60) as http,
@@ -285,7 +245,7 @@ def test_disconnect_stops_decoding_and_the_next_request_is_served_promptly(
     assert follow_up.json()["usage"]["completion_tokens"] == 4
     cancelled, served = observed.results
     assert cancelled.finish_reason == "cancelled"
-    assert observed.calls_after_false == 0, "decoding went on after on_token said False"
+    assert observed.calls_after_false == [], "decoding went on after on_token said False"
     assert served.finish_reason == "length"
     record_finding("abandoned_after_tokens", cancelled.completion_tokens)
     record_finding("follow_up_ms", round(waited_ms, 1))

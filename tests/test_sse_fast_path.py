@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from app.backends import GenerationResult, OnLogprobs, OnToken, SamplingParams, TokenLogprobs
+from app.backends import OnToken, TokenLogprobs
 from app.backends.llama import LlamaBackend
 from app.demo_model import script_text
 from app.formats import ChatFormat, CompletionFormat, Format
@@ -26,7 +26,7 @@ from app.service import Event
 from app.sse import frame
 from app.tool_calls import ToolCallDelta
 from tests import sse
-from tests.conftest import LiveServer, settings_for
+from tests.conftest import InjectedBackend, LiveServer, settings_for
 
 
 def _every_character() -> Iterator[str]:
@@ -89,28 +89,16 @@ def _carries_text(kind: str, value: str) -> bool:
     return bool(choice.get("text") or choice.get("delta", {}).get("content"))
 
 
-class _SlowStart:
+class _SlowStart(InjectedBackend):
     """The demo model, after a pause before decoding: a long prefill or a queue, simulated."""
 
     def __init__(self, inner: LlamaBackend, pause_s: float) -> None:
-        self.info = inner.info
-        self.tokenizer = inner.tokenizer
-        self._inner = inner
+        super().__init__(inner)
         self._pause_s = pause_s
 
-    def generate(
-        self,
-        prompt: Sequence[int],
-        sampling: SamplingParams,
-        max_tokens: int,
-        on_token: OnToken,
-        on_logprobs: OnLogprobs | None = None,
-    ) -> GenerationResult:
+    def watch(self, on_token: OnToken) -> OnToken:
         time.sleep(self._pause_s)
-        return self._inner.generate(prompt, sampling, max_tokens, on_token, on_logprobs)
-
-    def close(self) -> None:
-        raise AssertionError("an injected backend is never closed by the app")
+        return on_token
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])

@@ -10,20 +10,19 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 
-from app.backends import GenerationResult, OnLogprobs, OnToken, SamplingParams
 from app.backends.llama import LlamaBackend
 from app.demo_model import script_text
 from app.main import create_app
 from app.textstream import TextStream
 from tests import sse
-from tests.conftest import LiveServer, settings_for
+from tests.conftest import LiveServer, ObservedBackend, settings_for
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 SCRIPT = script_text()
@@ -35,45 +34,6 @@ def content_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
             yield json.loads(payload)
 
 
-class _ObservedBackend:
-    """The real engine with its callback observed (and optionally gated) by the test."""
-
-    def __init__(self, inner: LlamaBackend) -> None:
-        self.info = inner.info
-        self.tokenizer = inner.tokenizer
-        self._inner = inner
-        self.results: list[GenerationResult] = []
-        self.calls_after_false: list[int] = []
-        self.gate: Any = None
-
-    def generate(
-        self,
-        prompt: Sequence[int],
-        sampling: SamplingParams,
-        max_tokens: int,
-        on_token: OnToken,
-        on_logprobs: OnLogprobs | None = None,
-    ) -> GenerationResult:
-        said_false = 0
-
-        def observed(token_id: int) -> bool:
-            nonlocal said_false
-            if said_false:
-                self.calls_after_false.append(token_id)
-            keep = on_token(token_id)
-            if self.gate is not None:
-                self.gate(token_id)
-            said_false += not keep
-            return keep
-
-        result = self._inner.generate(prompt, sampling, max_tokens, observed, on_logprobs)
-        self.results.append(result)
-        return result
-
-    def close(self) -> None:
-        raise AssertionError("an injected backend is never closed by the app")
-
-
 class _DeliveryGate:
     """Holds the engine after token ``i`` until the client has received token ``i``'s text.
 
@@ -82,7 +42,7 @@ class _DeliveryGate:
     server should have sent by then.
     """
 
-    def __init__(self, backend: _ObservedBackend) -> None:
+    def __init__(self, backend: ObservedBackend) -> None:
         self._oracle = TextStream(backend.tokenizer.token_bytes, [])
         self._expected = 0
         self._received = 0
@@ -103,12 +63,12 @@ class _DeliveryGate:
 
 
 @pytest.fixture
-def observed(demo_backend: LlamaBackend) -> _ObservedBackend:
-    return _ObservedBackend(demo_backend)
+def observed(demo_backend: LlamaBackend) -> ObservedBackend:
+    return ObservedBackend(demo_backend)
 
 
 @pytest.mark.falsifies("QWEN3_MOE_STREAMING_SSE_V1_001")
-def test_each_token_is_sent_before_the_next_is_generated(observed: _ObservedBackend) -> None:
+def test_each_token_is_sent_before_the_next_is_generated(observed: ObservedBackend) -> None:
     gate = _DeliveryGate(observed)
     observed.gate = gate
     body = {"messages": HELLO, "temperature": 0, "stream": True}
@@ -135,7 +95,7 @@ def test_each_token_is_sent_before_the_next_is_generated(observed: _ObservedBack
 
 
 @pytest.mark.falsifies("QWEN3_MOE_REQUEST_ISOLATION_V1_003")
-def test_engine_thread_does_not_block_the_event_loop(observed: _ObservedBackend) -> None:
+def test_engine_thread_does_not_block_the_event_loop(observed: ObservedBackend) -> None:
     holding = threading.Event()
     release = threading.Event()
 
@@ -165,7 +125,7 @@ def test_engine_thread_does_not_block_the_event_loop(observed: _ObservedBackend)
 def test_client_disconnect_cancels_generation_and_frees_the_model(
     slow_backend: LlamaBackend,
 ) -> None:
-    observed = _ObservedBackend(slow_backend)
+    observed = ObservedBackend(slow_backend)
     long_body = {"messages": HELLO, "temperature": 0, "stream": True, "max_tokens": 1500}
     with (
         LiveServer(create_app(settings_for(), backend=observed)) as server,
@@ -192,7 +152,7 @@ def test_client_disconnect_cancels_generation_and_frees_the_model(
 
 @pytest.mark.falsifies("QWEN3_MOE_REQUEST_ISOLATION_V1_001")
 def test_overlapping_streams_both_complete_in_arrival_order(slow_backend: LlamaBackend) -> None:
-    observed = _ObservedBackend(slow_backend)
+    observed = ObservedBackend(slow_backend)
     first_token = threading.Event()
     observed.gate = lambda _: first_token.set()
 
@@ -226,7 +186,7 @@ def test_overlapping_streams_both_complete_in_arrival_order(slow_backend: LlamaB
 @pytest.mark.falsifies("QWEN3_MOE_REQUEST_ISOLATION_V1_002")
 def test_queued_request_whose_client_leaves_never_runs(demo_backend: LlamaBackend) -> None:
     """A request waiting behind a running one is dropped from the queue when its client goes."""
-    observed = _ObservedBackend(demo_backend)
+    observed = ObservedBackend(demo_backend)
     holding, release = threading.Event(), threading.Event()
 
     def hold_first_generation(_: int) -> None:
