@@ -258,9 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = [
             sys.executable, "-m", "app.cli", "--model", str(model), "--port", str(args.port),
             "--parallel", str(parallel), "--n-ctx", str(args.n_ctx), "--n-threads", threads,
-            "--max-queue", "64", "--log-level", "warning",
+            "--max-queue", "64", "--flash-attn", args.flash_attn, "--log-level", "warning",
         ]  # fmt: skip
-        command += ["--flash-attn", args.flash_attn]
         servers.append((f"qwen3-moe-serve --parallel {parallel}", command))
     if args.llama_server is not None:
         np_ = args.llama_server_np

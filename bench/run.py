@@ -388,24 +388,24 @@ def measure_server(
     streams = [client.read_stream(e) for e in singles]
 
     # The first token, timed apart: one long run per rep gives too few samples to see a few
-    # ms through this host's noise, and 1-token requests are cheap.
-    bar.phase(f"{running.name}: first token vs floor")
-    probe = client.post_request(host, port, path, _completion(prompt, 1))
-    floor_ttft: list[float] = []
-    http_ttft: list[float] = []
-    for _ in range(args.ttft_probes):
-        time.sleep(SETTLE_S)
-        floor_ttft.append(floor.run(prompt_tokens, 1).ttft)
-        bar.step()
-        time.sleep(SETTLE_S)
-        for exchange in _load(running, probe, 1, 1, bar).exchanges:
-            if (ttft := client.read_stream(exchange).ttft) is not None:
-                http_ttft.append(ttft)
+    # ms through this host's noise, and 1-token requests are cheap. Without probes, the long
+    # runs' own first tokens stand in.
+    floor_ttft = [r.ttft for r in floor_runs]
+    http_ttft: list[float] | None = None
+    if args.ttft_probes:
+        bar.phase(f"{running.name}: first token vs floor")
+        probe = client.post_request(host, port, path, _completion(prompt, 1))
+        floor_ttft, http_ttft = [], []
+        for _ in range(args.ttft_probes):
+            time.sleep(SETTLE_S)
+            floor_ttft.append(floor.run(prompt_tokens, 1).ttft)
+            bar.step()
+            time.sleep(SETTLE_S)
+            for exchange in _load(running, probe, 1, 1, bar).exchanges:
+                if (ttft := client.read_stream(exchange).ttft) is not None:
+                    http_ttft.append(ttft)
     overhead = report.overhead_figures(
-        floor_ttft or [r.ttft for r in floor_runs],
-        [r.per_token for r in floor_runs],
-        streams,
-        http_ttft=http_ttft if args.ttft_probes else None,
+        floor_ttft, [r.per_token for r in floor_runs], streams, http_ttft=http_ttft
     )
 
     levels = []

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "cancelled"]
-FlashAttn = Literal["auto", "on", "off"]
-"""llama.cpp's flash attention switch; ``auto`` lets llama.cpp decide per device."""
 """``stop``: end-of-generation token; ``length``: max_tokens reached; ``cancelled``: the
 callback returned ``False``."""
+
+FlashAttn = Literal["auto", "on", "off"]
+"""llama.cpp's flash attention switch; ``auto`` lets llama.cpp decide per device."""
 
 OnToken = Callable[[int], bool]
 
