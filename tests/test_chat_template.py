@@ -1,26 +1,30 @@
-"""Prompt rendering with Qwen3's published chat template (read from ../shared as data)."""
+"""Prompt rendering with Qwen3's published chat template (the copy packaged in ``app/``)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from app.chat_template import ChatTemplate, TemplateRejected
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "qwen3" / "chat_template.jinja"
+PACKAGED = Path(__file__).resolve().parents[1] / "app" / "qwen3_chat_template.jinja"
+PUBLISHED_SHA256 = "c945a4a87850dd79827191150be98539a7a5e7da0689f3550d880f8dcc95b856"
+"""SHA-256 of the template Qwen3 models publish in their tokenizer configuration."""
 
 
 @pytest.fixture(scope="module")
 def qwen3() -> ChatTemplate:
     return ChatTemplate(
-        SHARED.read_text(encoding="utf-8"), bos_token="<|endoftext|>", eos_token="<|im_end|>"
+        PACKAGED.read_text(encoding="utf-8"), bos_token="<|endoftext|>", eos_token="<|im_end|>"
     )
 
 
 def test_packaged_template_is_the_published_one() -> None:
-    packaged = Path(__file__).resolve().parents[1] / "app" / "qwen3_chat_template.jinja"
-    assert packaged.read_bytes() == SHARED.read_bytes()
+    """Guards the packaged copy against accidental edits: it must stay byte for byte what
+    Qwen3 publishes, since every prompt the demo model and the tests render comes from it."""
+    assert hashlib.sha256(PACKAGED.read_bytes()).hexdigest() == PUBLISHED_SHA256
 
 
 def test_system_and_user_turns(qwen3: ChatTemplate) -> None:

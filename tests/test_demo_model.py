@@ -30,7 +30,7 @@ from app.demo_model import (
     write_demo_model,
 )
 
-SHARED_TEMPLATE = Path(__file__).resolve().parents[2] / "shared" / "qwen3" / "chat_template.jinja"
+PACKAGED_TEMPLATE = Path(__file__).resolve().parents[1] / "app" / "qwen3_chat_template.jinja"
 TINY_BENCH = {
     "n_layer": 2,
     "n_embd": 256,
@@ -247,7 +247,7 @@ def test_custom_script(model_dir: Path, script: tuple[bytes, ...]) -> None:
 def test_gguf_carries_the_qwen3_chat_template_byte_for_byte(
     demo_llm: Llama, demo_path: Path
 ) -> None:
-    expected = SHARED_TEMPLATE.read_bytes()
+    expected = PACKAGED_TEMPLATE.read_bytes()
     reader = gguf.GGUFReader(demo_path)
     assert read_field(reader, "tokenizer.chat_template").encode() == expected
     assert demo_llm.metadata["tokenizer.chat_template"].encode() == expected
