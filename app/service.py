@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -294,7 +294,9 @@ class GenerationService:
             add_generation_prompt=True,
             extra=kwargs,
         )
-        grammar = _chat_grammar(req, allow_thinking=thinking_possible)
+        grammar = _chat_grammar(
+            req, allow_thinking=thinking_possible, check=self.backend.check_grammar
+        )
         tokens = await self._tokenize(prompt)
         job = self._prepared(
             req,
@@ -460,24 +462,40 @@ class GenerationService:
         )
 
 
-def _chat_grammar(req: ChatCompletionRequest, *, allow_thinking: bool) -> str | None:
-    """The grammar a forced tool call or a JSON response format needs (400 if impossible)."""
+def _chat_grammar(
+    req: ChatCompletionRequest, *, allow_thinking: bool, check: Callable[[str], None]
+) -> str | None:
+    """The grammar a forced tool call or a JSON response format needs, checked by the engine
+    (400 if impossible)."""
+    param = "tools" if req.forced_tools else "response_format"
     try:
         if req.forced_tools:
             specs = [ToolSpec(t.function.name, t.function.parameters) for t in req.offered_tools]
-            return tool_call_grammar(
+            grammar = tool_call_grammar(
                 specs,
                 parallel=req.parallel_tool_calls is not False,
                 allow_thinking=allow_thinking,
             )
-        if req.response_format is not None and req.json_output:
+        elif req.response_format is not None and req.json_output:
             fmt = req.response_format
             schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
-            return json_grammar(schema, allow_thinking=allow_thinking)
+            grammar = json_grammar(schema, allow_thinking=allow_thinking)
+        else:
+            return None
     except GrammarError as exc:
-        param = "tools" if req.forced_tools else "response_format"
         raise InvalidRequest(str(exc), param=param, code="unsupported_schema") from exc
-    return None
+    try:
+        check(grammar)
+    except GrammarError as exc:
+        what = "tools' parameter schemas" if req.forced_tools else "JSON schema in response_format"
+        raise InvalidRequest(
+            f"The {what} cannot be used for constrained decoding: {exc}. Typical causes: an "
+            "empty enum or anyOf, a very large maxLength or maxItems, a property name with a "
+            "quote in it.",
+            param=param,
+            code="unsupported_schema",
+        ) from exc
+    return grammar
 
 
 def _log_engine_failure(future: asyncio.Future[None]) -> None:

@@ -59,6 +59,7 @@ class InjectedBackend:
         self.info = inner.info
         self.tokenizer = inner.tokenizer
         self.inner = inner
+        self.check_grammar = inner.check_grammar
 
     def watch(self, on_token: OnToken) -> OnToken:
         return on_token

@@ -80,6 +80,7 @@ class Observed:
         self.tokenizer = inner.tokenizer
         self.max_concurrency = inner.max_concurrency
         self.inner = inner
+        self.check_grammar = inner.check_grammar
         self.results: list[GenerationResult] = []
         self.calls_after_false: list[int] = []
         self.hold: Callable[[int, int], None] | None = None

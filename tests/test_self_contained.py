@@ -1,10 +1,11 @@
 """A stranger's clone must pass ``make test`` with nothing beside the checkout.
 
 Regression guard: the suite once read Qwen3's chat template from a ``shared/`` folder beside
-the repository (``../shared/qwen3/chat_template.jinja``), which exists on the developers'
-machines and nowhere else, so ``git clone … && make test`` failed for every new user. Every
-file the project needs lives inside the repository (the template is packaged in ``app/``,
-test data under ``tests/``); this test fails when any tracked file points outside it again.
+the repository (one directory up, then ``shared/qwen3/chat_template.jinja``), which exists on
+the developers' machines and nowhere else, so ``git clone … && make test`` failed for every
+new user. Every file the project needs lives inside the repository (the template is packaged
+in ``app/``, test data under ``tests/``); this test fails when a tracked file points outside
+it again.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def test_no_tracked_file_reads_outside_the_checkout() -> None:
 
 def test_the_guard_sees_what_it_guards_against() -> None:
     """The patterns match the forms that broke a fresh clone (else the test above is void)."""
-    broken = "Path(__file__).resolve().parents[" + '2] / "shared" / "qwen3" / "chat_template.jinja"'
+    shared = '"' + 'shared"'
+    broken = "Path(__file__).resolve().parents[" + f'2] / {shared} / "qwen3" / "template.jinja"'
     assert OUTSIDE_THE_REPO.search(broken)
     assert OUTSIDE_THE_REPO.search("cat .." + "/shared/qwen3/coder_chat_template.jinja")
     assert not OUTSIDE_THE_REPO.search('PACKAGED = ROOT / "app" / "qwen3_chat_template.jinja"')

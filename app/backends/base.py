@@ -122,6 +122,14 @@ class Backend(Protocol):
         """
         ...
 
+    def check_grammar(self, grammar: str) -> None:
+        """Raise ``GrammarError`` unless the engine can sample with ``grammar``.
+
+        Called while a request is prepared, so that a grammar the engine would refuse is a 400
+        before any engine work (llama.cpp answers one with a NULL sampler).
+        """
+        ...
+
     def close(self) -> None:
         """Free the model and its context."""
         ...

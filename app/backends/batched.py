@@ -78,6 +78,7 @@ from app.backends.base import (
     Tokenizer,
     TokenLogprobs,
 )
+from app.backends.grammar import check_grammar
 from app.backends.llama import LlamaTokenizer
 
 logger = logging.getLogger(__name__)
@@ -492,7 +493,7 @@ class BatchedLlamaBackend:
             grammar = llama_cpp.llama_sampler_init_grammar(
                 self._vocab, sampling.grammar.encode("utf-8"), b"root"
             )
-            if grammar is None:
+            if not grammar:  # NULL: a ctypes pointer that is falsy, never None
                 llama_cpp.llama_sampler_free(chain)
                 raise SchedulerError("the grammar could not be parsed")
             add(chain, grammar)
@@ -600,6 +601,9 @@ class BatchedLlamaBackend:
             request.error = error
             request.released = True
             request.ready.notify_all()
+
+    def check_grammar(self, grammar: str) -> None:
+        check_grammar(self._vocab, grammar)
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import llama_cpp
 from llama_cpp.llama_grammar import SchemaConverter
 
 _UNSUPPORTED_KEYWORDS = frozenset(
@@ -54,6 +55,22 @@ class GrammarError(ValueError):
 class ToolSpec:
     name: str
     parameters: Mapping[str, Any] | None
+
+
+def check_grammar(vocab: Any, grammar: str) -> None:
+    """Parse ``grammar`` with llama.cpp's own grammar parser, the one sampling will use.
+
+    The converter can write grammars that llama.cpp refuses (an empty ``enum`` becomes an
+    empty rule, a ``maxLength`` above llama.cpp's repetition limit, a property name with a
+    quote or a newline), and llama.cpp answers those with a NULL sampler, which sampling would
+    dereference and kill the process. So every grammar is parsed here first, while the request
+    is prepared: what llama.cpp cannot take is a 400, decided by llama.cpp itself rather than by
+    a list of known-bad schemas.
+    """
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:  # a NULL ctypes pointer is falsy, never None
+        raise GrammarError("llama.cpp's grammar parser refuses the grammar built from it")
+    llama_cpp.llama_sampler_free(sampler)
 
 
 def _check_schema(schema: Any, path: str) -> None:

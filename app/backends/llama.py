@@ -34,6 +34,7 @@ from app.backends.base import (
     Tokenizer,
     TokenLogprobs,
 )
+from app.backends.grammar import check_grammar
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +213,9 @@ class LlamaBackend:
             logprob=float(logprobs[token_id]),
             top=tuple((int(i), float(logprobs[i])) for i in best),
         )
+
+    def check_grammar(self, grammar: str) -> None:
+        check_grammar(self._vocab, grammar)
 
     def close(self) -> None:
         self._llm.close()
