@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from app.main import create_app
-from app.observability import JsonFormatter
+from app.api.observability import JsonFormatter
 from app.settings import Settings
 
 
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # keep our handlers: uvicorn's own config would replace them
-        access_log=False,  # app.observability writes one richer line per request
+        access_log=False,  # app.api.observability writes one richer line per request
         timeout_graceful_shutdown=5,
     )
 

@@ -1,11 +1,11 @@
 """One error taxonomy, and the one place that turns it into OpenAI's error envelope.
 
 Every failure a client can see is an ``ApiError`` subclass carrying status, type, param and
-code; ``install_error_handlers`` maps those, FastAPI's validation errors, Starlette's HTTP
-errors (unknown route, wrong method) and anything unexpected to
-``{"error": {"message", "type", "param", "code"}}``. Unexpected exceptions are logged with
-their traceback here and reach the client as a bare "internal error": no stack trace, no
-object address, no ``str(exc)`` of an engine error.
+code, raised wherever it is found (preparing a request, admitting it, generating) and turned
+into ``{"error": {"message", "type", "param", "code"}}`` by ``ApiError.envelope``. Anything
+else is logged with its traceback by ``as_api_error`` and reaches the client as a bare
+"internal error": no stack trace, no object address, no ``str(exc)`` of an engine error. The
+HTTP side (``app.api.errors``) maps FastAPI's and Starlette's own errors onto the same taxonomy.
 """
 
 from __future__ import annotations
@@ -14,11 +14,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
@@ -113,44 +108,3 @@ def validation_error(errors: Sequence[Any]) -> InvalidRequest:
     message = str(first.get("msg", "invalid value"))
     text = f"Invalid value for '{param}': {message}" if param else message
     return InvalidRequest(text, param=param, code="invalid_value")
-
-
-def record_error(request: Request, error: ApiError) -> None:
-    """Count the error in the app's metrics, when it has them."""
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.error(error.error_type, error.status_code)
-
-
-def _response(request: Request, error: ApiError) -> JSONResponse:
-    record_error(request, error)
-    headers = {"Retry-After": "1"} if isinstance(error, Overloaded) else None
-    return JSONResponse(error.envelope(), status_code=error.status_code, headers=headers)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
-        return _response(request, as_api_error(exc))
-
-    async def on_request_validation(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError | ValidationError)
-        return _response(request, validation_error(exc.errors()))
-
-    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
-        error: ApiError
-        if exc.status_code == 404:
-            error = NotFound("Unknown endpoint.", code="not_found")
-        elif exc.status_code == 405:
-            error = MethodNotAllowed("Method not allowed for this endpoint.")
-        elif exc.status_code < 500:
-            error = InvalidRequest(str(exc.detail))
-        else:
-            error = InternalError()
-        return _response(request, error)
-
-    app.add_exception_handler(ApiError, on_api_error)
-    app.add_exception_handler(RequestValidationError, on_request_validation)
-    app.add_exception_handler(ValidationError, on_request_validation)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_api_error)

@@ -28,13 +28,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.backends import Backend
-from app.errors import install_error_handlers
-from app.metrics import Metrics
-from app.observability import RequestLogMiddleware
-from app.routes import router
-from app.security import ApiKeyMiddleware, BodyLimitMiddleware, load_api_keys
-from app.service import GenerationService
+from app.api import chat, completions, ops
+from app.api.errors import install_error_handlers
+from app.api.metrics import Metrics
+from app.api.observability import RequestLogMiddleware
+from app.api.security import ApiKeyMiddleware, BodyLimitMiddleware, load_api_keys
+from app.core.prepare import ChatSemantics
+from app.core.service import GenerationService
+from app.engine import Backend, load_backend
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -51,47 +52,6 @@ def resolve_model_path(settings: Settings) -> Path:
     path = ensure_demo_model(settings.cache_dir)
     logger.info("no --model given: serving the embedded demo model %s", path)
     return path
-
-
-def load_backend(settings: Settings, model_path: Path) -> Backend:
-    # the engine import stays out of import time
-    from app.backends.llama import LlamaBackend, register_rpc_servers
-
-    if settings.rpc_servers:
-        register_rpc_servers(settings.rpc_servers.split(","))
-
-    template = (
-        settings.chat_template_file.read_text(encoding="utf-8")
-        if settings.chat_template_file is not None
-        else None
-    )
-    parallel = settings.parallel
-    if parallel == 0:
-        from app.backends.batched import default_parallel
-
-        parallel = default_parallel(settings.n_gpu_layers)
-    if parallel > 1:
-        from app.backends.batched import BatchedLlamaBackend
-
-        return BatchedLlamaBackend(
-            model_path,
-            parallel=parallel,
-            n_ctx=settings.n_ctx,
-            n_gpu_layers=settings.n_gpu_layers,
-            n_threads=settings.n_threads,
-            n_batch=settings.n_batch,
-            flash_attn=settings.flash_attn,
-            chat_template=template,
-        )
-    return LlamaBackend(
-        model_path,
-        n_ctx=settings.n_ctx,
-        n_gpu_layers=settings.n_gpu_layers,
-        n_threads=settings.n_threads,
-        n_batch=settings.n_batch,
-        flash_attn=settings.flash_attn,
-        chat_template=template,
-    )
 
 
 DEMO_MODEL_ID = "qwen3-moe-demo"
@@ -133,14 +93,15 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             service: GenerationService | None = app.state.service
             app.state.service = None
             if service is not None:
-                await asyncio.to_thread(service.close)
+                await service.aclose()
                 if backend is None:  # an injected backend belongs to the caller
-                    service.backend.close()
+                    await asyncio.to_thread(service.backend.close)
 
     app = FastAPI(title="qwen3-moe-serve", version=__version__, lifespan=lifespan)
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    app.include_router(router)
+    for module in (chat, completions, ops):
+        app.include_router(module.router)
     _install_middleware(app, settings)
     return app
 
@@ -173,8 +134,9 @@ def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: P
         backend,
         model_names=model_names(settings, path),
         stream_buffer_tokens=settings.stream_buffer_tokens,
-        reasoning_format=settings.reasoning_format,
-        enable_thinking=settings.enable_thinking,
+        semantics=ChatSemantics(
+            reasoning_format=settings.reasoning_format, enable_thinking=settings.enable_thinking
+        ),
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
         max_tokens_limit=settings.max_tokens_limit,
@@ -184,7 +146,7 @@ def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: P
     metrics.track_load(
         running=lambda: min(admission.in_flight, admission.concurrency),
         waiting=lambda: max(admission.in_flight - admission.concurrency, 0),
-        kv_cache_usage=getattr(backend, "kv_cache_usage", None),
+        kv_cache_usage=backend.kv_cache_usage,
     )
     app.state.load_status = "ok"
 

@@ -14,9 +14,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.backends.base import FlashAttn
 
 ENV_PREFIX = "QWEN3_MOE_SERVE_"
+
+FlashAttn = Literal["auto", "on", "off"]
+"""llama.cpp's flash attention switch; ``auto`` lets llama.cpp decide per device."""
 _SWITCH_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 

@@ -23,8 +23,7 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from app.backends import TokenLogprobs
-from app.schemas import (
+from app.api.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -44,7 +43,9 @@ from app.schemas import (
     TopLogprob,
     Usage,
 )
-from app.service import Event, Finished
+from app.core.results import Event, Finished
+from app.engine import TokenLogprobs
+from app.text import ParsedToolCall
 
 TokenBytes = Callable[[int], bytes]
 
@@ -59,7 +60,7 @@ def usage_of(finished: Finished) -> Usage:
 
 
 def timings_of(finished: Finished) -> Timings:
-    t = finished.timings
+    t = finished.times
     decoded = finished.prompt_tokens - finished.cached_tokens
     after_first = max(finished.completion_tokens - 1, 0)
     return Timings(
@@ -77,19 +78,12 @@ def timings_of(finished: Finished) -> Timings:
 
 
 @dataclass
-class _Call:
-    id: str
-    name: str
-    arguments: str = ""
-
-
-@dataclass
 class Answer:
     """Everything a stream carried, collected for the buffered response."""
 
     content: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
-    calls: list[_Call] = field(default_factory=list)
+    calls: list[ParsedToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     def add(self, event: Event) -> None:
@@ -102,7 +96,7 @@ class Answer:
         call = delta.tool_call
         if call is not None:
             if call.name is not None and call.id is not None:
-                self.calls.append(_Call(call.id, call.name))
+                self.calls.append(ParsedToolCall(call.id, call.name))
             self.calls[call.index].arguments += call.arguments
 
 

@@ -22,7 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from app.service import Event, Finished
+from app.core.results import Event, Finished
 
 PREFIX = "qwen3_moe_serve:"
 
@@ -102,13 +102,12 @@ class Metrics:
         self,
         running: Callable[[], float],
         waiting: Callable[[], float],
-        kv_cache_usage: Callable[[], float] | None,
+        kv_cache_usage: Callable[[], float],
     ) -> None:
         """Gauges read at scrape time from the service, so they can never drift."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
-        if kv_cache_usage is not None:
-            self.kv_cache_usage.set_function(kv_cache_usage)
+        self.kv_cache_usage.set_function(kv_cache_usage)
 
     def error(self, error_type: str, status: int) -> None:
         self.errors.labels(type=error_type, status=str(status)).inc()
@@ -128,7 +127,7 @@ class Metrics:
                 last = now
             else:
                 self.e2e.observe(now - arrived)
-                self.queue.observe(item.timings.queue_ms / 1000)
+                self.queue.observe(item.times.queue_ms / 1000)
                 self.prompt_tokens.inc(item.prompt_tokens)
                 self.cached_prompt_tokens.inc(item.cached_tokens)
                 self.generation_tokens.inc(item.completion_tokens)

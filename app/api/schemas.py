@@ -1,8 +1,8 @@
 """OpenAI wire types (requests, responses, stream chunks). Pydantic only; no engine imports.
 
 Request models ignore fields they do not know (clients and UIs send vendor extensions such as
-``user`` or ``cache_prompt``), but a field we know and cannot honour yet is a 400, never a
-silent drop: ``n > 1``, ``logprobs``, ``tools``, a non-text ``response_format``.
+``user`` or ``cache_prompt``), but a field we know and cannot honour is a 400, never a silent
+drop: ``n > 1``, ``echo``, ``suffix``, ``logprobs`` on text completions.
 Defaults for unset sampling fields are llama.cpp's (``temperature`` 0.8, ``top_p`` 0.95,
 ``top_k`` 40, ``min_p`` 0.05); ``temperature: 0`` means greedy decoding.
 """
@@ -16,31 +16,35 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
-class _Request(BaseModel):
+class RequestModel(BaseModel):
+    """A request body or part of one: unknown fields are ignored."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-class TextPart(_Request):
+class TextPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(_Request):
+class FunctionCall(RequestModel):
     name: str
     arguments: str
 
 
-class ToolCall(_Request):
+class MessageToolCall(RequestModel):
+    """A tool call in the history an assistant message carries."""
+
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Request):
+class ChatMessage(RequestModel):
     role: Role
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
 
@@ -58,7 +62,7 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(_Request):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
@@ -66,7 +70,7 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
-class GenerationRequest(_Request):
+class GenerationRequest(RequestModel):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
@@ -106,35 +110,35 @@ def _reject_truthy(value: Any, name: str) -> None:
         raise ValueError(f"'{name}' is not supported by this server yet")
 
 
-class FunctionDefinition(_Request):
+class FunctionDefinition(RequestModel):
     name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Request):
+class Tool(RequestModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(_Request):
+class FunctionName(RequestModel):
     name: str
 
 
-class NamedToolChoice(_Request):
+class NamedToolChoice(RequestModel):
     type: Literal["function"]
     function: FunctionName
 
 
-class JsonSchemaFormat(_Request):
+class JsonSchemaFormat(RequestModel):
     name: str | None = None
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 

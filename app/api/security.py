@@ -20,7 +20,8 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ApiError, PayloadTooLarge, Unauthorized, record_error
+from app.api.errors import record_error
+from app.errors import ApiError, PayloadTooLarge, Unauthorized
 
 
 def load_api_keys(inline: str | None, key_file: Path | None) -> list[str]:

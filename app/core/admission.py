@@ -9,79 +9,26 @@ held until the generation ends (``release``); a request whose response never sta
 client left before the first byte) gives its place back when it is dropped.
 
 A ticket also carries the two ways the server itself ends a generation: the per-request
-timeout and the shutdown grace period. Both *abort* the ticket, which fails its token channel
-on the event loop: the route sends the error in-band (a stream) or as the response (buffered),
-and the engine sees a closed channel and stops at its next step. The alternative rejected:
-cancelling the response task, which would cut a stream off without ``[DONE]``.
+timeout and the shutdown grace period. Both *abort* the ticket, which fails the generation's
+output and cancels its engine work: the route sends the error in-band (a stream) or as the
+response (buffered), and the engine drops the generation at its next step. The alternative
+rejected: cancelling the response task, which would cut a stream off without ``[DONE]``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Protocol, cast, runtime_checkable
+from collections.abc import Callable
 
-from app.backends import Backend, GenerationResult, OnLogprobs, OnToken, SamplingParams
 from app.errors import ApiError, Overloaded, Unavailable
 
 logger = logging.getLogger(__name__)
 
 Abort = Callable[[ApiError], None]
-GenerateFn = Callable[
-    [Sequence[int], SamplingParams, int, OnToken, OnLogprobs | None], GenerationResult
-]
-
-
-@runtime_checkable
-class BatchingBackend(Backend, Protocol):
-    """A backend that decodes ``max_concurrency`` requests at once.
-
-    It also polls ``cancelled`` between its steps: a request that is queued in the backend or
-    still prefilling has no token whose ``on_token`` could say False.
-    """
-
-    max_concurrency: int
-
-    def generate(
-        self,
-        prompt_tokens: Sequence[int],
-        sampling: SamplingParams,
-        max_tokens: int,
-        on_token: OnToken,
-        on_logprobs: OnLogprobs | None = None,
-        *,
-        cancelled: Callable[[], bool] | None = None,
-    ) -> GenerationResult: ...
-
-
-_BATCHING_TYPES: dict[type, bool] = {}
-
-
-def _is_batching(backend: Backend) -> bool:
-    """``isinstance(backend, BatchingBackend)``, remembered per backend class: a runtime
-    protocol check inspects every member (~80 us, once per request otherwise)."""
-    kind = type(backend)
-    known = _BATCHING_TYPES.get(kind)
-    if known is None:
-        known = _BATCHING_TYPES[kind] = isinstance(backend, BatchingBackend)
-    return known
-
-
-def engine_slots(backend: Backend) -> int:
-    """How many generations ``backend`` runs at once."""
-    return cast(BatchingBackend, backend).max_concurrency if _is_batching(backend) else 1
-
-
-def generate_fn(backend: Backend, cancelled: Callable[[], bool]) -> GenerateFn:
-    """``backend.generate``, polling ``cancelled`` where the backend can."""
-    if _is_batching(backend):
-        return functools.partial(cast(BatchingBackend, backend).generate, cancelled=cancelled)
-    return backend.generate
 
 
 def shutting_down() -> Unavailable:

@@ -1,6 +1,6 @@
 """GBNF grammars for constrained decoding: JSON output and Qwen3 tool calls.
 
-GBNF is llama.cpp's grammar language, so this module belongs to the llama adapter layer: it
+GBNF is llama.cpp's grammar language, so this module belongs to the engine layer: it
 uses llama-cpp-python's JSON-schema converter (a port of llama.cpp's own) instead of a
 hand-written one. The service calls it while preparing a request, so a schema the converter
 cannot honour is a 400 before any stream starts.
@@ -18,6 +18,8 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_grammar import SchemaConverter
+
+from app.engine.protocol import GrammarError
 
 _UNSUPPORTED_KEYWORDS = frozenset(
     {
@@ -45,10 +47,6 @@ _UNSUPPORTED_KEYWORDS = frozenset(
 # A thinking block before the constrained part, for models that think first. It may not
 # contain "</" except in its closing tag, a small price for a grammar that stays simple.
 _THINK_RULE = 'think ::= "<think>" ( [^<] | "<" [^/] )* "</think>" [ \\n]*'
-
-
-class GrammarError(ValueError):
-    """The schema uses something constrained decoding cannot honour; the message says what."""
 
 
 @dataclass(frozen=True)

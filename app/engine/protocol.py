@@ -1,17 +1,25 @@
-"""The backend protocol: the one seam between the service and an inference engine.
+"""The engine protocol: the one seam between the generation service and an inference engine.
 
 A backend generates from prompt token ids and reports every sampled token through
-``on_token(token_id) -> bool`` *before* it checks whether to stop, so the caller sees every
+``on_token(token_id) -> bool`` *before* it decides whether to stop, so the caller sees every
 token the engine produced (the end-of-generation token included). Returning ``False`` ends the
-generation at once; the result then says ``cancelled``. That is how a disconnected client
-frees the model within one decode step, and how the service ends a generation on a stop
-string: stop strings are matched on decoded text, which the service owns, so the service
-records why it said ``False`` and reports ``stop`` to the client.
+generation: no further token is reported and the result says ``cancelled``. That is how the
+service ends a generation on a stop string (stop strings are matched on decoded text, which
+the service owns; it records why it said ``False``) and how a client that left frees its place.
 
-The alternative rejected: an async token iterator as the protocol. A pull-based iterator lets
-the engine run ahead of a slow consumer and hides cancellation in ``aclose()`` semantics; a
-push callback whose return value is the cancellation is explicit, cheap, and identical for the
-one-request-at-a-time adapter and a batching scheduler.
+``generate`` is a coroutine and ``on_token`` runs on its event loop. The engine decodes on its
+own thread(s) and hands sampled tokens over to the loop — a batching backend all the streams'
+tokens of one decode step at once — so the per-token work of a response (text decoding, JSON,
+SSE) never needs a thread of its own, and the consumer needs no locks. Cancelling the task that
+awaits ``generate`` ends the generation wherever it is: queued, prefilling or decoding. A
+consumer that cannot keep up says so through its ``Flow``: the engine then decodes that
+generation no further (its sequence is parked) until the consumer resumes it, and every other
+generation goes on.
+
+The alternatives rejected: a blocking ``generate`` called on a thread per request, which at
+dozens of streams is dozens of threads taking turns on one GIL for every token; and a
+pull-based async token iterator, which hides cancellation in ``aclose()`` and lets a consumer
+that stops pulling hold a batch slot without the engine knowing why.
 """
 
 from __future__ import annotations
@@ -20,14 +28,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-FinishReason = Literal["stop", "length", "cancelled"]
+EngineFinish = Literal["stop", "length", "cancelled"]
 """``stop``: end-of-generation token; ``length``: max_tokens reached; ``cancelled``: the
 callback returned ``False``."""
 
-FlashAttn = Literal["auto", "on", "off"]
-"""llama.cpp's flash attention switch; ``auto`` lets llama.cpp decide per device."""
-
 OnToken = Callable[[int], bool]
+
+
+class EngineError(RuntimeError):
+    """The engine failed a generation (a failed decode step, or the backend closed)."""
+
+
+class GrammarError(ValueError):
+    """A schema or grammar that constrained decoding cannot honour; the message says what."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     grammar: str | None = None
-    """A GBNF grammar that constrains sampling (built by ``app.backends.grammar``)."""
+    """A GBNF grammar that constrains sampling (built by ``app.engine.grammar``)."""
     top_logprobs: int | None = None
     """Report logprobs with this many alternatives per token (``None``: no logprobs)."""
 
@@ -69,12 +82,15 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    finish_reason: FinishReason
+    finish_reason: EngineFinish
     prompt_tokens: int
     completion_tokens: int
-    """Every token sampled and passed to ``on_token``, the end-of-generation token included."""
+    """Every token passed to ``on_token``, the end-of-generation token included."""
     cached_tokens: int
     """Prompt tokens whose KV cache entries were reused instead of being decoded again."""
+    started: float
+    """``time.perf_counter()`` when the engine took the generation up (the end of its wait
+    for the engine, the start of its prefill)."""
 
 
 @dataclass(frozen=True)
@@ -83,12 +99,12 @@ class ModelInfo:
 
     path: str
     n_ctx: int
+    """Tokens one generation may use, prompt and completion together."""
     n_vocab: int
     architecture: str
     chat_template: str | None
     bos_token: str
     eos_token: str
-    add_bos: bool
     gpu_offload: bool
 
 
@@ -102,24 +118,65 @@ class Tokenizer(Protocol):
         ...
 
 
+def _no_engine_waiting() -> None:
+    pass
+
+
+class Flow:
+    """Backpressure from a generation's consumer to the engine, on the consumer's event loop.
+
+    The consumer pauses when it holds as much undelivered output as it may and resumes when it
+    has room again. The engine reads ``paused`` before it decodes the next token of the
+    generation and, while it is set, decodes that generation no further; ``resume`` wakes an
+    engine that waits for it.
+    """
+
+    __slots__ = ("_wake", "paused")
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._wake: Callable[[], None] = _no_engine_waiting
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._wake()
+
+    def on_resume(self, wake: Callable[[], None]) -> None:
+        """For the engine: ``wake`` is called (on the event loop) whenever a pause ends."""
+        self._wake = wake
+
+
 class Backend(Protocol):
     info: ModelInfo
     tokenizer: Tokenizer
+    max_concurrency: int
+    """Generations decoded at once; more wait in the backend's queue in arrival order."""
 
-    def generate(
+    async def generate(
         self,
         prompt_tokens: Sequence[int],
         sampling: SamplingParams,
         max_tokens: int,
         on_token: OnToken,
+        *,
         on_logprobs: OnLogprobs | None = None,
+        flow: Flow | None = None,
     ) -> GenerationResult:
         """Decode until end-of-generation, ``max_tokens``, or ``on_token`` returning False.
 
-        With ``sampling.top_logprobs`` set, ``on_logprobs`` receives each token's logprobs just
-        before ``on_token`` receives the token. Blocking: the service calls it on its engine
-        thread, never on the event loop.
+        ``on_token`` (and, with ``sampling.top_logprobs`` set, ``on_logprobs`` just before it)
+        is called on the caller's event loop, in order, never after it returned False.
+        Cancelling the awaiting task ends the generation wherever it is (queued, prefilling,
+        decoding) and frees its place within one decode step.
         """
+        ...
+
+    def kv_cache_usage(self) -> float:
+        """Share of the KV cache's cells that hold tokens (0 to 1)."""
         ...
 
     def check_grammar(self, grammar: str) -> None:
@@ -131,5 +188,5 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None:
-        """Free the model and its context."""
+        """Free the model and its context; generations still running fail."""
         ...

@@ -1,10 +1,11 @@
-"""The llama-cpp-python adapter: the only module that imports ``llama_cpp``.
+"""One generation at a time: llama-cpp-python's ``Llama`` and its token iterator.
 
-It wraps ``Llama.generate()``'s token iterator behind the backend protocol. ``generate()``
-already keeps the KV cache of the previous request and decodes only the part of a new prompt
-that differs from it (it compares the new prompt with the tokens it holds), so a multi-turn
-chat re-decodes only its newest turn. We keep one ``Llama`` for the life of the process and
-never call ``reset()`` ourselves for that reason.
+``Llama.generate()`` keeps the KV cache of the previous request and decodes only the part of a
+new prompt that differs from it, so a multi-turn chat re-decodes only its newest turn; one
+``Llama`` serves for the life of the process and ``reset()`` is never called for that reason.
+Generations run on one engine thread in arrival order (a running one is never interrupted by a
+newer request, as llama-cpp-python's own server does); each sampled token is handed to the
+requester's event loop (``app.engine.handoff``), where ``on_token`` runs.
 
 Request fields reach the engine through ``SamplingParams`` only, argument by argument: nothing
 from a client is splatted into an engine call.
@@ -12,20 +13,27 @@ from a client is splatted into an engine call.
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import logging
 import random
-import socket
+import threading
+import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from app.backends.base import (
-    FlashAttn,
+from app.engine.grammar import check_grammar
+from app.engine.handoff import Handoff, LoopClosed
+from app.engine.llama import EngineConfig, LlamaTokenizer, logprobs_of, model_info, quiet_llama_log
+from app.engine.protocol import (
+    EngineError,
+    EngineFinish,
+    Flow,
     GenerationResult,
     ModelInfo,
     OnLogprobs,
@@ -34,39 +42,81 @@ from app.backends.base import (
     Tokenizer,
     TokenLogprobs,
 )
-from app.backends.grammar import check_grammar
 
 logger = logging.getLogger(__name__)
 
+HANDOFF_AHEAD = 1
+"""Tokens the engine thread may have handed over and the loop not yet delivered: the engine
+decodes the next token while the loop delivers this one, and waits for a loop that is behind
+by more (so a paused consumer stops it within a token)."""
 
-class _Vocabulary(Protocol):
-    """What ``LlamaTokenizer`` reads: a ``Llama``, or the bare ``LlamaModel`` that the batching
-    backend (``app.backends.batched``) loads without a ``Llama`` around it."""
-
-    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]: ...
-    def detokenize(self, tokens: list[int], *, special: bool) -> bytes: ...
+POLL_S = 0.05
+"""Longest the engine thread sleeps between checks of a paused generation's cancellation."""
 
 
-class LlamaTokenizer:
-    """Tokenization over the model's own vocabulary (thread-safe: it only reads the vocab)."""
+@dataclass(frozen=True)
+class _End:
+    finish_reason: EngineFinish | None
+    error: BaseException | None = None
 
-    def __init__(self, llm: _Vocabulary, add_bos: bool) -> None:
-        self._llm = llm
-        self._add_bos = add_bos
-        self._pieces: dict[int, bytes] = {}
 
-    def tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self._llm.tokenize(
-            text.encode("utf-8"), add_bos=self._add_bos, special=True
+_Update = tuple[int, TokenLogprobs | None] | _End
+
+
+@dataclass(eq=False)
+class _Run:
+    """One generation, shared by the engine thread and the requester's event loop."""
+
+    prompt_tokens: int
+    on_token: OnToken
+    on_logprobs: OnLogprobs | None
+    flow: Flow | None
+    result: asyncio.Future[GenerationResult]
+    handoff: Handoff[_Update] = field(init=False)
+    cancelled: bool = False
+    """Set on the loop (the consumer said False, or left); read by the engine thread."""
+    resumed: threading.Event = field(default_factory=threading.Event)
+    # Written by the engine thread before its first hand-off.
+    started: float = 0.0
+    cached: int = 0
+    # The loop's side.
+    reported: int = 0
+
+    def deliver(self, updates: list[_Update]) -> None:
+        """On the loop: report tokens, in order, until the generation ends or is refused."""
+        for update in updates:
+            if self.result.done():
+                return
+            if isinstance(update, _End):
+                if update.error is not None:
+                    self.result.set_exception(update.error)
+                else:
+                    self._finish(update.finish_reason or "cancelled")
+                return
+            token_id, logprobs = update
+            self.reported += 1
+            try:
+                if logprobs is not None and self.on_logprobs is not None:
+                    self.on_logprobs(logprobs)
+                keep = self.on_token(token_id)
+            except Exception as exc:
+                self.cancelled = True
+                self.result.set_exception(exc)
+                return
+            if not keep:
+                self.cancelled = True
+                self._finish("cancelled")
+
+    def _finish(self, reason: EngineFinish) -> None:
+        self.result.set_result(
+            GenerationResult(
+                finish_reason=reason,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.reported,
+                cached_tokens=self.cached,
+                started=self.started or time.perf_counter(),
+            )
         )
-        return tokens
-
-    def token_bytes(self, token_id: int) -> bytes:
-        piece = self._pieces.get(token_id)
-        if piece is None:
-            piece = bytes(self._llm.detokenize([token_id], special=False))
-            self._pieces[token_id] = piece
-        return piece
 
 
 class LlamaBackend:
@@ -74,94 +124,103 @@ class LlamaBackend:
 
     info: ModelInfo
     tokenizer: Tokenizer
+    max_concurrency = 1
 
-    def __init__(
-        self,
-        model_path: Path,
-        *,
-        n_ctx: int,
-        n_gpu_layers: int,
-        n_threads: int | None,
-        n_batch: int,
-        flash_attn: FlashAttn,
-        chat_template: str | None = None,
-    ) -> None:
-        gpu_offload = bool(llama_cpp.llama_supports_gpu_offload()) and n_gpu_layers != 0
+    def __init__(self, config: EngineConfig) -> None:
+        quiet_llama_log()
         self._llm = llama_cpp.Llama(
-            model_path=str(model_path),
-            n_ctx=n_ctx,
-            n_gpu_layers=n_gpu_layers,
-            n_threads=n_threads,
-            n_batch=n_batch,
-            n_ubatch=n_batch,
+            model_path=str(config.model_path),
+            n_ctx=config.n_ctx,
+            n_gpu_layers=config.n_gpu_layers,
+            n_threads=config.n_threads,
+            n_threads_batch=config.n_threads_batch,
+            n_batch=config.n_batch,
+            n_ubatch=config.n_batch,
             # Llama takes on/off only: auto is on, which is what llama.cpp's auto resolves to
             # on CPU and CUDA devices.
-            flash_attn=flash_attn != "off",
+            flash_attn=config.flash_attn != "off",
             verbose=False,
         )
-        metadata: dict[str, Any] = self._llm.metadata
-        vocab = self._llm._model.vocab  # the public API exposes no end-of-generation check
-        self._vocab = vocab
-        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-        bos_id = self._llm.token_bos()
-        eos_id = self._llm.token_eos()
-        self.info = ModelInfo(
-            path=str(model_path),
-            n_ctx=int(self._llm.n_ctx()),
-            n_vocab=int(self._llm.n_vocab()),
-            architecture=str(metadata.get("general.architecture", "unknown")),
-            chat_template=chat_template or metadata.get("tokenizer.chat_template"),
-            bos_token=self._token_text(bos_id),
-            eos_token=self._token_text(eos_id),
-            add_bos=add_bos,
-            gpu_offload=gpu_offload,
-        )
-        self.tokenizer = LlamaTokenizer(self._llm, add_bos)
+        model = self._llm._model  # the LlamaModel inside, as the batching backend loads it
+        self._vocab = model.vocab
+        self.info = model_info(model, config, n_ctx=int(self._llm.n_ctx()))
+        self.tokenizer = LlamaTokenizer(model)
+        self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         logger.info(
             "loaded %s (%s, n_ctx=%d, vocab=%d, gpu_offload=%s)",
-            model_path.name,
+            config.model_path.name,
             self.info.architecture,
             self.info.n_ctx,
             self.info.n_vocab,
-            gpu_offload,
+            self.info.gpu_offload,
         )
 
-    def _token_text(self, token_id: int) -> str:
-        if token_id < 0:
-            return ""
-        return bytes(self._llm.detokenize([token_id], special=True)).decode(
-            "utf-8", errors="replace"
-        )
+    def kv_cache_usage(self) -> float:
+        return int(self._llm.n_tokens) / self.info.n_ctx
 
-    def _cached_prefix(self, prompt_tokens: Sequence[int]) -> int:
-        """How many prompt tokens ``Llama.generate`` will reuse from the KV cache.
+    def check_grammar(self, grammar: str) -> None:
+        check_grammar(self._vocab, grammar)
 
-        It reuses the common prefix with what the context holds, minus one token when the
-        whole prompt matches (that token is decoded again to refresh the logits).
-        """
-        n = min(int(self._llm.n_tokens), len(prompt_tokens))
-        differ = np.flatnonzero(self._llm.input_ids[:n] != np.asarray(prompt_tokens[:n]))
-        common = int(differ[0]) if differ.size else n
-        if common == len(prompt_tokens) and common > 0 and self._llm.n_tokens != common:
-            common -= 1
-        return common
-
-    def generate(
+    async def generate(
         self,
         prompt_tokens: Sequence[int],
         sampling: SamplingParams,
         max_tokens: int,
         on_token: OnToken,
+        *,
         on_logprobs: OnLogprobs | None = None,
+        flow: Flow | None = None,
     ) -> GenerationResult:
+        loop = asyncio.get_running_loop()
+        run = _Run(len(prompt_tokens), on_token, on_logprobs, flow, loop.create_future())
+        run.handoff = Handoff(loop, run.deliver)
+        if flow is not None:
+            flow.on_resume(run.resumed.set)
+        tokens = list(prompt_tokens)
+        try:
+            job = self._engine.submit(self._decode, run, tokens, sampling, max_tokens)
+        except RuntimeError as exc:  # the executor is shut down
+            raise EngineError("the backend is closed") from exc
+        job.add_done_callback(lambda done: _never_ran(done, run))
+        try:
+            return await run.result
+        except asyncio.CancelledError:
+            run.cancelled = True  # left early: a queued job never starts, a running one stops
+            run.resumed.set()
+            job.cancel()
+            raise
+
+    def _decode(
+        self, run: _Run, prompt: list[int], sampling: SamplingParams, max_tokens: int
+    ) -> None:
+        """Engine thread: one generation, every outcome handed to the requester's loop."""
+        run.started = time.perf_counter()
+        if run.cancelled:
+            return
+        try:
+            end = _End(self._tokens(run, prompt, sampling, max_tokens))
+        except LoopClosed:
+            return  # nobody is listening any more
+        except Exception as exc:
+            logger.exception("llama.cpp failed a generation")
+            failure = EngineError("the inference engine failed")
+            failure.__cause__ = exc
+            end = _End(None, failure)
+        try:
+            run.handoff.post((end,))
+        except LoopClosed:
+            pass
+
+    def _tokens(
+        self, run: _Run, prompt: list[int], sampling: SamplingParams, max_tokens: int
+    ) -> EngineFinish:
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-        want_logprobs = on_logprobs is not None and sampling.top_logprobs is not None
+        top_logprobs = sampling.top_logprobs if run.on_logprobs is not None else None
         self._llm.set_seed(seed)
-        cached = self._cached_prefix(prompt_tokens)
-        completion_tokens = 0
-        finish: Any = "length"
+        run.cached = self._cached_prefix(prompt)
+        sampled = 0
         tokens = self._llm.generate(
-            list(prompt_tokens),
+            prompt,
             temp=sampling.temperature,
             top_k=sampling.top_k,
             top_p=sampling.top_p,
@@ -177,105 +236,62 @@ class LlamaBackend:
         )
         try:
             for token_id in tokens:
-                completion_tokens += 1
-                if want_logprobs:
-                    assert on_logprobs is not None and sampling.top_logprobs is not None
-                    on_logprobs(self._logprobs(token_id, sampling.top_logprobs))
-                if not on_token(token_id):
-                    finish = "cancelled"
-                    break
+                sampled += 1
+                logprobs = None if top_logprobs is None else self._logprobs(token_id, top_logprobs)
+                run.handoff.post(((token_id, logprobs),))
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token_id):
-                    finish = "stop"
-                    break
-                if completion_tokens >= max_tokens:
-                    finish = "length"
-                    break
+                    return "stop"
+                if sampled >= max_tokens:
+                    return "length"
+                self._hold(run)
+                if run.cancelled:
+                    return "cancelled"
         finally:
             tokens.close()
-        return GenerationResult(
-            finish_reason=finish,
-            prompt_tokens=len(prompt_tokens),
-            completion_tokens=completion_tokens,
-            cached_tokens=cached,
-        )
+        return "length"
+
+    @staticmethod
+    def _hold(run: _Run) -> None:
+        """Wait while the consumer is paused or the loop has too much undelivered."""
+        while run.flow is not None and run.flow.paused and not run.cancelled:
+            run.resumed.wait(POLL_S)
+            run.resumed.clear()
+        run.handoff.wait_for_room(HANDOFF_AHEAD, POLL_S)
+
+    def _cached_prefix(self, prompt_tokens: Sequence[int]) -> int:
+        """How many prompt tokens ``Llama.generate`` will reuse from the KV cache.
+
+        It reuses the common prefix with what the context holds, minus one token when the
+        whole prompt matches (that token is decoded again to refresh the logits).
+        """
+        n = min(int(self._llm.n_tokens), len(prompt_tokens))
+        differ = np.flatnonzero(self._llm.input_ids[:n] != np.asarray(prompt_tokens[:n]))
+        common = int(differ[0]) if differ.size else n
+        if common == len(prompt_tokens) and common > 0 and self._llm.n_tokens != common:
+            common -= 1
+        return common
 
     def _logprobs(self, token_id: int, top: int) -> TokenLogprobs:
-        """Log-softmax of the logits the token was sampled from (still the last ones decoded)."""
-        n_vocab = self.info.n_vocab
-        logits = np.ctypeslib.as_array(self._llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
-        shifted = logits.astype(np.float64) - float(logits.max())
-        logprobs = shifted - np.log(np.exp(shifted).sum())
-        k = min(top, n_vocab)
-        best = np.argpartition(-logprobs, k - 1)[:k] if k > 0 else np.arange(0)
-        best = best[np.argsort(-logprobs[best], kind="stable")]
-        return TokenLogprobs(
-            token_id=token_id,
-            logprob=float(logprobs[token_id]),
-            top=tuple((int(i), float(logprobs[i])) for i in best),
-        )
-
-    def check_grammar(self, grammar: str) -> None:
-        check_grammar(self._vocab, grammar)
+        """Logprobs from the logits the token was sampled from (still the last ones decoded)."""
+        row = self._llm._ctx.get_logits_ith(-1)
+        logits = np.ctypeslib.as_array(row, shape=(self.info.n_vocab,))
+        return logprobs_of(logits, token_id, top)
 
     def close(self) -> None:
+        self._engine.shutdown(wait=True, cancel_futures=True)
         self._llm.close()
 
 
-# -- RPC: model layers on other machines ---------------------------------------------------
-#
-# llama-cpp-python 0.3.36 has no ``rpc_servers`` argument any more: llama.cpp turned RPC servers
-# from a model parameter into ggml backend devices. Like llama.cpp's own ``--rpc`` flag, we
-# register each server once per process; every model loaded afterwards with ``n_gpu_layers``
-# offloads to the RPC devices first. The RPC entry point is looked up through ggml's registry
-# by name, which works whether the RPC backend is linked in or loaded as a module.
+def _never_ran(job: Any, run: _Run) -> None:
+    """A job the executor dropped (the backend closed while it waited) fails its request."""
+    if job.cancelled() and not run.cancelled:
+        loop = run.result.get_loop()
 
-_RPC_CONNECT_TIMEOUT_S = 5.0
-_RpcAddServer = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
+        def fail() -> None:
+            if not run.result.done():
+                run.result.set_exception(EngineError("the backend is closed"))
 
-
-def register_rpc_servers(endpoints: Sequence[str]) -> None:
-    """Make each ``host:port`` llama.cpp RPC server a device for the models loaded after this.
-
-    ggml aborts the whole process when it cannot connect to a server, so each one is first
-    reached with a plain TCP connection and an unreachable one is an exception here instead.
-    Registering a server twice is a no-op.
-    """
-    if not endpoints:
-        return
-    if not llama_cpp.llama_supports_rpc():
-        raise RuntimeError("rpc_servers needs llama-cpp-python built with -DGGML_RPC=on")
-    # ggml's registry through libllama's own handle: symbols looked up there resolve in the
-    # libggml that libllama uses. (The wheel holds libggml.so and libggml.so.0 as two files, so
-    # opening libggml by path, as llama_cpp._ggml does, loads a second copy with an empty
-    # registry that model loading never sees.)
-    ggml = llama_cpp.llama_cpp._lib
-    ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-    ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-    ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-    ggml.ggml_backend_reg_count.argtypes = []
-    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
-    ggml.ggml_backend_reg_get.restype = ctypes.c_void_p
-    ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_register.restype = None
-
-    rpc = ggml.ggml_backend_reg_by_name(b"RPC")
-    address = ggml.ggml_backend_reg_get_proc_address(rpc, b"ggml_backend_rpc_add_server")
-    if not address:
-        raise RuntimeError("this llama.cpp build has no ggml_backend_rpc_add_server")
-    add_server = _RpcAddServer(address)
-    registered = {ggml.ggml_backend_reg_get(i) for i in range(ggml.ggml_backend_reg_count())}
-    for endpoint in endpoints:
-        host, _, port = endpoint.partition(":")
         try:
-            socket.create_connection((host, int(port)), timeout=_RPC_CONNECT_TIMEOUT_S).close()
-        except (OSError, ValueError) as exc:
-            raise ConnectionError(f"RPC server {endpoint} is not reachable: {exc}") from exc
-        server = add_server(endpoint.encode())
-        if not server:
-            raise RuntimeError(f"RPC server {endpoint} offers no devices")
-        if server not in registered:
-            ggml.ggml_backend_register(server)
-            registered.add(server)
-        logger.info("RPC server %s registered: model layers can go to its devices", endpoint)
+            loop.call_soon_threadsafe(fail)
+        except RuntimeError:
+            pass

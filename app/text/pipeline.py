@@ -1,63 +1,89 @@
-"""Released text to the deltas a chat client sees: reasoning, content and tool calls.
+"""Sampled token ids to the deltas a client sees: content, reasoning and tool calls.
 
-The chain is fixed: text (already UTF-8 whole and stop-string free, from ``TextStream``) goes
-through the reasoning splitter; the answer part goes through the tool-call parser when the
-request offered tools. Each stage only holds back what it must, so every delta still leaves
-as soon as it is decided.
+The stages are fixed: token bytes become text (``utf8``: characters whole), stop strings are
+cut (``stops``), Qwen3's ``<think>`` block is split from the answer (``reasoning``), and the
+answer is parsed for tool calls when the request offered tools (``tool_calls``). Each stage
+holds back only what it must — an unfinished character, text that could still become a stop
+string or a tag — so every delta leaves as soon as it is decided, and the deltas of a whole
+generation concatenate to exactly what the buffered response says.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.reasoning import Mode, Piece, ReasoningSplitter
-from app.tool_calls import ToolCall, ToolCallDelta, ToolCallParser
+from app.text.reasoning import Mode, ReasoningSplitter, Segment
+from app.text.stops import StopMatcher
+from app.text.tool_calls import AnswerPart, ParsedToolCall, ToolCallDelta, ToolCallParser
+from app.text.utf8 import TokenBytes, Utf8Decoder
 
 
 @dataclass(frozen=True)
 class Delta:
-    """One piece of a chat answer: exactly one of the fields is set."""
+    """One piece of an answer: exactly one of the fields is set."""
 
     content: str = ""
     reasoning: str = ""
     tool_call: ToolCallDelta | None = None
 
 
-class OutputParser:
-    def __init__(self, *, reasoning: Mode, tools: bool) -> None:
-        self._reasoning = ReasoningSplitter(reasoning)
-        self._tools = ToolCallParser() if tools else None
+@dataclass(frozen=True)
+class TextOptions:
+    """What a request asks of the pipeline."""
+
+    stop: tuple[str, ...] = ()
+    reasoning: Mode = "raw"
+    """How to split a ``<think>`` block from the answer (``raw``: no splitting)."""
+    tool_calls: bool = False
+    """Parse the answer for tool calls (the request offered tools)."""
+    single_tool_call: bool = False
+    """``parallel_tool_calls: false``: the generation is over once the first call is complete."""
+
+
+class TextPipeline:
+    def __init__(self, token_bytes: TokenBytes, options: TextOptions) -> None:
+        self._utf8 = Utf8Decoder(token_bytes)
+        self._stop = StopMatcher(options.stop)
+        self._reasoning = ReasoningSplitter(options.reasoning)
+        self._tools = ToolCallParser() if options.tool_calls else None
+        self._single_call = options.single_tool_call
 
     @property
-    def tool_calls(self) -> list[ToolCall]:
+    def finished(self) -> bool:
+        """The text says the generation is over: a stop string, or the one tool call asked."""
+        if self._stop.stopped:
+            return True
+        return self._single_call and self._tools is not None and self._tools.completed > 0
+
+    @property
+    def tool_calls(self) -> list[ParsedToolCall]:
         return self._tools.calls if self._tools is not None else []
 
-    @property
-    def completed_tool_calls(self) -> int:
-        return self._tools.completed if self._tools is not None else 0
-
-    def push(self, text: str) -> list[Delta]:
-        return self._route(self._reasoning.push(text), final=False)
+    def push(self, token_id: int) -> list[Delta]:
+        text = self._stop.push(self._utf8.push(token_id))
+        return self._route(self._reasoning.push(text), final=False) if text else []
 
     def finish(self) -> list[Delta]:
-        return self._route(self._reasoning.finish(), final=True)
+        """End of generation: release what every stage still holds."""
+        text = self._stop.push(self._utf8.finish()) + self._stop.flush()
+        segments = self._reasoning.push(text) if text else []
+        return self._route(segments + self._reasoning.finish(), final=True)
 
-    def _route(self, pieces: list[Piece], *, final: bool) -> list[Delta]:
+    def _route(self, segments: list[Segment], *, final: bool) -> list[Delta]:
         deltas: list[Delta] = []
-        for kind, text in pieces:
+        for kind, text in segments:
             if kind == "reasoning":
                 deltas.append(Delta(reasoning=text))
             elif self._tools is None:
                 deltas.append(Delta(content=text))
             else:
-                deltas += self._answer(self._tools.push(text))
+                deltas += _answer(self._tools.push(text))
         if final and self._tools is not None:
-            deltas += self._answer(self._tools.finish())
+            deltas += _answer(self._tools.finish())
         return deltas
 
-    @staticmethod
-    def _answer(pieces: list[str | ToolCallDelta]) -> list[Delta]:
-        return [
-            Delta(content=piece) if isinstance(piece, str) else Delta(tool_call=piece)
-            for piece in pieces
-        ]
+
+def _answer(parts: list[AnswerPart]) -> list[Delta]:
+    return [
+        Delta(content=part) if isinstance(part, str) else Delta(tool_call=part) for part in parts
+    ]

@@ -1,9 +1,9 @@
 """Splitting Qwen3's ``<think>…</think>`` block from the answer, as text streams in.
 
 Qwen3 opens its output with a thinking block when thinking is on. ``ReasoningSplitter`` turns
-released text into ``("reasoning", …)`` and ``("content", …)`` pieces as it arrives, holding
+released text into ``("reasoning", …)`` and ``("content", …)`` segments as it arrives, holding
 back only what could still be part of a tag or of whitespace that the buffered response trims
-(the newline after ``<think>``, the newlines around ``</think>``), so streamed pieces
+(the newline after ``<think>``, the newlines around ``</think>``), so streamed segments
 concatenate to exactly the buffered fields.
 
 Modes:
@@ -21,20 +21,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+from app.text.tags import partial_tag_suffix
+
 OPEN = "<think>"
 CLOSE = "</think>"
 
 Kind = Literal["reasoning", "content"]
-Piece = tuple[Kind, str]
+Segment = tuple[Kind, str]
 Mode = Literal["extract", "no_thinking", "raw"]
-
-
-def _tag_prefix_len(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for length in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:length]):
-            return length
-    return 0
 
 
 class ReasoningSplitter:
@@ -47,41 +41,41 @@ class ReasoningSplitter:
         self._block = ""  # no_thinking: the block so far, while it may still be empty
         self._thought_started = False
 
-    def push(self, text: str) -> list[Piece]:
+    def push(self, text: str) -> list[Segment]:
         if self._state == "content":
             return [("content", text)] if text else []
         self._held += text
         return self._advance()
 
-    def finish(self) -> list[Piece]:
+    def finish(self) -> list[Segment]:
         """End of generation: whatever is held was never a tag."""
-        pieces = self._advance()
+        segments = self._advance()
         rest, self._held = self._held, ""
         if self._state == "thinking":
             if self._mode == "no_thinking":
                 rest = OPEN + self._block + rest
-                return [*pieces, ("content", rest)] if rest.strip() else pieces
+                return [*segments, ("content", rest)] if rest.strip() else segments
             rest = rest.rstrip()
-            return [*pieces, ("reasoning", rest)] if rest else pieces
+            return [*segments, ("reasoning", rest)] if rest else segments
         if self._state == "after":
-            return pieces
-        return [*pieces, ("content", rest)] if rest else pieces
+            return segments
+        return [*segments, ("content", rest)] if rest else segments
 
-    def _advance(self) -> list[Piece]:
-        pieces: list[Piece] = []
+    def _advance(self) -> list[Segment]:
+        segments: list[Segment] = []
         while True:
             before = (self._state, len(self._held))
             if self._state == "start":
                 self._start()
             if self._state == "thinking":
-                pieces += self._thinking()
+                segments += self._thinking()
             if self._state == "after":
                 self._after()
             if self._state == "content" and self._held:
-                pieces.append(("content", self._held))
+                segments.append(("content", self._held))
                 self._held = ""
             if (self._state, len(self._held)) == before:
-                return pieces
+                return segments
 
     def _start(self) -> None:
         stripped = self._held.lstrip()
@@ -92,7 +86,7 @@ class ReasoningSplitter:
             self._state = "content"
         # else: still a possible "<think>": wait for more text
 
-    def _thinking(self) -> list[Piece]:
+    def _thinking(self) -> list[Segment]:
         if self._mode == "extract" and not self._thought_started:
             self._held = self._held.lstrip()  # reasoning starts at its first visible character
         held = self._held
@@ -102,20 +96,20 @@ class ReasoningSplitter:
             if self._mode == "extract":
                 self._held, self._state = held[end + len(CLOSE) :], "after"
                 return self._think_text(body.rstrip())
-            pieces = self._think_text(body)
+            segments = self._think_text(body)
             if self._state == "content":  # the thought leaked: its closing tag is text too
                 self._held = held[end:]
             else:
                 self._held, self._state = held[end + len(CLOSE) :], "after"
-            return pieces
-        keep = _tag_prefix_len(held, CLOSE)
+            return segments
+        keep = partial_tag_suffix(held, (CLOSE,))
         body = held[: len(held) - keep]
         trailing = len(body) - len(body.rstrip())  # may be trimmed before </think>
         keep += trailing
         release, self._held = held[: len(held) - keep], held[len(held) - keep :]
         return self._think_text(release)
 
-    def _think_text(self, text: str) -> list[Piece]:
+    def _think_text(self, text: str) -> list[Segment]:
         if not text:
             return []
         if self._mode == "no_thinking":

@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
+from app.text.tags import partial_tag_suffix
+
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
@@ -38,20 +40,16 @@ class ToolCallDelta:
 
 
 @dataclass
-class ToolCall:
+class ParsedToolCall:
+    """A call as parsed so far: ``arguments`` grows as its fragments are decoded."""
+
     id: str
     name: str
     arguments: str = ""
 
 
-Piece = str | ToolCallDelta
-
-
-def _tag_prefix_len(text: str, tag: str) -> int:
-    for length in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:length]):
-            return length
-    return 0
+AnswerPart = str | ToolCallDelta
+"""Plain answer text, or a piece of a tool call."""
 
 
 class _JsonValueEnd:
@@ -102,7 +100,7 @@ class ToolCallParser:
         self._state: Literal["text", "head", "arguments", "tail"] = "text"
         self._held = ""
         self._value: _JsonValueEnd | None = None
-        self.calls: list[ToolCall] = []
+        self.calls: list[ParsedToolCall] = []
         self.completed = 0
         """Calls whose closing tag has been read."""
 
@@ -110,52 +108,52 @@ class ToolCallParser:
     def called(self) -> bool:
         return bool(self.calls)
 
-    def push(self, text: str) -> list[Piece]:
+    def push(self, text: str) -> list[AnswerPart]:
         self._held += text
-        pieces: list[Piece] = []
+        parts: list[AnswerPart] = []
         while True:
             before = (self._state, len(self._held))
-            getattr(self, f"_{self._state}")(pieces)
+            getattr(self, f"_{self._state}")(parts)
             if (self._state, len(self._held)) == before:
-                return pieces
+                return parts
 
-    def finish(self) -> list[Piece]:
-        pieces = self.push("")
+    def finish(self) -> list[AnswerPart]:
+        parts = self.push("")
         rest, self._held = self._held, ""
         if self._state == "head":
-            pieces.append(OPEN + rest)  # never became a call
+            parts.append(OPEN + rest)  # never became a call
         elif self._state == "text" and rest and not (self.called and not rest.strip()):
-            pieces.append(rest)
+            parts.append(rest)
         elif self._state == "arguments" and rest:
-            pieces.append(self._arguments_delta(rest))
-        return pieces
+            parts.append(self._arguments_delta(rest))
+        return parts
 
-    def _text(self, pieces: list[Piece]) -> None:
+    def _text(self, parts: list[AnswerPart]) -> None:
         held = self._held
         start = held.find(OPEN)
         if start >= 0:
             before, self._held = held[:start], held[start + len(OPEN) :]
-            self._emit_text(before, pieces)
+            self._emit_text(before, parts)
             self._state = "head"
             return
-        keep = _tag_prefix_len(held, OPEN)
+        keep = partial_tag_suffix(held, (OPEN,))
         release = held[: len(held) - keep]
         if self.called and not release.strip():
             return  # whitespace between or after calls is not an answer; wait for more
         self._held = held[len(held) - keep :]
-        self._emit_text(release, pieces)
+        self._emit_text(release, parts)
 
-    def _emit_text(self, text: str, pieces: list[Piece]) -> None:
+    def _emit_text(self, text: str, parts: list[AnswerPart]) -> None:
         if text and not (self.called and not text.strip()):
-            pieces.append(text)
+            parts.append(text)
 
-    def _head(self, pieces: list[Piece]) -> None:
+    def _head(self, parts: list[AnswerPart]) -> None:
         match = _HEAD.match(self._held)
         if match is not None and match.end() < len(self._held):
             name = json.loads(f'"{match.group(1)}"')
-            call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name)
+            call = ParsedToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name)
             self.calls.append(call)
-            pieces.append(ToolCallDelta(len(self.calls) - 1, "", id=call.id, name=name))
+            parts.append(ToolCallDelta(len(self.calls) - 1, "", id=call.id, name=name))
             self._held = self._held[match.end() :]
             self._value = _JsonValueEnd()
             self._state = "arguments"
@@ -163,7 +161,7 @@ class ToolCallParser:
         if CLOSE in self._held or len(self._held) > _MAX_HEAD or not self._plausible_head():
             not_a_call, self._held = OPEN + self._held, ""
             self._state = "text"
-            pieces.append(not_a_call)
+            parts.append(not_a_call)
 
     def _plausible_head(self) -> bool:
         """Could more text still make the held head match ``{"name": "...", "arguments": ``?"""
@@ -174,11 +172,11 @@ class ToolCallParser:
             return skeleton.replace(" ", "").startswith(compact)
         return compact.startswith(skeleton.replace(" ", ""))
 
-    def _arguments(self, pieces: list[Piece]) -> None:
+    def _arguments(self, parts: list[AnswerPart]) -> None:
         assert self._value is not None
         taken = self._value.feed(self._held)
         if taken:
-            pieces.append(self._arguments_delta(self._held[:taken]))
+            parts.append(self._arguments_delta(self._held[:taken]))
             self._held = self._held[taken:]
         if self._value.done:
             self._state = "tail"
@@ -188,7 +186,7 @@ class ToolCallParser:
         call.arguments += fragment
         return ToolCallDelta(len(self.calls) - 1, fragment)
 
-    def _tail(self, _: list[Piece]) -> None:
+    def _tail(self, _: list[AnswerPart]) -> None:
         end = self._held.find(CLOSE)
         if end >= 0:
             self._held = self._held[end + len(CLOSE) :]

@@ -1,0 +1,66 @@
+"""HTTP errors: every failure answered in OpenAI's envelope, counted in the metrics.
+
+``install_error_handlers`` maps the taxonomy (``app.errors``), FastAPI's validation errors,
+Starlette's HTTP errors (unknown route, wrong method) and anything unexpected to the envelope,
+so no route ever answers FastAPI's ``{"detail": ...}`` or a stack trace.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import (
+    ApiError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    as_api_error,
+    validation_error,
+)
+
+
+def record_error(request: Request, error: ApiError) -> None:
+    """Count the error in the app's metrics, when it has them."""
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.error(error.error_type, error.status_code)
+
+
+def _response(request: Request, error: ApiError) -> JSONResponse:
+    record_error(request, error)
+    headers = {"Retry-After": "1"} if isinstance(error, Overloaded) else None
+    return JSONResponse(error.envelope(), status_code=error.status_code, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        return _response(request, as_api_error(exc))
+
+    async def on_request_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError | ValidationError)
+        return _response(request, validation_error(exc.errors()))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        error: ApiError
+        if exc.status_code == 404:
+            error = NotFound("Unknown endpoint.", code="not_found")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed("Method not allowed for this endpoint.")
+        elif exc.status_code < 500:
+            error = InvalidRequest(str(exc.detail))
+        else:
+            error = InternalError()
+        return _response(request, error)
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_request_validation)
+    app.add_exception_handler(ValidationError, on_request_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_api_error)

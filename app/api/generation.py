@@ -1,0 +1,163 @@
+"""The one response path of every generating route: parse the body, then stream the
+generation as SSE or collect the very same events into one JSON body.
+
+A route only names its request model and its ``Format`` (``app.api.formats``); streaming,
+buffering, in-band errors, metrics and the access log's facts are written once, here.
+
+The body is parsed from the raw bytes whatever the Content-Type: ``curl -d`` sends JSON as
+``application/x-www-form-urlencoded``, and refusing that would fail the most common first try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from contextlib import suppress
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from app.api.errors import record_error
+from app.api.formats import Answer, Format, usage_of
+from app.api.metrics import Metrics
+from app.api.observability import request_facts
+from app.api.sse import event_stream, frame
+from app.core.prepare import PreparedGeneration
+from app.core.results import Event, Finished
+from app.core.service import GenerationService
+from app.errors import InvalidRequest, as_api_error, validation_error
+from app.settings import Settings
+
+Body = TypeVar("Body", bound=BaseModel)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a request whose client left before the answer (for the access log)."""
+
+
+async def read_body(request: Request, model: type[Body]) -> Body:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+
+
+async def observed(
+    request: Request, service: GenerationService, job: PreparedGeneration, arrived: float
+) -> AsyncIterator[Event | Finished]:
+    """The service's generation, measured for /metrics and noted for the access log."""
+    metrics: Metrics = request.app.state.metrics
+    async for item in metrics.observe(service.generate(job), arrived):
+        if isinstance(item, Finished):
+            request_facts(request.scope).update(
+                finish_reason=item.finish_reason,
+                prompt_tokens=item.prompt_tokens,
+                cached_tokens=item.cached_tokens,
+                completion_tokens=item.completion_tokens,
+                queue_ms=round(item.times.queue_ms, 2),
+                prompt_ms=round(item.times.prompt_ms, 2),
+                decode_ms=round(item.times.decode_ms, 2),
+            )
+        yield item
+
+
+def _event(chunk: BaseModel) -> bytes:
+    return frame(chunk.model_dump_json())
+
+
+async def _stream_events(
+    request: Request, items: AsyncIterator[Event | Finished], fmt: Format, include_usage: bool
+) -> AsyncGenerator[bytes, None]:
+    first = fmt.first_chunk()
+    if first is not None:
+        yield _event(first)
+    try:
+        async for item in items:
+            if isinstance(item, Event):
+                yield frame(fmt.event_json(item))
+                continue
+            yield _event(fmt.finish_chunk(item))
+            if include_usage:
+                yield _event(fmt.usage_chunk(usage_of(item)))
+    except Exception as exc:
+        # Headers are gone: the error travels in-band, then the stream ends normally.
+        error = as_api_error(exc)
+        record_error(request, error)
+        yield frame(json.dumps(error.envelope()))
+    yield frame("[DONE]")
+
+
+async def _collect(items: AsyncIterator[Event | Finished], fmt: Format) -> dict[str, Any]:
+    answer = Answer()
+    async for item in items:
+        if isinstance(item, Event):
+            answer.add(item)
+        else:
+            return fmt.response(answer, item).model_dump()
+    raise RuntimeError("generation ended without a finish")  # the service always finishes
+
+
+async def respond(
+    request: Request,
+    service: GenerationService,
+    settings: Settings,
+    job: PreparedGeneration,
+    fmt: Format,
+    *,
+    stream: bool,
+    include_usage: bool,
+    arrived: float,
+) -> Response:
+    """One generation path: streamed as SSE, or the same events collected into JSON."""
+    items = observed(request, service, job, arrived)
+    if not stream:
+        collected = await _unless_disconnected(request, _collect(items, fmt))
+        if collected is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return JSONResponse(collected)
+    return event_stream(
+        _stream_events(request, items, fmt, include_usage),
+        keepalive_s=settings.sse_keepalive_s,
+        headers=SSE_HEADERS,
+    )
+
+
+async def _unless_disconnected(
+    request: Request, collecting: Coroutine[Any, Any, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The collected response, or None if the client left first.
+
+    A buffered request has no stream whose send would fail, so its client's disconnect is
+    watched for here: a client that gives up on a queued or running request cancels it (it
+    leaves the queue, or its slot is freed within a step) instead of it running to the end
+    for nobody.
+    """
+    collect = asyncio.ensure_future(collecting)
+    disconnect = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collect, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (collect, disconnect):
+            if not task.done():
+                task.cancel()
+    if collect.done() and not collect.cancelled():
+        return collect.result()
+    with suppress(asyncio.CancelledError):
+        await collect
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read before the route ran)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,31 @@
+"""What clients and operators ask besides generations: ``/v1/models``, ``/health``,
+``/metrics``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from app.api.deps import ServiceDep
+from app.api.metrics import Metrics
+from app.api.schemas import ModelCard, ModelList
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(service: ServiceDep, request: Request) -> ModelList:
+    created: int = request.app.state.started_at
+    return ModelList(data=[ModelCard(id=service.model_id, created=created)])
+
+
+@router.get("/metrics", response_model=None)
+async def metrics(request: Request) -> Response:
+    exported: Metrics = request.app.state.metrics
+    return Response(exported.exposition(), media_type=exported.content_type)
+
+
+@router.get("/health", response_model=None)
+async def health(request: Request) -> JSONResponse:
+    status: str = request.app.state.load_status
+    return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)

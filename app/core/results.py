@@ -1,0 +1,46 @@
+"""What a generation yields, as the routes and formats see it: deltas, then one ``Finished``.
+
+Plain data, importable without the service or the engine (the wire formats and the metrics
+read these and nothing else).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from app.engine.protocol import TokenLogprobs
+from app.text import Delta
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+"""As OpenAI reports it: ``stop`` (end of turn or a stop string), ``length`` (max_tokens),
+``tool_calls`` (the answer is one or more calls)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One delta of the answer, with the logprobs of the tokens it completed (if asked)."""
+
+    delta: Delta
+    logprobs: tuple[TokenLogprobs, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class PhaseTimes:
+    """Where a generation's time went, in milliseconds (llama-server's ``timings``)."""
+
+    queue_ms: float
+    """Waiting for the engine: admission to the start of prefill."""
+    prompt_ms: float
+    """Prefill: from then to the first sampled token."""
+    decode_ms: float
+    """From the first sampled token to the last."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    times: PhaseTimes = field(default=PhaseTimes(0.0, 0.0, 0.0))
