@@ -10,8 +10,8 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from app.main import create_app
 from app.api.observability import JsonFormatter
+from app.main import create_app
 from app.settings import Settings
 
 

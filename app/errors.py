@@ -14,7 +14,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-
 logger = logging.getLogger(__name__)
 
 

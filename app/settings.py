@@ -14,7 +14,6 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 ENV_PREFIX = "QWEN3_MOE_SERVE_"
 
 FlashAttn = Literal["auto", "on", "off"]

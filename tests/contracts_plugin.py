@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from app.backends import ModelInfo
+from app.engine import ModelInfo
 from tests.contract_schema import Contracts, check_bindings, load_contracts
 from tests.findings import BoundTest, Measurement, RunFacts, build_findings, summary_lines
 from tests.run_facts import engine_facts, host_facts, model_facts

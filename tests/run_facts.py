@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.backends import ModelInfo
+from app.engine import ModelInfo
 
 FULL_HASH_LIMIT = 1 << 30
 SAMPLE_BYTES = 64 << 20

@@ -1,4 +1,6 @@
-"""Continuous batching (``BatchedLlamaBackend``) and admission, on the real engine.
+"""Concurrency: continuous batching (``BatchedLlamaBackend``), admission, the queue, timeouts
+and shutdown, on the real engine; and unit tests of the parts in between (slot choice,
+admission tickets, the output queue's backpressure, the engine -> loop hand-off).
 
 Exactness is tested on the scripted demo model, whose greedy output is known token by token:
 a prompt that ends partway through the script continues from there, so every concurrent
@@ -7,8 +9,9 @@ or KV cells would say the wrong next word. (On random weights, a different batch
 may legitimately change a near-tie: llama.cpp's matrix kernels round differently by batch
 shape, so random-weight tests compare only what must be identical.)
 
-Cancellation, backpressure and shutdown run over real sockets to a real uvicorn; the engine
-is observed through a thin wrapper and never replaced.
+Cancellation, backpressure and shutdown run over real sockets to a real uvicorn (the
+streaming ones are in ``test_streaming``); the engine is observed through a thin wrapper and
+never replaced.
 """
 
 from __future__ import annotations
@@ -17,132 +20,61 @@ import asyncio
 import contextlib
 import json
 import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import llama_cpp
 import pytest
 
-from app.backends import GenerationResult, OnLogprobs, OnToken, SamplingParams
-from app.backends.batched import HANDOFF_TOKENS, BatchedLlamaBackend, SchedulerError
-from app.backends.llama import LlamaBackend
-from app.main import create_app, drain, load_backend
+from app.core.admission import Admission
+from app.core.output import Failed, Output
+from app.engine import Backend, EngineError, Flow, OnToken, SamplingParams, load_backend
+from app.engine.batched import BatchedLlamaBackend, _Slot, choose_slot
+from app.engine.handoff import Handoff
+from app.engine.single import LlamaBackend
+from app.errors import Overloaded, Unavailable
+from app.main import create_app, drain
 from app.settings import Settings
 from tests import sse
-from tests.conftest import LiveServer, _free_port, asgi_client, settings_for
+from tests.conftest import (
+    HELLO,
+    InjectedBackend,
+    LiveServer,
+    Seen,
+    asgi_client,
+    load,
+    load_batched,
+    settings_for,
+    until,
+    wait_until,
+)
+from tests.server_process import ServerProcess
 
 GREEDY = SamplingParams(temperature=0.0)
-HELLO = [{"role": "user", "content": "Hello!"}]
-
-
-def batched(path: Path, *, parallel: int = 4, n_ctx: int = 1024, n_batch: int = 64) -> Any:
-    return BatchedLlamaBackend(
-        path,
-        parallel=parallel,
-        n_ctx=n_ctx,
-        n_gpu_layers=0,
-        n_threads=1,
-        n_batch=n_batch,
-        flash_attn="off",
-    )
-
-
-@pytest.fixture
-def batched_demo(demo_model_path: Path) -> Iterator[BatchedLlamaBackend]:
-    backend = batched(demo_model_path)
-    yield backend
-    backend.close()
 
 
 @pytest.fixture
 def batched_slow(slow_model_path: Path) -> Iterator[BatchedLlamaBackend]:
-    """Two slots of 2048 tokens; small prompt chunks, so a long prompt takes many steps."""
-    backend = batched(slow_model_path, parallel=2, n_ctx=2048, n_batch=64)
+    """Two fresh slots of 2048 tokens; small prompt chunks, so a long prompt takes many steps."""
+    backend = load_batched(slow_model_path, parallel=2, n_ctx=2048, n_batch=64)
     yield backend
     backend.close()
 
 
-class Observed:
-    """A batching backend with every request's callbacks observed, and optionally held.
-
-    ``hold(request_index, token_index)`` runs inside ``on_token`` on the request's own thread,
-    as the service's callback does when a client reads slowly.
-    """
-
-    def __init__(self, inner: BatchedLlamaBackend) -> None:
-        self.info = inner.info
-        self.tokenizer = inner.tokenizer
-        self.max_concurrency = inner.max_concurrency
-        self.inner = inner
-        self.check_grammar = inner.check_grammar
-        self.results: list[GenerationResult] = []
-        self.calls_after_false: list[int] = []
-        self.hold: Callable[[int, int], None] | None = None
-        self.started = 0
-        self._lock = threading.Lock()
-
-    def generate(
-        self,
-        prompt: Sequence[int],
-        sampling: SamplingParams,
-        max_tokens: int,
-        on_token: OnToken,
-        on_logprobs: OnLogprobs | None = None,
-        *,
-        cancelled: Callable[[], bool] | None = None,
-    ) -> GenerationResult:
-        with self._lock:
-            index = self.started
-            self.started += 1
-        seen = 0
-        said_false = False
-
-        def observed(token_id: int) -> bool:
-            nonlocal seen, said_false
-            if said_false:
-                self.calls_after_false.append(token_id)
-            if self.hold is not None:
-                self.hold(index, seen)
-            seen += 1
-            keep = on_token(token_id)
-            said_false = said_false or not keep
-            return keep
-
-        result = self.inner.generate(
-            prompt, sampling, max_tokens, observed, on_logprobs, cancelled=cancelled
-        )
-        with self._lock:
-            self.results.append(result)
-        return result
-
-    def close(self) -> None:
-        raise AssertionError("an injected backend is never closed by the app")
+async def collect(backend: Backend, prompt: list[int], n: int, **sampling: Any) -> list[int]:
+    tokens: list[int] = []
+    params = SamplingParams(**{"temperature": 0.0, **sampling})
+    await backend.generate(prompt, params, n, lambda t: tokens.append(t) or True)
+    return tokens
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
-def script_ids(backend: Any) -> tuple[list[int], list[int]]:
+def script_ids(backend: Backend) -> tuple[list[int], list[int]]:
     """A short prompt and the demo script's token ids that greedy decoding answers it with."""
     prompt = backend.tokenizer.tokenize("Hello")
-    script: list[int] = []
-    backend.generate(prompt, GREEDY, 200, lambda t: script.append(t) or True)
-    return prompt, script
-
-
-def outcome_at(url: str, path: str, body: dict[str, Any]) -> tuple[str, str, int]:
-    with httpx.Client(base_url=url, timeout=60) as http:
-        return outcome(http, path, body)
+    return prompt, asyncio.run(collect(backend, prompt, 200))
 
 
 def outcome(http: httpx.Client, path: str, body: dict[str, Any]) -> tuple[str, str, int]:
@@ -165,86 +97,130 @@ def outcome(http: httpx.Client, path: str, body: dict[str, Any]) -> tuple[str, s
     return "".join(stream.deltas()), finish, usage["completion_tokens"]
 
 
+def outcome_at(url: str, path: str, body: dict[str, Any]) -> tuple[str, str, int]:
+    with httpx.Client(base_url=url, timeout=60) as http:
+        return outcome(http, path, body)
+
+
+class FirstTokenGate(InjectedBackend):
+    """Holds the first ``count`` generations at their first token (paused through a flow of
+    the test's own) until all of them have one, so they go on decoding together."""
+
+    def __init__(self, inner: Backend, count: int) -> None:
+        super().__init__(inner)
+        self.count = count
+        self.gates: list[Flow] = []
+
+    def flow(self, seen: Seen, flow: Flow | None) -> Flow | None:
+        if seen.index >= self.count:
+            return flow
+        gate = Flow()
+        self.gates.append(gate)
+        return gate
+
+    def watch(self, seen: Seen, on_token: OnToken) -> OnToken:
+        if seen.index >= self.count:
+            return on_token
+
+        def hold_first(token_id: int) -> bool:
+            if len(seen.tokens) == 1:
+                self.gates[seen.index].pause()
+                held = [s for s in self.seen[: self.count] if s.tokens]
+                if len(held) == self.count:
+                    for gate in self.gates:
+                        gate.resume()
+            return on_token(token_id)
+
+        return hold_first
+
+
+@pytest.fixture
+def batch_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of distinct sequences in every batch llama.cpp decodes (observed, not
+    changed: the real ``llama_decode`` runs)."""
+    widths: list[int] = []
+    real = llama_cpp.llama_decode
+
+    def observed(ctx: Any, batch: Any) -> int:
+        widths.append(len({batch.seq_id[i][0] for i in range(batch.n_tokens)}))
+        status: int = real(ctx, batch)
+        return status
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", observed)
+    return widths
+
+
 # -- exactness ---------------------------------------------------------------------------
 
 
 def test_greedy_output_is_the_same_alone_and_beside_other_streams(
-    demo_backend: LlamaBackend, batched_demo: BatchedLlamaBackend
+    demo_backend: LlamaBackend, demo_model_path: Path, batch_widths: list[int]
 ) -> None:
     """Seven requests, four slots: every answer equals the one-slot engine's answer alone."""
-    prompt, script = script_ids(batched_demo)
-    assert len(script) > 35 and script == script_ids(demo_backend)[1]
-    requests: list[tuple[str, dict[str, Any]]] = [
-        ("/v1/completions", {"prompt": prompt, "max_tokens": 60, "stream": True}),
-        ("/v1/completions", {"prompt": prompt + script[:5], "max_tokens": 7, "stream": True}),
-        ("/v1/completions", {"prompt": prompt + script[:11], "stop": ["demo"]}),
-        (
-            "/v1/completions",
-            {"prompt": prompt + script[:20], "max_tokens": 12, "stop": [" llama"], "stream": True},
-        ),
-        ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 30, "stream": True}),
-        ("/v1/chat/completions", {"messages": HELLO, "stop": ["😀"]}),
-        ("/v1/completions", {"prompt": prompt + script[:30], "max_tokens": 3}),
-    ]
-    requests = [(path, {**body, "temperature": 0}) for path, body in requests]
-
-    with (
-        LiveServer(create_app(settings_for(), backend=demo_backend)) as one_slot,
-        httpx.Client(base_url=one_slot.url, timeout=60) as http,
-    ):
-        alone = [outcome(http, path, body) for path, body in requests]
-    assert {finish for _, finish, _ in alone} == {"stop", "length"}
-
-    observed = Observed(batched_demo)
-    all_started = threading.Event()
-
-    def hold_first_tokens(request: int, token: int) -> None:
-        # The first four hold their first token until all four run: they decode together.
-        if token == 0 and request < 4:
-            if observed.started >= 4:
-                all_started.set()
-            all_started.wait(timeout=10)
-
-    observed.hold = hold_first_tokens
-    with (
-        LiveServer(create_app(settings_for(), backend=observed)) as server,
-        ThreadPoolExecutor(len(requests)) as pool,
-    ):
-        together = list(pool.map(lambda request: outcome_at(server.url, *request), requests))
+    batched = load_batched(demo_model_path)
+    try:
+        prompt, script = script_ids(batched)
+        assert len(script) > 35 and script == script_ids(demo_backend)[1]
+        requests: list[tuple[str, dict[str, Any]]] = [
+            ("/v1/completions", {"prompt": prompt, "max_tokens": 60, "stream": True}),
+            ("/v1/completions", {"prompt": prompt + script[:5], "max_tokens": 7, "stream": True}),
+            ("/v1/completions", {"prompt": prompt + script[:11], "stop": ["demo"]}),
+            (
+                "/v1/completions",
+                {"prompt": prompt + script[:20], "max_tokens": 12, "stop": [" llama"]}
+                | {"stream": True},
+            ),
+            ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 30, "stream": True}),
+            ("/v1/chat/completions", {"messages": HELLO, "stop": ["😀"]}),
+            ("/v1/completions", {"prompt": prompt + script[:30], "max_tokens": 3}),
+        ]
+        requests = [(path, {**body, "temperature": 0}) for path, body in requests]
+        with (
+            LiveServer(create_app(settings_for(), backend=demo_backend)) as one_slot,
+            httpx.Client(base_url=one_slot.url, timeout=60) as http,
+        ):
+            alone = [outcome(http, path, body) for path, body in requests]
+        assert {finish for _, finish, _ in alone} == {"stop", "length"}
+        gated = FirstTokenGate(batched, count=4)
+        batch_widths.clear()
+        with (
+            LiveServer(create_app(settings_for(), backend=gated)) as server,
+            ThreadPoolExecutor(len(requests)) as pool,
+        ):
+            together = list(pool.map(lambda request: outcome_at(server.url, *request), requests))
+    finally:
+        batched.close()
     assert together == alone
-    assert batched_demo.stats.peak_sequences >= 2, "the streams never shared a decode step"
+    assert max(batch_widths) >= 4, "the held streams never shared a decode step"
 
 
-def test_a_seed_drives_only_its_own_request(slow_model_path: Path) -> None:
+def test_a_seed_drives_only_its_own_request(slow_model_path: Path, batch_widths: list[int]) -> None:
     """Decoded side by side, two requests with one seed agree and a third seed differs: each
     request samples from its own generator (a shared one would interleave their draws).
 
-    The two same-seed requests arrive while a long prompt is being decoded, so they start in
-    the same step and stay in lockstep: their logits are computed alike.
+    The three arrive while a long prompt is being decoded, so they start in the same step and
+    stay in lockstep: their logits are computed alike.
     """
-    backend = batched(slow_model_path, parallel=3, n_ctx=2048, n_batch=2048)
-    try:
+    backend = load_batched(slow_model_path, parallel=4, n_ctx=2048, n_batch=2048)
+
+    async def together() -> list[list[int]]:
         long_prompt = backend.tokenizer.tokenize("The quick brown fox jumps. " * 400)[:1800]
         prompt = backend.tokenizer.tokenize("Once upon a time")
-        seeds = {"a": 7, "b": 7, "c": 8}
-        texts: dict[str, list[int]] = {}
+        blocker = asyncio.create_task(collect(backend, long_prompt, 1))
+        while backend.running == 0:
+            await asyncio.sleep(0.001)
+        sampled = [collect(backend, prompt, 24, temperature=1.0, seed=s) for s in (7, 7, 8)]
+        results = await asyncio.gather(*sampled)
+        await blocker
+        return list(results)
 
-        def run(name: str) -> None:
-            tokens: list[int] = []
-            sampling = SamplingParams(temperature=1.0, seed=seeds[name])
-            backend.generate(prompt, sampling, 24, lambda t: tokens.append(t) or True)
-            texts[name] = tokens
-
-        with ThreadPoolExecutor(4) as pool:
-            blocker = pool.submit(backend.generate, long_prompt, GREEDY, 1, lambda _: True)
-            wait_until(lambda: backend.running == 1)
-            list(pool.map(run, seeds))
-            blocker.result()
+    try:
+        a, b, c = asyncio.run(together())
     finally:
         backend.close()
-    assert texts["a"] == texts["b"]
-    assert texts["a"] != texts["c"]
-    assert backend.stats.peak_sequences >= 2
+    assert a == b
+    assert a != c
+    assert max(batch_widths) >= 3
 
 
 # -- prefix reuse ------------------------------------------------------------------------
@@ -255,7 +231,7 @@ def test_a_conversation_returns_to_the_slot_that_holds_its_history(
 ) -> None:
     """Two slots, three conversations: a follow-up turn reuses its own slot's cache, and the
     least recently used cache is the one a new conversation evicts."""
-    backend = batched(demo_model_path, parallel=2)
+    backend = load_batched(demo_model_path, parallel=2)
 
     def chat(http: httpx.Client, messages: list[dict[str, str]]) -> tuple[str, dict[str, Any]]:
         body = {"messages": messages, "temperature": 0}
@@ -295,6 +271,18 @@ def test_a_conversation_returns_to_the_slot_that_holds_its_history(
     assert little(usage_a2)
 
 
+def test_choose_slot_prefers_the_longest_shared_prefix_else_the_least_recently_used() -> None:
+    empty = _Slot(0)
+    ada = _Slot(1, [1, 2, 3, 4, 5], last_used=2)
+    bob = _Slot(2, [1, 2, 9], last_used=1)
+    assert choose_slot([empty, ada, bob], [1, 2, 3, 4, 5, 6]) is ada
+    assert choose_slot([ada, bob], [1, 2, 9, 9]) is bob
+    # A shared opening shorter than the similarity threshold does not count: LRU (empty first).
+    long_prompt = [1] + [7] * 50
+    assert choose_slot([empty, ada, bob], long_prompt) is empty
+    assert choose_slot([ada, bob], long_prompt) is bob
+
+
 # -- admission ---------------------------------------------------------------------------
 
 
@@ -302,8 +290,8 @@ def test_a_full_queue_answers_429_and_a_queued_client_that_leaves_is_dropped(
     batched_slow: BatchedLlamaBackend,
 ) -> None:
     """Two slots and one waiting place: the fourth request is a 429 in OpenAI's envelope with
-    Retry-After; the waiting one, abandoned, never reaches the engine and frees its place."""
-    observed = Observed(batched_slow)
+    Retry-After; the waiting one, abandoned, is never decoded and frees its place."""
+    observed = InjectedBackend(batched_slow)
     app = create_app(settings_for(max_queue=1), backend=observed)
     long_body = {"prompt": "Once", "max_tokens": 1500, "temperature": 0, "stream": True}
     with LiveServer(app) as server, contextlib.ExitStack() as streams:
@@ -327,121 +315,109 @@ def test_a_full_queue_answers_429_and_a_queued_client_that_leaves_is_dropped(
         assert refused.json()["error"]["type"] == "rate_limit_error"
         assert refused.json()["error"]["code"] == "overloaded"
         wait_until(lambda: admission.in_flight == 2)
-        assert observed.started == 2, "the abandoned request reached the engine"
+        abandoned = observed.seen[2]
+        wait_until(lambda: abandoned.ended)
+        assert abandoned.tokens == [] and abandoned.finish == "cancelled"
         with httpx.Client(base_url=server.url, timeout=60) as http:
             admitted = http.stream("POST", "/v1/completions", json=long_body)
             with admitted as response:
                 assert response.status_code == 200
-    wait_until(lambda: len(observed.results) == observed.started)
-    assert {r.finish_reason for r in observed.results} == {"cancelled"}
+    wait_until(lambda: all(s.ended for s in observed.seen))
+    assert {s.finish for s in observed.seen} == {"cancelled"}
 
 
 def test_a_request_past_its_timeout_ends_with_an_error(batched_slow: BatchedLlamaBackend) -> None:
     """The per-request limit ends a stream in-band (then [DONE]) and a buffered request with
     an error response; the engine lets go of both."""
-    observed = Observed(batched_slow)
+    observed = InjectedBackend(batched_slow)
     app = create_app(settings_for(request_timeout_s=0.3), backend=observed)
     body = {"prompt": "Once", "max_tokens": 1500, "temperature": 0}
     with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
             stream = sse.read(response.iter_lines())
         buffered = http.post("/v1/completions", json=body)
-        wait_until(lambda: len(observed.results) == 2)
+        wait_until(lambda: len(observed.seen) == 2 and all(s.ended for s in observed.seen))
     assert stream.payloads[-1] == "[DONE]"
     assert json.loads(stream.payloads[-2])["error"]["code"] == "timeout"
     assert stream.finish_reasons() == []
     assert buffered.status_code == 503
     assert buffered.json()["error"]["code"] == "timeout"
-    assert [r.finish_reason for r in observed.results] == ["cancelled", "cancelled"]
+    assert [s.finish for s in observed.seen] == ["cancelled", "cancelled"]
+    assert all(len(s.tokens) < 1500 for s in observed.seen)
 
 
-# -- cancellation, backpressure ----------------------------------------------------------
+def test_admission_counts_running_and_waiting_places_and_refuses_when_draining() -> None:
+    async def scenario() -> None:
+        admission = Admission(2, max_queue=1)
+        tickets = [admission.admit() for _ in range(3)]
+        with pytest.raises(Overloaded):
+            admission.admit()
+        tickets[0].release()
+        tickets[0].release()  # idempotent
+        assert admission.in_flight == 2
+        spare = admission.admit()
+        aborted: list[str] = []
+        spare.start(lambda error: aborted.append(error.code or ""))
+        await admission.drain(grace_s=0.0)
+        assert aborted == ["shutting_down"]
+        with pytest.raises(Unavailable):
+            admission.admit()
+
+    asyncio.run(scenario())
 
 
-def test_disconnect_during_prefill_stops_the_prefill(batched_slow: BatchedLlamaBackend) -> None:
-    """A client that leaves while its long prompt is being decoded frees the slot before the
-    prompt is done: no token is sampled, and the cells it had filled stay as a prefix cache."""
-    observed = Observed(batched_slow)
-    long_prompt = batched_slow.tokenizer.tokenize("The quick brown fox jumps. " * 400)[:1800]
-    body = {"prompt": long_prompt, "max_tokens": 2, "temperature": 0}
-    with (
-        LiveServer(create_app(settings_for(), backend=observed)) as server,
-        httpx.Client(base_url=server.url, timeout=60) as http,
-    ):
-        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
-            assert response.status_code == 200  # the request is admitted; leave at once
-        wait_until(lambda: len(observed.results) == 1)
-        follow_up = http.post("/v1/completions", json=body).json()
-    left = observed.results[0]
-    assert left.finish_reason == "cancelled"
-    assert left.completion_tokens == 0
-    assert follow_up["usage"]["prompt_tokens"] == 1800
-    assert follow_up["usage"]["prompt_tokens_details"]["cached_tokens"] < 1799
+def test_a_ticket_dropped_unstarted_gives_its_place_back() -> None:
+    """A request admitted whose response never started (its client left before the first
+    byte) frees its place when nothing holds its ticket any more."""
+    admission = Admission(1, max_queue=0)
+    ticket = admission.admit()
+    with pytest.raises(Overloaded):
+        admission.admit()
+    del ticket
+    admission.admit()
 
 
-def test_disconnect_during_decode_frees_the_slot_and_spares_the_neighbour(
-    batched_slow: BatchedLlamaBackend,
-) -> None:
-    observed = Observed(batched_slow)
-    long_body = {"prompt": "Once", "max_tokens": 1500, "temperature": 0, "stream": True}
-    short_body = {"prompt": "Twice", "max_tokens": 100, "temperature": 0, "stream": True}
-    with (
-        LiveServer(create_app(settings_for(), backend=observed)) as server,
-        ThreadPoolExecutor(1) as pool,
-        httpx.Client(base_url=server.url, timeout=60) as http,
-    ):
-        with http.stream("POST", "/v1/completions", json=long_body) as response:
-            lines = response.iter_lines()
-            next(lines)
-            neighbour = pool.submit(outcome_at, server.url, "/v1/completions", short_body)
-            for n, _ in enumerate(lines):
-                if n == 6:
-                    break  # leaving the block closes the connection mid-stream
-        assert neighbour.result()[1:] == ("length", 100)
-        follow_up = http.post(
-            "/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "temperature": 0}
-        )
-    assert follow_up.json()["usage"]["completion_tokens"] == 4
-    wait_until(lambda: len(observed.results) == 3)
-    cancelled = next(r for r in observed.results if r.finish_reason == "cancelled")
-    assert 0 < cancelled.completion_tokens < 1500
-    assert observed.calls_after_false == [], "tokens were reported after on_token said False"
+# -- the output queue and the hand-off ---------------------------------------------------
 
 
-def test_a_blocked_reader_does_not_hold_up_the_other_streams(
-    batched_demo: BatchedLlamaBackend,
-) -> None:
-    """One request's callback blocks (a client that stopped reading) while six others run to
-    the end. Its sequence waits in its slot, a bounded number of tokens ahead of its reader;
-    released, it finishes with exactly the answer it gives alone."""
-    prompt, script = script_ids(batched_demo)
-    observed = Observed(batched_demo)
-    release = threading.Event()
-    blocked = threading.Event()
+def test_output_pauses_the_engine_when_full_and_resumes_at_half() -> None:
+    async def scenario() -> None:
+        flow = Flow()
+        woken: list[bool] = []
+        flow.on_resume(lambda: woken.append(True))
+        output: Output[int] = Output(4, flow)
+        for item in range(4):
+            output.put(item)
+        assert flow.paused
+        assert await output.get() == 0
+        assert flow.paused, "resumes only once half of the capacity is free"
+        assert await output.get() == 1
+        assert not flow.paused and woken == [True]
+        assert await output.get() == 2
+        output.fail(ValueError("x"))
+        assert output.closed
+        assert await output.get() == 3
+        assert isinstance(await output.get(), Failed)
 
-    def block_first_request(request: int, token: int) -> None:
-        if request == 0 and token == 1:
-            blocked.set()
-            assert release.wait(timeout=60)
+    asyncio.run(scenario())
 
-    observed.hold = block_first_request
-    slow_body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "stream": True}
-    assert HANDOFF_TOKENS + 1 < 40, "the blocked stream must be long enough to be parked"
-    with LiveServer(create_app(settings_for(), backend=observed)) as server:
-        with ThreadPoolExecutor(1) as pool:
-            slow = pool.submit(outcome_at, server.url, "/v1/completions", slow_body)
-            assert blocked.wait(timeout=30)
-            with httpx.Client(base_url=server.url, timeout=60) as http:
-                for start in (3, 9, 14, 21, 26, 30):
-                    body = {"prompt": prompt + script[:start], "max_tokens": 8, "temperature": 0}
-                    assert outcome(http, "/v1/completions", body)[1:] == ("length", 8)
-            assert not slow.done()
-            assert batched_demo.running == 1, "the unread stream should be parked in its slot"
-            release.set()
-            together = slow.result()
-        alone = outcome_at(server.url, "/v1/completions", slow_body)
-    assert together == alone
-    assert together[1:] == ("length", 40)
+
+def test_the_handoff_delivers_in_order_with_one_wakeup_per_burst() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        bursts: list[list[int]] = []
+        handoff: Handoff[int] = Handoff(loop, bursts.append)
+
+        def engine() -> None:
+            for start in range(0, 30, 3):
+                handoff.post(range(start, start + 3))
+            handoff.wait_for_room(0, timeout=10)
+
+        await asyncio.to_thread(engine)
+        assert [item for burst in bursts for item in burst] == list(range(30))
+        assert handoff.backlog() == 0
+
+    asyncio.run(scenario())
 
 
 # -- the backend itself ------------------------------------------------------------------
@@ -450,55 +426,68 @@ def test_a_blocked_reader_does_not_hold_up_the_other_streams(
 def test_a_request_queued_in_the_backend_leaves_when_its_caller_gives_up(
     slow_model_path: Path,
 ) -> None:
-    """More callers than slots queue inside the backend; the ``cancelled`` probe takes a
-    queued one out without it ever being decoded."""
-    backend = batched(slow_model_path, parallel=1, n_ctx=2048)
-    try:
+    """More callers than slots queue inside the backend; cancelling a queued one takes it out
+    without it ever being decoded, and the running one goes on."""
+    backend = load_batched(slow_model_path, parallel=1, n_ctx=2048)
+
+    async def scenario() -> None:
         prompt = backend.tokenizer.tokenize("Once")
-        running = threading.Event()
-        stop_running = threading.Event()
+        first_tokens: list[int] = []
+        first = asyncio.create_task(
+            backend.generate(prompt, GREEDY, 200, lambda t: first_tokens.append(t) or True)
+        )
+        while not first_tokens:
+            await asyncio.sleep(0.001)
+        queued_tokens: list[int] = []
+        queued = asyncio.create_task(
+            backend.generate(prompt, GREEDY, 10, lambda t: queued_tokens.append(t) or True)
+        )
+        await asyncio.sleep(0)  # it is in the backend's queue now
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        result = await first
+        assert (result.finish_reason, result.completion_tokens) == ("length", 200)
+        assert queued_tokens == []
 
-        def occupy() -> GenerationResult:
-            def on_token(_: int) -> bool:
-                running.set()
-                return not stop_running.is_set()
-
-            return backend.generate(prompt, GREEDY, 1500, on_token)
-
-        with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(occupy)
-            assert running.wait(timeout=30)
-            gave_up = backend.generate(prompt, GREEDY, 10, lambda _: True, cancelled=lambda: True)
-            assert not first.done(), "the queued request waited for the running one"
-            stop_running.set()
-            assert first.result().finish_reason == "cancelled"
-        assert (gave_up.finish_reason, gave_up.completion_tokens) == ("cancelled", 0)
+    try:
+        asyncio.run(scenario())
     finally:
         backend.close()
 
 
-def test_closing_the_backend_fails_running_and_queued_requests(slow_model_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["single", "batched"])
+def test_closing_the_backend_fails_running_and_queued_requests(
+    slow_model_path: Path, engine: str
+) -> None:
     """Nothing vanishes: a generation cut off by ``close()`` raises, it does not hang or
     return as if complete."""
-    backend = batched(slow_model_path, parallel=1, n_ctx=2048)
-    prompt = backend.tokenizer.tokenize("Once")
-    running = threading.Event()
+    backend: Backend = (
+        load(slow_model_path)
+        if engine == "single"
+        else load_batched(slow_model_path, parallel=1, n_ctx=2048)
+    )
 
-    def on_token(_: int) -> bool:
-        running.set()
-        return True
+    async def scenario() -> None:
+        prompt = backend.tokenizer.tokenize("Once")
+        started = asyncio.Event()
 
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(backend.generate, prompt, GREEDY, 1500, on_token)
-        assert running.wait(timeout=30)
-        second = pool.submit(backend.generate, prompt, GREEDY, 10, lambda _: True)
-        time.sleep(0.1)
-        backend.close()
-        for future in (first, second):
-            with pytest.raises(SchedulerError):
-                future.result(timeout=30)
-    with pytest.raises(SchedulerError):
-        backend.generate(prompt, GREEDY, 1, lambda _: True)
+        def on_token(_: int) -> bool:
+            started.set()
+            return True
+
+        first = asyncio.create_task(backend.generate(prompt, GREEDY, 1500, on_token))
+        await started.wait()
+        second = asyncio.create_task(backend.generate(prompt, GREEDY, 10, lambda _: True))
+        await asyncio.sleep(0)  # it is queued behind the first now
+        await asyncio.to_thread(backend.close)
+        for task in (first, second):
+            with pytest.raises(EngineError):
+                await asyncio.wait_for(task, timeout=30)
+        with pytest.raises(EngineError):
+            await backend.generate(prompt, GREEDY, 1, lambda _: True)
+
+    asyncio.run(scenario())
 
 
 def test_parallel_setting_selects_the_batching_backend(demo_model_path: Path) -> None:
@@ -527,11 +516,9 @@ async def test_drain_refuses_new_requests_and_ends_the_unfinished_ones(
         admission = app.state.service.admission
         long_run = asyncio.create_task(client.post("/v1/completions", json=long_body))
         short_run = asyncio.create_task(client.post("/v1/completions", json=short_body))
-        while admission.in_flight < 2:
-            await asyncio.sleep(0.01)
+        await until(lambda: admission.in_flight == 2)
         draining = asyncio.create_task(drain(app, grace_s=1.0))
-        while not admission.draining:
-            await asyncio.sleep(0.01)
+        await until(lambda: admission.draining)
         refused = await client.post("/v1/completions", json=short_body)
         health = await client.get("/health")
         await draining
@@ -549,30 +536,20 @@ async def test_drain_refuses_new_requests_and_ends_the_unfinished_ones(
 def test_sigterm_drains_a_real_server_process(slow_model_path: Path, tmp_path: Path) -> None:
     """The console script under a real SIGTERM: /health turns to draining, new requests get
     503, the running stream ends with an error event and [DONE], and the process exits."""
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "app.cli", "--model", str(slow_model_path), "--port", str(port),
-        "--parallel", "2", "--n-ctx", "2048", "--n-threads", "1", "--shutdown-grace-s", "1",
-        "--cache-dir", str(tmp_path),
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            wait_until(lambda: _health(http) == 200, timeout=60)
+    args = ("--parallel", "2", "--n-ctx", "2048", "--n-threads", "1", "--shutdown-grace-s", "1")
+    with ServerProcess(slow_model_path, *args, cache_dir=tmp_path) as server:
+        assert server.process is not None
+        with httpx.Client(base_url=server.url, timeout=60) as http:
             body = {"prompt": "Once", "max_tokens": 2000, "temperature": 0, "stream": True}
             with http.stream("POST", "/v1/completions", json=body) as response:
                 lines = response.iter_lines()
                 next(lines)
-                process.send_signal(signal.SIGTERM)
-                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as other:
+                server.process.send_signal(signal.SIGTERM)
+                with httpx.Client(base_url=server.url, timeout=60) as other:
                     wait_until(lambda: _health(other) == 503)
                     refused = other.post("/v1/completions", json={**body, "stream": False})
                 stream = sse.read(lines)
-        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "shutting_down"
     assert stream.payloads[-1] == "[DONE]"

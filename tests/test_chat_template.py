@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.chat_template import ChatTemplate, TemplateRejected
+from app.core.chat_template import ChatTemplate, TemplateRejected
 
 PACKAGED = Path(__file__).resolve().parents[1] / "app" / "qwen3_chat_template.jinja"
 PUBLISHED_SHA256 = "c945a4a87850dd79827191150be98539a7a5e7da0689f3550d880f8dcc95b856"

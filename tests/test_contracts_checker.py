@@ -215,13 +215,13 @@ def test_a_passing_run_records_what_it_ran_on(
         f"""
         import pytest
         from types import SimpleNamespace
-        from app.backends import ModelInfo
+        from app.engine import ModelInfo
 
         @pytest.fixture
         def backend():
             info = ModelInfo(
                 path={str(weights)!r}, n_ctx=64, n_vocab=8, architecture="qwen3moe",
-                chat_template=None, bos_token="", eos_token="", add_bos=False, gpu_offload=False,
+                chat_template=None, bos_token="", eos_token="", gpu_offload=False,
             )
             return SimpleNamespace(info=info)
 
@@ -422,7 +422,7 @@ def test_the_repository_contracts_validate() -> None:
     contracts = load_contracts(ROOT / "contracts", ROOT)
     assert contracts.errors == ()
     falsifiers = contracts.falsifiers()
-    streaming = [f"QWEN3_MOE_STREAMING_SSE_V1_{i:03d}" for i in range(1, 5)]
+    streaming = [f"QWEN3_MOE_STREAMING_SSE_V2_{i:03d}" for i in range(1, 5)]
     assert set(streaming) <= set(falsifiers)
-    latency = falsifiers["QWEN3_MOE_STREAMING_SSE_V1_003"][1].thresholds
+    latency = falsifiers["QWEN3_MOE_STREAMING_SSE_V2_003"][1].thresholds
     assert set(latency) == {"median_gap_ms_max", "gap_to_engine_ratio_max"}

@@ -30,7 +30,7 @@ import httpx
 import pytest
 import yaml
 
-from app.backends.llama import LlamaBackend
+from app.engine.single import LlamaBackend
 from app.main import create_app
 from app.settings import ENV_PREFIX, Settings
 from tests.conftest import LiveServer, settings_for
@@ -632,7 +632,7 @@ def test_rpc_server_that_cannot_be_used_is_an_error_not_an_abort() -> None:
     Run in a child process, so that an abort (or a registration) cannot touch this one.
     """
     code = (
-        "from app.backends.llama import register_rpc_servers\n"
+        "from app.engine.rpc import register_rpc_servers\n"
         "try:\n"
         f"    register_rpc_servers(['127.0.0.1:{free_port()}'])\n"
         "except Exception as exc:\n"

@@ -1,4 +1,6 @@
-"""Every bad request is a 4xx in OpenAI's error envelope, and the server keeps serving."""
+"""Errors: every bad request is a 4xx in OpenAI's error envelope, an engine failure after the
+headers is an in-band error, and the server keeps serving. (Hostile input against a real
+server process: ``test_hostile_input``.)"""
 
 from __future__ import annotations
 
@@ -7,17 +9,15 @@ import threading
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
-from app.backends import OnToken
-from app.backends.llama import LlamaBackend
+from app.engine import Backend, OnToken
 from app.main import create_app
 from tests import sse
-from tests.conftest import InjectedBackend, asgi_client, settings_for
+from tests.conftest import HELLO, InjectedBackend, LiveServer, Seen, asgi_client, settings_for
 
 pytestmark = pytest.mark.anyio
-
-HELLO = [{"role": "user", "content": "Hello!"}]
 
 
 def assert_envelope(response: httpx.Response, status: int, **expected: Any) -> dict[str, Any]:
@@ -128,17 +128,13 @@ async def test_unknown_route_and_wrong_method_use_the_envelope(client: httpx.Asy
 class _FailingBackend(InjectedBackend):
     """Fault injection: the real engine, failing after ``after`` tokens."""
 
-    def __init__(self, inner: LlamaBackend, after: int) -> None:
+    def __init__(self, inner: Backend, after: int) -> None:
         super().__init__(inner)
         self._after = after
 
-    def watch(self, on_token: OnToken) -> OnToken:
-        seen = 0
-
+    def watch(self, seen: Seen, on_token: OnToken) -> OnToken:
         def failing(token_id: int) -> bool:
-            nonlocal seen
-            seen += 1
-            if seen > self._after:
+            if len(seen.tokens) > self._after:
                 raise RuntimeError("llama_decode returned -3 at 0xdeadbeef")
             return on_token(token_id)
 
@@ -146,8 +142,8 @@ class _FailingBackend(InjectedBackend):
 
 
 @pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_006")
-async def test_engine_failure_mid_stream_is_an_in_band_error(demo_backend: LlamaBackend) -> None:
-    app = create_app(settings_for(), backend=_FailingBackend(demo_backend, after=8))
+async def test_engine_failure_mid_stream_is_an_in_band_error(demo_engine: Backend) -> None:
+    app = create_app(settings_for(), backend=_FailingBackend(demo_engine, after=8))
     async with asgi_client(app) as client:
         body = {"messages": HELLO, "temperature": 0, "stream": True}
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -191,3 +187,23 @@ async def test_health_is_503_while_the_model_loads(
         assert (await client.get("/health")).json() == {"status": "ok"}
         ready = await client.post("/v1/chat/completions", json={"messages": HELLO})
         assert ready.status_code == 200
+
+
+@pytest.mark.falsifies(
+    "QWEN3_MOE_OPENAI_WIRE_V1_002",
+    "QWEN3_MOE_OPENAI_WIRE_V1_004",
+    "QWEN3_MOE_OPENAI_WIRE_V1_005",
+)
+def test_the_openai_sdk_sees_typed_errors(live_server: LiveServer) -> None:
+    sdk = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.chat.completions.create(model="nope", messages=HELLO)  # type: ignore[arg-type]
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        sdk.chat.completions.create(
+            model="qwen3-moe-demo",
+            messages=HELLO,  # type: ignore[arg-type]
+            max_tokens=10**6,
+        )
+    assert too_long.value.code == "context_length_exceeded"
+    assert [m.id for m in sdk.models.list().data] == ["qwen3-moe-demo"]

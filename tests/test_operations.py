@@ -13,9 +13,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.backends.llama import LlamaBackend
+from app.api.observability import JsonFormatter
+from app.engine.single import LlamaBackend
 from app.main import create_app
-from app.observability import JsonFormatter
 from tests import sse
 from tests.conftest import asgi_client, settings_for
 

@@ -16,15 +16,14 @@ import httpx
 import openai
 import pytest
 
-from app.backends.llama import LlamaBackend
 from app.demo_model import DEFAULT_SCRIPT, ensure_demo_model
+from app.engine import Backend
 from app.main import create_app
 from tests import sse
-from tests.conftest import LiveServer, asgi_client, load, settings_for
+from tests.conftest import ENGINES, HELLO, LiveServer, asgi_client, load, load_batched, settings_for
 
 pytestmark = pytest.mark.anyio
 
-HELLO = [{"role": "user", "content": "Hello!"}]
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -81,15 +80,17 @@ JSON_SCRIPT = (b'{"answer"', b": 42", b', "unit": ', b'"cm"', b"}", b"<|im_end|>
 
 
 @pytest.fixture(scope="module")
-def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., LlamaBackend]]:
-    """Loads (once per module) the demo model variant whose greedy output is ``script``."""
+def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Backend]]:
+    """Loads (once per module and engine) the demo model variant whose greedy output is
+    ``script``."""
     cache = tmp_path_factory.mktemp("scripted")
-    loaded: dict[tuple[bytes, ...], LlamaBackend] = {}
+    loaded: dict[tuple[tuple[bytes, ...], str], Backend] = {}
 
-    def backend(script: Sequence[bytes]) -> LlamaBackend:
-        key = tuple(script)
+    def backend(script: Sequence[bytes], engine: str = "single") -> Backend:
+        key = (tuple(script), engine)
         if key not in loaded:
-            loaded[key] = load(ensure_demo_model(cache, key))
+            path = ensure_demo_model(cache, key[0])
+            loaded[key] = load(path) if engine == "single" else load_batched(path, parallel=2)
         return loaded[key]
 
     yield backend
@@ -102,7 +103,7 @@ def _text(script: Sequence[bytes]) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _client(backend: LlamaBackend, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+async def _client(backend: Backend, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
     overrides = {"reasoning_format": "reasoning_content", **settings}
     async with asgi_client(create_app(settings_for(**overrides), backend=backend)) as client:
         yield client
@@ -148,7 +149,7 @@ def streamed_calls(stream: sse.Stream) -> list[dict[str, Any]]:
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_001")
 async def test_thinking_goes_to_reasoning_content_token_by_token(
-    demo_backend: LlamaBackend,
+    demo_backend: Backend,
 ) -> None:
     async with _client(demo_backend) as client:
         buffered, stream = await both(client)
@@ -163,7 +164,7 @@ async def test_thinking_goes_to_reasoning_content_token_by_token(
 
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_001")
-async def test_reasoning_field_name_is_a_setting(demo_backend: LlamaBackend) -> None:
+async def test_reasoning_field_name_is_a_setting(demo_backend: Backend) -> None:
     async with _client(demo_backend, reasoning_format="reasoning") as client:
         buffered, stream = await both(client)
     message = buffered["choices"][0]["message"]
@@ -176,7 +177,7 @@ async def test_reasoning_field_name_is_a_setting(demo_backend: LlamaBackend) -> 
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_002")
 async def test_enable_thinking_false_renders_the_prefill_and_fills_no_reasoning(
-    scripted: Callable[..., LlamaBackend],
+    scripted: Callable[..., Backend],
 ) -> None:
     backend = scripted(ANSWER_ONLY_SCRIPT)
     async with _client(backend) as client:
@@ -191,7 +192,7 @@ async def test_enable_thinking_false_renders_the_prefill_and_fills_no_reasoning(
 
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_002")
-async def test_server_wide_thinking_off_leaves_reasoning_empty(demo_backend: LlamaBackend) -> None:
+async def test_server_wide_thinking_off_leaves_reasoning_empty(demo_backend: Backend) -> None:
     """The model may still think (the demo one does); its answer must not land in reasoning."""
     async with _client(demo_backend, enable_thinking=False) as client:
         buffered, stream = await both(client)
@@ -203,7 +204,7 @@ async def test_server_wide_thinking_off_leaves_reasoning_empty(demo_backend: Lla
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_002")
 async def test_no_think_soft_switch_drops_the_empty_think_block(
-    scripted: Callable[..., LlamaBackend],
+    scripted: Callable[..., Backend],
 ) -> None:
     backend = scripted(NO_THINK_SCRIPT)
     messages = [{"role": "user", "content": "Tell me something /no_think"}]
@@ -220,7 +221,7 @@ async def test_no_think_soft_switch_drops_the_empty_think_block(
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_001")
 async def test_thinking_only_answer_has_empty_content(
-    scripted: Callable[..., LlamaBackend],
+    scripted: Callable[..., Backend],
 ) -> None:
     async with _client(scripted(THINKING_ONLY_SCRIPT)) as client:
         buffered, stream = await both(client)
@@ -233,11 +234,12 @@ async def test_thinking_only_answer_has_empty_content(
 # -- tool calls -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_003")
 async def test_single_tool_call_buffered_and_streamed(
-    scripted: Callable[..., LlamaBackend],
+    scripted: Callable[..., Backend], engine: str
 ) -> None:
-    async with _client(scripted(SINGLE_CALL_SCRIPT)) as client:
+    async with _client(scripted(SINGLE_CALL_SCRIPT, engine)) as client:
         buffered, stream = await both(client, tools=[WEATHER_TOOL])
     choice = buffered["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
@@ -259,7 +261,7 @@ async def test_single_tool_call_buffered_and_streamed(
 
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_003")
-async def test_parallel_tool_calls(scripted: Callable[..., LlamaBackend]) -> None:
+async def test_parallel_tool_calls(scripted: Callable[..., Backend]) -> None:
     async with _client(scripted(PARALLEL_CALL_SCRIPT)) as client:
         buffered, stream = await both(client, tools=[WEATHER_TOOL, TIME_TOOL])
     calls = buffered["choices"][0]["message"]["tool_calls"]
@@ -274,11 +276,12 @@ async def test_parallel_tool_calls(scripted: Callable[..., LlamaBackend]) -> Non
     ]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_003")
 async def test_parallel_tool_calls_false_ends_after_the_first_call(
-    scripted: Callable[..., LlamaBackend],
+    scripted: Callable[..., Backend], engine: str
 ) -> None:
-    async with _client(scripted(PARALLEL_CALL_SCRIPT)) as client:
+    async with _client(scripted(PARALLEL_CALL_SCRIPT, engine)) as client:
         buffered, stream = await both(
             client, tools=[WEATHER_TOOL, TIME_TOOL], parallel_tool_calls=False
         )
@@ -292,7 +295,7 @@ async def test_parallel_tool_calls_false_ends_after_the_first_call(
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_004")
 async def test_tool_calls_are_plain_text_without_tools(
-    scripted: Callable[..., LlamaBackend],
+    scripted: Callable[..., Backend],
 ) -> None:
     async with _client(scripted(PARALLEL_CALL_SCRIPT)) as client:
         buffered, _ = await both(client)
@@ -304,7 +307,7 @@ async def test_tool_calls_are_plain_text_without_tools(
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_004")
 async def test_malformed_tool_call_is_returned_as_content(
-    scripted: Callable[..., LlamaBackend],
+    scripted: Callable[..., Backend],
 ) -> None:
     async with _client(scripted(MALFORMED_CALL_SCRIPT)) as client:
         buffered, stream = await both(client, tools=[WEATHER_TOOL])
@@ -316,7 +319,7 @@ async def test_malformed_tool_call_is_returned_as_content(
 
 
 async def test_history_with_tool_calls_and_tool_results_is_accepted(
-    scripted: Callable[..., LlamaBackend],
+    scripted: Callable[..., Backend],
 ) -> None:
     history = [
         {"role": "user", "content": "Weather in Paris?"},
@@ -339,14 +342,14 @@ async def test_history_with_tool_calls_and_tool_results_is_accepted(
 
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_005")
-async def test_forced_tool_choice_constrains_decoding(demo_backend: LlamaBackend) -> None:
+async def test_forced_tool_choice_constrains_decoding(demo_engine: Backend) -> None:
     """The demo model wants to answer in prose; a named tool_choice forces a call instead."""
     body = {
         "tools": [WEATHER_TOOL, TIME_TOOL],
         "tool_choice": {"type": "function", "function": {"name": "get_time"}},
         "max_tokens": 80,
     }
-    async with _client(demo_backend) as client:
+    async with _client(demo_engine) as client:
         buffered, stream = await both(client, **body)
     message = buffered["choices"][0]["message"]
     assert message["reasoning_content"] == THOUGHT  # thinking is allowed before the call
@@ -357,7 +360,7 @@ async def test_forced_tool_choice_constrains_decoding(demo_backend: LlamaBackend
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_003")
 async def test_openai_sdk_accumulates_streamed_tool_calls(
-    scripted: Callable[..., LlamaBackend],
+    scripted: Callable[..., Backend],
 ) -> None:
     app = create_app(
         settings_for(reasoning_format="reasoning_content"), backend=scripted(PARALLEL_CALL_SCRIPT)
@@ -393,15 +396,16 @@ async def test_openai_sdk_accumulates_streamed_tool_calls(
 # -- structured output ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_005")
-async def test_json_schema_response_format(scripted: Callable[..., LlamaBackend]) -> None:
+async def test_json_schema_response_format(scripted: Callable[..., Backend], engine: str) -> None:
     schema = {
         "type": "object",
         "properties": {"answer": {"type": "integer"}, "unit": {"type": "string"}},
         "required": ["answer", "unit"],
     }
     fmt = {"type": "json_schema", "json_schema": {"name": "measure", "schema": schema}}
-    async with _client(scripted(JSON_SCRIPT)) as client:
+    async with _client(scripted(JSON_SCRIPT, engine)) as client:
         buffered, stream = await both(client, response_format=fmt)
     content = buffered["choices"][0]["message"]["content"]
     assert json.loads(content) == {"answer": 42, "unit": "cm"}
@@ -409,8 +413,8 @@ async def test_json_schema_response_format(scripted: Callable[..., LlamaBackend]
 
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_005")
-async def test_json_object_mode_forces_json_from_a_prose_model(demo_backend: LlamaBackend) -> None:
-    async with _client(demo_backend) as client:
+async def test_json_object_mode_forces_json_from_a_prose_model(demo_engine: Backend) -> None:
+    async with _client(demo_engine) as client:
         buffered, _ = await both(client, response_format={"type": "json_object"}, max_tokens=60)
     content = buffered["choices"][0]["message"]["content"]
     assert content.lstrip().startswith("{"), content
@@ -427,7 +431,7 @@ async def test_json_object_mode_forces_json_from_a_prose_model(demo_backend: Lla
 )
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_005")
 async def test_unsupported_schema_feature_is_a_400(
-    demo_backend: LlamaBackend, schema: dict[str, Any]
+    demo_backend: Backend, schema: dict[str, Any]
 ) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     async with _client(demo_backend) as client:
@@ -445,8 +449,8 @@ async def test_unsupported_schema_feature_is_a_400(
 
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_006")
-async def test_logprobs_buffered_and_streamed(demo_backend: LlamaBackend) -> None:
-    async with _client(demo_backend) as client:
+async def test_logprobs_buffered_and_streamed(demo_engine: Backend) -> None:
+    async with _client(demo_engine) as client:
         buffered, stream = await both(client, logprobs=True, top_logprobs=3)
     entries = buffered["choices"][0]["logprobs"]["content"]
     streamed = [
@@ -470,7 +474,7 @@ async def test_logprobs_buffered_and_streamed(demo_backend: LlamaBackend) -> Non
     assert stream.chunks[-1]["choices"][0]["logprobs"] is None
 
 
-async def test_no_logprobs_unless_asked(demo_backend: LlamaBackend) -> None:
+async def test_no_logprobs_unless_asked(demo_backend: Backend) -> None:
     async with _client(demo_backend) as client:
         buffered, _ = await both(client, max_tokens=3)
     assert buffered["choices"][0]["logprobs"] is None

@@ -24,11 +24,14 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.formats import ChatFormat, CompletionFormat, Format
+from app.api.sse import frame
+from app.core.results import Event
 from app.demo_model import script_text
-from app.engine import Backend, Flow, OnToken, SamplingParams
+from app.engine import Backend, Flow, OnToken, SamplingParams, TokenLogprobs
 from app.engine.batched import BatchedLlamaBackend
 from app.main import create_app
-from app.text import TextOptions, TextPipeline
+from app.text import Delta, TextOptions, TextPipeline, ToolCallDelta
 from tests import sse
 from tests.conftest import (
     ENGINES,
@@ -226,6 +229,65 @@ async def test_chat_stream_framing(client: httpx.AsyncClient) -> None:
     assert plain.chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+# -- the per-token fast path ------------------------------------------------------------------
+# A token's chunk JSON is rendered from a per-request template instead of a pydantic object,
+# and events reach sse-starlette already framed as bytes (``app.api.sse.frame``), the savings
+# the profile (``python -m bench.profile``) found. Both must be invisible on the wire.
+
+
+def _every_character() -> Iterator[str]:
+    """All of Unicode but the surrogates, in pieces, plus the characters JSON escapes."""
+    points = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    for start in range(0, len(points), 4096):
+        yield "".join(map(chr, points[start : start + 4096]))
+    yield from ['"', "\\", "\n", "\r\n", "\t", "\x00", "\x1f", "\x7f", "\u2028", "😀", " ", "a"]
+
+
+def _formats(model: str = "qwen3-moe-demo") -> list[Format]:
+    return [
+        CompletionFormat(model),
+        ChatFormat(
+            model, reasoning_field="reasoning_content", token_bytes=lambda t: b"", logprobs=False
+        ),
+        ChatFormat(model, reasoning_field="reasoning", token_bytes=lambda t: b"", logprobs=False),
+    ]
+
+
+def _same_as_pydantic(fmt: Format, event: Event) -> None:
+    assert fmt.event_json(event) == fmt.event_chunk(event).model_dump_json()
+
+
+def test_text_chunks_render_as_pydantic_does_for_every_character() -> None:
+    """Regression guard for the chunk template: json.dumps must escape as pydantic does."""
+    for fmt in _formats():
+        for text in _every_character():
+            _same_as_pydantic(fmt, Event(Delta(content=text)))
+            if isinstance(fmt, ChatFormat):
+                _same_as_pydantic(fmt, Event(Delta(reasoning=text)))
+
+
+def test_other_chunks_keep_the_pydantic_path() -> None:
+    """Logprobs, tool calls, and a model id that contains the template's marker."""
+    with_logprobs = ChatFormat(
+        "m", reasoning_field="reasoning_content", token_bytes=lambda t: b"x", logprobs=True
+    )
+    logprobs = (TokenLogprobs(token_id=5, logprob=-0.25, top=((5, -0.25), (6, -2.0))),)
+    _same_as_pydantic(with_logprobs, Event(Delta(content="x"), logprobs))
+    call = ToolCallDelta(index=0, id="call_1", name="get_weather", arguments='{"city"')
+    for fmt in _formats():
+        if isinstance(fmt, ChatFormat):
+            _same_as_pydantic(fmt, Event(Delta(tool_call=call)))
+    for fmt in _formats(model='odd "<<qwen3-moe-serve text>>" model'):
+        _same_as_pydantic(fmt, Event(Delta(content="a\n")))
+        assert fmt.event_json(Event(Delta(content="a"))).count('"a"') == 1
+
+
+def test_frame_writes_one_data_line_per_payload_line() -> None:
+    assert frame('{"a":1}') == b'data: {"a":1}\n\n'
+    assert frame("[DONE]") == b"data: [DONE]\n\n"
+    assert frame("one\ntwo") == b"data: one\ndata: two\n\n"
+
+
 # -- keep-alive -------------------------------------------------------------------------------
 
 
@@ -265,8 +327,9 @@ def test_an_idle_stream_gets_keepalive_comments(demo_backend: Backend, route: st
                 held.release.set()
     events = list(sse.events(lines))
     first_text = next(
-        i for i, (kind, value) in enumerate(events) if kind == "data" and value != "[DONE]"
-        and text_of(json.loads(value))
+        i
+        for i, (kind, value) in enumerate(events)
+        if kind == "data" and value != "[DONE]" and text_of(json.loads(value))
     )
     comments = [value for kind, value in events[:first_text] if kind == "comment"]
     assert comments == ["keep-alive", "keep-alive"]
@@ -647,4 +710,3 @@ async def test_real_vocabulary_streams_whole_characters(
     non_ascii = sum(ord(ch) > 0x7F for ch in joined)
     assert non_ascii, "the model wrote only ASCII: nothing multi-byte was tested"
     record_finding("non_ascii_characters", non_ascii)
-

@@ -104,7 +104,11 @@ class GenerationService:
             task.cancel()
 
     async def _run(
-        self, job: PreparedGeneration, output: Output[Event | Finished], flow: Flow, submitted: float
+        self,
+        job: PreparedGeneration,
+        output: Output[Event | Finished],
+        flow: Flow,
+        submitted: float,
     ) -> None:
         """One generation on the engine, every outcome put into ``output``."""
         pipeline = TextPipeline(self.backend.tokenizer.token_bytes, job.text)

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,7 @@ class LlamaBackend:
         self.info = model_info(model, config, n_ctx=int(self._llm.n_ctx()))
         self.tokenizer = LlamaTokenizer(model)
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._closing = False
         logger.info(
             "loaded %s (%s, n_ctx=%d, vocab=%d, gpu_offload=%s)",
             config.model_path.name,
@@ -201,15 +203,15 @@ class LlamaBackend:
             end = _End(self._tokens(run, prompt, sampling, max_tokens))
         except LoopClosed:
             return  # nobody is listening any more
+        except EngineError as exc:
+            end = _End(None, exc)
         except Exception as exc:
             logger.exception("llama.cpp failed a generation")
             failure = EngineError("the inference engine failed")
             failure.__cause__ = exc
             end = _End(None, failure)
-        try:
+        with suppress(LoopClosed):  # nobody is listening any more
             run.handoff.post((end,))
-        except LoopClosed:
-            pass
 
     def _tokens(
         self, run: _Run, prompt: list[int], sampling: SamplingParams, max_tokens: int
@@ -246,6 +248,8 @@ class LlamaBackend:
                 self._hold(run)
                 if run.cancelled:
                     return "cancelled"
+                if self._closing:
+                    raise EngineError("the backend is closed")
         finally:
             tokens.close()
         return "length"
@@ -278,6 +282,9 @@ class LlamaBackend:
         return logprobs_of(logits, token_id, top)
 
     def close(self) -> None:
+        """Fail the running generation at its next token and every queued one, then free the
+        model."""
+        self._closing = True
         self._engine.shutdown(wait=True, cancel_futures=True)
         self._llm.close()
 
@@ -291,7 +298,5 @@ def _never_ran(job: Any, run: _Run) -> None:
             if not run.result.done():
                 run.result.set_exception(EngineError("the backend is closed"))
 
-        try:
+        with suppress(RuntimeError):  # the loop is closed: nobody waits for the result
             loop.call_soon_threadsafe(fail)
-        except RuntimeError:
-            pass

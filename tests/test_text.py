@@ -1,0 +1,357 @@
+"""The text pipeline: token ids to content, reasoning and tool-call deltas.
+
+Property tests drive the real ``TextPipeline`` with a byte-level vocabulary made on the fly:
+a script of text (``<think>`` blocks, answers, tool calls, multi-byte characters, stop
+strings) is cut into tokens at random byte boundaries, each piece becoming one token id. The
+invariants hold for every split: the deltas concatenate to what the whole text parses to in
+one piece, no delta carries a broken character or a fragment of a tag or a stop string, and a
+generation that ends inside a character drops just that character. End-to-end tests then hold
+the same on the real engine with the demo model's byte tokens, streamed and buffered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.demo_model import DEFAULT_SCRIPT, script_text
+from app.engine import Backend
+from app.main import create_app
+from app.text import Delta, Mode, TextOptions, TextPipeline
+from app.text.tags import partial_tag_suffix
+from tests import sse
+from tests.conftest import HELLO, asgi_client, settings_for
+
+SCRIPT = script_text()
+TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
+
+
+# -- a pipeline on a vocabulary made of the pieces of one text -------------------------------
+
+
+@dataclass
+class Parsed:
+    content: str
+    reasoning: str
+    calls: list[tuple[str, str]]
+    """(name, arguments) of every tool call."""
+    deltas: list[Delta]
+    finished: bool
+
+
+def run(pieces: Sequence[bytes], options: TextOptions) -> Parsed:
+    """Feed ``pieces`` as tokens (one id each) until the pipeline says it is finished."""
+    vocab = dict(enumerate(pieces))
+    pipeline = TextPipeline(vocab.__getitem__, options)
+    deltas: list[Delta] = []
+    for token_id in range(len(pieces)):
+        deltas += pipeline.push(token_id)
+        if pipeline.finished:
+            break
+    deltas += pipeline.finish()
+    calls: dict[int, list[str]] = {}
+    for delta in deltas:
+        call = delta.tool_call
+        if call is not None:
+            entry = calls.setdefault(call.index, ["", ""])
+            if call.name is not None:
+                entry[0] = call.name
+            entry[1] += call.arguments
+    return Parsed(
+        content="".join(d.content for d in deltas),
+        reasoning="".join(d.reasoning for d in deltas),
+        calls=[(name, args) for name, args in (calls[i] for i in sorted(calls))],
+        deltas=deltas,
+        finished=pipeline.finished,
+    )
+
+
+def split(data: bytes, cuts: Sequence[int]) -> list[bytes]:
+    points = sorted({c for c in cuts if 0 < c < len(data)})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def assert_clean(parsed: Parsed, stops: Sequence[str] = ()) -> None:
+    """No delta carries a broken character, a tag, or a stop string (whole or a fragment at
+    its end that a later delta completes)."""
+    for delta in parsed.deltas:
+        for text in (delta.content, delta.reasoning):
+            assert "\ufffd" not in text
+            if text:
+                assert all(tag not in text for tag in ("<think>", "</think>")), text
+    for stop in stops:
+        assert stop not in parsed.content, stop
+
+
+# -- strategies --------------------------------------------------------------------------------
+
+WORDS = st.sampled_from(
+    ["the", " answer", " is", " 42", ".", "\n", " café", " 😀", " 🚀", " Zürich", " 東京", " <",
+     " a<b", "</", " ok", ",", " >"]
+)  # fmt: skip
+PLAIN = st.lists(WORDS, min_size=1, max_size=12).map("".join)
+
+
+@st.composite
+def scripts(draw: st.DrawFn) -> tuple[str, str, str, list[tuple[str, dict[str, Any]]]]:
+    """(whole text, thought, answer, calls) of a Qwen3 answer: maybe a think block, an answer,
+    maybe tool calls."""
+    thought = draw(st.one_of(st.just(""), PLAIN)).strip()
+    answer = draw(PLAIN).strip()
+    calls = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["get_weather", "search", "run_shell"]),
+                st.dictionaries(
+                    st.sampled_from(["city", "q", "n", "cmd"]),
+                    st.one_of(st.integers(-5, 500), PLAIN, st.booleans()),
+                    max_size=3,
+                ),
+            ),
+            max_size=2,
+        )
+    )
+    text = ""
+    if draw(st.booleans()) or thought:
+        text += f"<think>\n{thought}\n</think>\n\n"
+    text += answer
+    for name, arguments in calls:
+        payload = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+        text += f"\n<tool_call>\n{payload}\n</tool_call>"
+    return text, thought, answer, calls
+
+
+CUTS = st.lists(st.integers(1, 400), max_size=60)
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- properties --------------------------------------------------------------------------------
+
+
+@FAST
+@given(text=PLAIN, cuts=CUTS)
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_001")
+def test_any_byte_split_gives_whole_characters_and_the_whole_text(
+    text: str, cuts: list[int]
+) -> None:
+    parsed = run(split(text.encode(), cuts), TextOptions())
+    assert parsed.content == text
+    assert_clean(parsed)
+
+
+@FAST
+@given(text=PLAIN, cut=st.integers(1, 3), cuts=CUTS)
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_005")
+def test_a_generation_that_ends_inside_a_character_drops_just_that_character(
+    text: str, cut: int, cuts: list[int]
+) -> None:
+    """The unfinished bytes are dropped; every complete character before them stays."""
+    rocket = "🚀".encode()
+    data = text.encode() + rocket[:cut]
+    parsed = run(split(data, cuts), TextOptions())
+    assert parsed.content == text
+    assert_clean(parsed)
+
+
+@FAST
+@given(
+    text=PLAIN,
+    stops=st.lists(st.sampled_from(["42", " is", "é", "😀 ", "\n", "zz"]), max_size=3),
+    cuts=CUTS,
+)
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_002", "QWEN3_MOE_TEXT_INTEGRITY_V1_003")
+def test_any_split_cuts_at_the_earliest_stop_string_and_releases_the_rest(
+    text: str, stops: list[str], cuts: list[int]
+) -> None:
+    parsed = run(split(text.encode(), cuts), TextOptions(stop=tuple(stops)))
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    assert parsed.content == (text[: min(found)] if found else text)
+    assert parsed.finished == bool(found)
+    assert_clean(parsed, stops)
+
+
+@FAST
+@given(script=scripts(), cuts=CUTS, mode=st.sampled_from(["extract", "no_thinking", "raw"]))
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_001", "QWEN3_MOE_SEMANTICS_V1_003")
+def test_any_split_parses_as_the_whole_text_does(
+    script: tuple[str, str, str, list[tuple[str, dict[str, Any]]]], cuts: list[int], mode: Mode
+) -> None:
+    """Thinking, answer and tool calls come out of a split stream exactly as out of the text
+    in one piece; with tools the calls are the script's, arguments as valid JSON."""
+    text, thought, answer, calls = script
+    options = TextOptions(reasoning=mode, tool_calls=True)
+    whole = run([text.encode()], options)
+    parsed = run(split(text.encode(), cuts), options)
+    assert (parsed.content, parsed.reasoning, parsed.calls) == (
+        whole.content,
+        whole.reasoning,
+        whole.calls,
+    )
+    assert [(n, json.loads(a)) for n, a in parsed.calls] == calls
+    assert "<tool_call>" not in parsed.content
+    if mode == "extract":
+        assert_clean(parsed)
+        assert parsed.reasoning == thought
+        assert parsed.content.strip() == answer
+    else:  # no block is extracted: a thought left in the answer keeps its tags
+        assert parsed.reasoning == ""
+
+
+@FAST
+@given(script=scripts(), cuts=CUTS)
+def test_without_tools_a_call_is_plain_text(
+    script: tuple[str, str, str, list[tuple[str, dict[str, Any]]]], cuts: list[int]
+) -> None:
+    text, _, _, _ = script
+    parsed = run(split(text.encode(), cuts), TextOptions(reasoning="extract"))
+    assert parsed.calls == []
+    whole = run([text.encode()], TextOptions(reasoning="extract"))
+    assert parsed.content == whole.content
+
+
+def test_every_byte_a_token_and_every_character_a_token() -> None:
+    """The two extreme splits of a full script, thinking, answer, calls, stops and all."""
+    text = (
+        "<think>\nUser asks for Zürich 😀.\n</think>\n\nSure: café 東京.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Zürich", "n": 3}}\n</tool_call>'
+    )
+    options = TextOptions(reasoning="extract", tool_calls=True)
+    whole = run([text.encode()], options)
+    by_byte = run([bytes([b]) for b in text.encode()], options)
+    by_char = run([ch.encode() for ch in text], options)
+    for parsed in (by_byte, by_char):
+        assert (parsed.content, parsed.reasoning, parsed.calls) == (
+            whole.content,
+            whole.reasoning,
+            whole.calls,
+        )
+        assert_clean(parsed)
+    assert whole.reasoning == "User asks for Zürich 😀."
+    assert whole.content == "Sure: café 東京.\n"  # the text before a call, as written
+    assert whole.calls == [("get_weather", '{"city": "Zürich", "n": 3}')]
+
+
+def test_single_tool_call_finishes_the_pipeline_after_the_first_call() -> None:
+    one = '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>'
+    text = f"{one}\n{one}"
+    options = TextOptions(tool_calls=True, single_tool_call=True)
+    parsed = run([ch.encode() for ch in text], options)
+    assert parsed.finished
+    assert parsed.calls == [("a", "{}")]
+
+
+@pytest.mark.parametrize(
+    ("text", "tags", "held"),
+    [
+        ("abc", ["<think>"], 0),
+        ("abc<", ["<think>"], 1),
+        ("abc<thi", ["<think>"], 4),
+        ("<think>", ["<think>"], 0),  # a whole tag is not a partial one
+        ("x</", ["<think>", "</think>"], 2),
+        ("aa", ["aab"], 2),
+        ("aaa", ["aab"], 2),
+        ("", ["<think>"], 0),
+        ("abc", ["x"], 0),
+    ],
+)
+def test_partial_tag_suffix(text: str, tags: list[str], held: int) -> None:
+    assert partial_tag_suffix(text, tags) == held
+
+
+@FAST
+@given(text=st.text(alphabet="ab<>/", max_size=12), tags=st.lists(st.text("ab<", min_size=1,
+       max_size=5), min_size=1, max_size=3))  # fmt: skip
+def test_partial_tag_suffix_is_the_longest_proper_prefix_at_the_end(
+    text: str, tags: list[str]
+) -> None:
+    expected = max(
+        (n for tag in tags for n in range(1, len(tag)) if text.endswith(tag[:n])), default=0
+    )
+    assert partial_tag_suffix(text, tags) == expected
+
+
+# -- on the real engine: the demo model's byte tokens -----------------------------------------
+
+
+async def both(client: httpx.AsyncClient, **body: Any) -> tuple[dict[str, Any], sse.Stream]:
+    body = {"messages": HELLO, "temperature": 0, **body}
+    buffered = await client.post("/v1/chat/completions", json=body)
+    assert buffered.status_code == 200, buffered.text
+    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        stream = await sse.aread(r.aiter_lines())
+    return buffered.json(), stream
+
+
+@pytest.mark.anyio
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_001")
+async def test_characters_split_over_byte_tokens_arrive_whole(client: httpx.AsyncClient) -> None:
+    """The demo script's emoji and accented letter are split over byte tokens."""
+    _, stream = await both(client)
+    deltas = stream.deltas()
+    assert all("\ufffd" not in d for d in deltas)
+    emoji = next(ch for ch in SCRIPT if ord(ch) > 0xFFFF)
+    assert emoji in deltas
+    accented = next(ch for ch in SCRIPT if 0x80 <= ord(ch) <= 0x24F)
+    assert any(accented in d for d in deltas)
+
+
+def _cut_inside_the_emoji() -> list[int]:
+    """max_tokens values that end the demo script after 1, 2 and 3 of the emoji's 4 bytes."""
+    first = DEFAULT_SCRIPT.index(b"\xf0")
+    return [first + 1, first + 2, first + 3]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("reasoning_format", ["none", "reasoning_content"])
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_005")
+async def test_max_tokens_inside_a_character_drops_it_streamed_and_buffered(
+    demo_engine: Backend, reasoning_format: str
+) -> None:
+    """Regression: ending after the first byte tokens of the emoji made both the buffered
+    content and the last streamed delta end in U+FFFD. The unfinished character is dropped;
+    the space before it stays; stream and buffered agree."""
+    app = create_app(settings_for(reasoning_format=reasoning_format), backend=demo_engine)
+    expected = SCRIPT[: SCRIPT.index("😀")]
+    if reasoning_format != "none":
+        expected = expected.split("</think>")[1].lstrip("\n")
+    assert expected.endswith(" ")
+    async with asgi_client(app) as client:
+        for max_tokens in _cut_inside_the_emoji():
+            buffered, stream = await both(client, max_tokens=max_tokens)
+            content = buffered["choices"][0]["message"]["content"]
+            assert content == expected
+            assert "".join(stream.deltas()) == content
+            assert all("\ufffd" not in d for d in stream.deltas())
+            assert buffered["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.anyio
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_002")
+async def test_a_stop_string_across_tokens_is_never_sent(demo_engine: Backend) -> None:
+    start = len(SCRIPT) // 2
+    stop = SCRIPT[start : start + 7]  # spans several of the script's tokens
+    async with asgi_client(create_app(settings_for(), backend=demo_engine)) as client:
+        buffered, stream = await both(client, stop=[stop, "never-matches"])
+    expected = SCRIPT[: SCRIPT.find(stop)]
+    assert buffered["choices"][0]["message"]["content"] == expected
+    assert "".join(stream.deltas()) == expected
+    assert buffered["choices"][0]["finish_reason"] == "stop"
+    assert stream.finish_reasons() == ["stop"]
+
+
+@pytest.mark.anyio
+@pytest.mark.falsifies("QWEN3_MOE_TEXT_INTEGRITY_V1_003")
+async def test_text_held_for_a_stop_that_never_completes_is_released(
+    client: httpx.AsyncClient,
+) -> None:
+    start = len(SCRIPT) // 2
+    stop = SCRIPT[start : start + 7] + "\u2603"  # a prefix of the script, then a snowman
+    buffered, stream = await both(client, stop=stop)
+    assert "".join(stream.deltas()) == SCRIPT == buffered["choices"][0]["message"]["content"]
