@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     model = args.model
     if model is None:
-        from app.demo_model import ensure_bench_model
+        from bench.model import ensure_bench_model
 
         model = ensure_bench_model(args.cache_dir)
     threads = str(args.n_threads)

@@ -56,7 +56,7 @@ from bench.servers import (
 ROOT = Path(__file__).resolve().parent.parent
 
 BUILT_MODELS: dict[str, dict[str, int]] = {
-    "bench": {},  # app.demo_model's bench defaults: 12 layers, d=1024, 32 experts / 8 active
+    "bench": {},  # bench.model's defaults: 12 layers, d=1024, 32 experts / 8 active
     # The demo model's shapes with random weights: greedy decoding never ends, ~0.2 ms/token.
     "tiny": {
         "n_layer": 2,
@@ -241,7 +241,7 @@ def resolve_models(spec: str, cache_dir: Path) -> list[tuple[str, Path, dict[str
     out: list[tuple[str, Path, dict[str, int] | None]] = []
     for entry in (e.strip() for e in spec.split(",") if e.strip()):
         if entry in BUILT_MODELS:
-            from app.demo_model import ensure_bench_model
+            from bench.model import ensure_bench_model
 
             shape = BUILT_MODELS[entry]
             out.append((entry, ensure_bench_model(cache_dir, **shape), shape))

@@ -243,7 +243,7 @@ step_model() {
     if [ -s "$model" ]; then
         echo "reusing $model"
     else
-        "$vpy" -m app.demo_model --bench --out "$model.partial" --n-layer "$layers" \
+        "$vpy" -m bench.model --out "$model.partial" --n-layer "$layers" \
             --n-embd 2048 --n-expert 128 --n-expert-used 8 --n-ff-exp 768 \
             --n-head 32 --n-head-kv 4 --head-dim 128 --n-ctx 40960 || return 1
         mv "$model.partial" "$model"

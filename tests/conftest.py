@@ -22,9 +22,10 @@ from fastapi import FastAPI
 
 from app.backends import Backend, GenerationResult, OnLogprobs, OnToken, SamplingParams
 from app.backends.llama import LlamaBackend
-from app.demo_model import ensure_bench_model, ensure_demo_model
+from app.demo_model import ensure_demo_model
 from app.main import create_app
 from app.settings import Settings
+from bench.model import ensure_bench_model
 
 SLOW_MODEL = {"n_layer": 4, "n_embd": 512, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 256}
 
