@@ -28,7 +28,6 @@ import contextlib
 import datetime
 import importlib.metadata
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -41,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import client, report
+from bench import client, facts, report
 from bench.floor import Floor, FloorRun
 from bench.servers import (
     ALL_SERVERS,
@@ -162,66 +161,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # -- the machine ------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _memory_gib() -> float | None:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    return None
-
-
-def _busiest_processes() -> list[str]:
-    """The processes using most CPU right now (``ps``), to judge whether the host was quiet."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        listing = subprocess.run(
-            ["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout
-        return [" ".join(line.split()) for line in listing.splitlines()[:5]]
-    return []
-
-
-def _git_commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    return None
-
-
 def machine() -> dict[str, Any]:
     return {
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "memory_gib": _memory_gib(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "git_commit": _git_commit(),
+        **facts.machine(ROOT),
         "load_average": {"start": [round(x, 2) for x in os.getloadavg()]},
-        "busiest_processes_at_start": _busiest_processes(),
+        "busiest_processes_at_start": facts.busiest_processes(),
     }
 
 
