@@ -252,34 +252,41 @@ class Load:
 async def run_load(
     host: str,
     port: int,
-    request: bytes,
+    request: bytes | Callable[[int, int], bytes],
     *,
     concurrency: int,
     requests_per_worker: int,
     timeout_s: float = 600.0,
     on_done: Callable[[Exchange], None] | None = None,
 ) -> Load:
-    """``concurrency`` workers, each sending ``request`` ``requests_per_worker`` times in a row.
+    """``concurrency`` workers, each sending ``requests_per_worker`` requests in a row.
 
-    The first connections are open before the window starts and each later one before its
-    request is sent, so connecting is never part of a request's time.
+    ``request`` is the same request for all, or a function of ``(worker, index)`` giving each
+    its own (a prompt of its own); every request is built before the window starts. The first
+    connections are open before the window starts and each later one before its request is
+    sent, so connecting is never part of a request's time.
     """
+    if callable(request):
+        build = request
+        requests = [[build(w, i) for i in range(requests_per_worker)] for w in range(concurrency)]
+    else:
+        requests = [[request] * requests_per_worker for _ in range(concurrency)]
     connections = [await Connection(host, port).open() for _ in range(concurrency)]
     exchanges: list[Exchange] = []
 
-    async def worker(connection: Connection) -> None:
-        for index in range(requests_per_worker):
+    async def worker(connection: Connection, own: list[bytes]) -> None:
+        for index, payload in enumerate(own):
             if index:
                 connection.close()
                 await connection.open()
-            exchange = await connection.exchange(request, timeout_s)
+            exchange = await connection.exchange(payload, timeout_s)
             exchanges.append(exchange)
             if on_done is not None:
                 on_done(exchange)
 
     started = time.perf_counter()
     try:
-        await asyncio.gather(*(worker(c) for c in connections))
+        await asyncio.gather(*(worker(c, r) for c, r in zip(connections, requests, strict=True)))
     finally:
         for connection in connections:
             connection.close()

@@ -10,6 +10,7 @@ only: the tests import this without the bench's own dependencies.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import platform
 import socket
@@ -18,6 +19,20 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+VERSIONED = (
+    "qwen3-moe-serve",
+    "llama-cpp-python",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "sse-starlette",
+    "pydantic",
+    "starlette-context",
+    "uvloop",
+    "httptools",
+)
+"""What a bench result depends on: the servers, their engine and their HTTP stacks."""
 
 
 def cpu_model() -> str:
@@ -88,3 +103,22 @@ def commit_label(facts: Mapping[str, Any]) -> str:
     if not commit:
         return "unknown"
     return str(commit)[:7] + ("-dirty" if facts.get("git_dirty") else "")
+
+
+def versions() -> dict[str, str]:
+    """The installed version of each of ``VERSIONED`` that is installed."""
+    found = {}
+    for name in VERSIONED:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[name] = importlib.metadata.version(name)
+    return found
+
+
+def run_machine(root: Path) -> dict[str, Any]:
+    """``machine`` plus how busy the host is as a measurement starts (``load_average.end`` is
+    the caller's to add when it ends)."""
+    return {
+        **machine(root),
+        "load_average": {"start": [round(x, 2) for x in os.getloadavg()]},
+        "busiest_processes_at_start": busiest_processes(),
+    }

@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
-import importlib.metadata
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +47,7 @@ from bench.servers import (
     ServerSettings,
     serve,
     servers,
+    stop_servers_on_sigterm,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,16 +72,6 @@ SETTLE_S = 0.2
 """Pause between alternated floor and HTTP runs: the one that just ended still has work in
 flight for a moment (llama.cpp's OpenMP threads spin before they sleep; a server logs and
 tidies up after its last byte), which would otherwise land in the next one's first token."""
-VERSIONED = (
-    "qwen3-moe-serve",
-    "llama-cpp-python",
-    "fastapi",
-    "starlette",
-    "uvicorn",
-    "sse-starlette",
-    "pydantic",
-    "starlette-context",
-)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -156,25 +144,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.reps < 1 or args.rounds < 1 or min(args.concurrency) < 1 or args.ttft_probes < 0:
         parser.error("--reps, --rounds and --concurrency must be at least 1, --ttft-probes 0")
     return args
-
-
-# -- the machine ------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    return {
-        **facts.machine(ROOT),
-        "load_average": {"start": [round(x, 2) for x in os.getloadavg()]},
-        "busiest_processes_at_start": facts.busiest_processes(),
-    }
-
-
-def versions() -> dict[str, str]:
-    found = {}
-    for name in VERSIONED:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found[name] = importlib.metadata.version(name)
-    return found
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -380,7 +349,7 @@ def measure_model(
         n_threads=args.n_threads,
         n_batch=args.n_batch,
         parallel=args.parallel,
-        flash_attn=args.flash_attn == "on",
+        flash_attn=args.flash_attn,
     )
     bar.phase(f"{label}: loading the floor")
     floor = Floor(
@@ -465,22 +434,16 @@ def _measure_one(
     return {**entry, "status": "ok", "peak_rss_bytes": running.peak_rss, **figures}
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    # Raised in the main thread, so every ``serve`` block stops its server on the way out
-    # (Python's default would end this process and leave the server running).
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    stop_servers_on_sigterm()
     started = time.perf_counter()
     results: dict[str, Any] = {
         "schema": 1,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine(),
-        "versions": versions(),
+        "machine": facts.run_machine(ROOT),
+        "versions": facts.versions(),
         "settings": {
             "n_ctx": args.n_ctx,
             "n_threads": args.n_threads,

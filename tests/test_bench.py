@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bench import servers
 from bench.client import Exchange, _Protocol, read_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,6 +157,60 @@ def test_bench_checks_its_client_against_curl(
     assert len(check["client_samples_ms"]) == len(check["curl_samples_ms"]) == check["runs"]
     assert check["client_ttfb_ms"] > 0
     assert 0 < check["curl_ttfb_after_connect_ms"] <= check["curl_ttfb_ms"]
+
+
+def test_a_variant_with_a_flag_the_server_does_not_list_is_skipped(tmp_path: Path) -> None:
+    """A variant flag missing from the server's --help skips the variant with the reason; a
+    listed one is passed as is."""
+    settings = servers.ServerSettings(
+        model=tmp_path / "m.gguf", n_ctx=256, n_threads=1, n_batch=512, parallel=4, flash_attn="on"
+    )
+    ours = servers.OURS
+    missing = servers.server(ours, settings, None, ROOT, extra_args=("--no-such-flag",), label="x")
+    assert missing.skipped is not None
+    assert "--no-such-flag" in missing.skipped and "--help" in missing.skipped
+    listed = servers.server(ours, settings, None, ROOT, extra_args=("--max-queue", "3"))
+    assert listed.skipped is None
+    assert listed.command[-2:] == ["--max-queue", "3"]
+    assert listed.label == ours
+
+
+def test_batching_bench_takes_turns_and_reports_every_run(tmp_path: Path) -> None:
+    """bench.batching on the tiny model: every server at every client count, each request
+    streamed in full, the medians and the Markdown table made of the same runs."""
+    from bench.model import ensure_bench_model
+    from bench.run import BUILT_MODELS
+
+    model = ensure_bench_model(tmp_path / "models", **BUILT_MODELS["tiny"])
+    command = [
+        sys.executable, "-m", "bench.batching", "--model", str(model), "--clients", "1,2",
+        "--parallel", "1,2", "--llama-server-np", "2", "--prompt-tokens", "24",
+        "--max-tokens", "6", "--rounds", "2", "--n-threads", "1",
+        "--llama-server", str(tmp_path / "no-such-llama-server"),
+        "--cache-dir", str(tmp_path), "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "batching.json").read_text())
+    markdown = (tmp_path / "out" / "batching.md").read_text()
+    assert markdown in done.stdout
+    assert results["machine"]["git_commit"] and results["machine"]["cpu_count"] >= 1
+    (skipped,) = results["not_measured"]
+    assert skipped["label"] == "llama-server -np 2"
+    assert "no-such-llama-server" in skipped["reason"]
+    assert not results["failed_runs"]
+    labels = ["qwen3-moe-serve --parallel 1", "qwen3-moe-serve --parallel 2"]
+    # the servers take turns at each client count
+    assert [(r["clients"], r["server"]) for r in results["rows"]] == [
+        (clients, label) for clients in (1, 2) for label in labels
+    ]
+    assert results["medians"] == results["rows"]  # one run each: the median is the run
+    for row in results["rows"]:
+        assert row["requests"] == 2 * row["clients"] and row["errors"] == 0
+        assert row["ttft_p50_ms"] <= row["ttft_p95_ms"]
+        assert row["itl_p50_ms"] <= row["itl_p95_ms"]
+        assert row["tokens_per_s"] > 0
+        assert f"| {row['server']} | {row['clients']} | {row['tokens_per_s']:.1f} |" in markdown
 
 
 def _readme_section(title: str) -> str:
