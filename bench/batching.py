@@ -33,12 +33,13 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench import client, facts, report
+from bench.model import ensure_bench_model, random_prompt
 from bench.servers import (
     LLAMA_SERVER,
     OURS,
@@ -50,10 +51,7 @@ from bench.servers import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-PRINTABLE_BYTE_TOKENS = 94
-"""Token ids 0..93 of the bench vocabulary are the bytes ``!``..``~`` (GPT-2 byte order)."""
 WARM_UP_TOKENS = 8
-COMPLETIONS = "/v1/completions"
 
 
 @dataclass
@@ -67,19 +65,6 @@ class Row:
     ttft_p95_ms: float | None
     requests: int
     errors: int
-
-
-def random_prompts(
-    host: str, port: int, rng: random.Random, prompt_tokens: int, max_tokens: int
-) -> Callable[[int, int], bytes]:
-    """A request of its own for each (worker, index): a fresh random prompt, greedy, streamed."""
-
-    def build(worker: int, index: int) -> bytes:
-        prompt = [rng.randrange(PRINTABLE_BYTE_TOKENS) for _ in range(prompt_tokens)]
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-        return client.post_request(host, port, COMPLETIONS, body)
-
-    return build
 
 
 def failed(load: client.Load, max_tokens: int) -> int:
@@ -102,7 +87,9 @@ def measure(
     max_tokens: int,
 ) -> Row:
     rng = random.Random(f"{label} {clients} {time.time()}")
-    build = random_prompts(host, port, rng, prompt_tokens, max_tokens)
+    build = client.streamed_completions(
+        host, port, lambda: random_prompt(rng, prompt_tokens), max_tokens
+    )
     load = asyncio.run(
         client.run_load(host, port, build, concurrency=clients, requests_per_worker=rounds)
     )
@@ -129,7 +116,10 @@ def run_server(
     try:
         with serve(candidate, settings, log, args.ready_timeout) as running:
             host, port = running.host, running.port
-            warm = random_prompts(host, port, random.Random(0), args.prompt_tokens, WARM_UP_TOKENS)
+            rng = random.Random(0)
+            warm = client.streamed_completions(
+                host, port, lambda: random_prompt(rng, args.prompt_tokens), WARM_UP_TOKENS
+            )
             asyncio.run(client.run_load(host, port, warm, concurrency=1, requests_per_worker=1))
             row = measure(
                 host,
@@ -280,8 +270,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     model = args.model
     if model is None:
-        from bench.model import ensure_bench_model
-
         model = ensure_bench_model(args.cache_dir)
     settings = ServerSettings(
         model=model,

@@ -239,6 +239,19 @@ def post_request(host: str, port: int, path: str, body: dict[str, Any]) -> bytes
     return head.encode() + payload
 
 
+def streamed_completions(
+    host: str, port: int, prompt: Callable[[], list[int]], max_tokens: int
+) -> Callable[[int, int], bytes]:
+    """For ``run_load``: each request a greedy, streamed ``/v1/completions`` of its own
+    ``prompt()`` (token ids), ``max_tokens`` long."""
+
+    def build(worker: int, index: int) -> bytes:
+        body = {"prompt": prompt(), "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        return post_request(host, port, "/v1/completions", body)
+
+    return build
+
+
 @dataclass
 class Load:
     """The exchanges of one load level and the wall-clock window they ran in."""

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,13 +43,29 @@ from app.demo_model import (
     _write_gguf,
 )
 
-__all__ = ["BenchParams", "ensure_bench_model", "main", "write_bench_model"]
+__all__ = [
+    "PRINTABLE_BYTE_TOKENS",
+    "BenchParams",
+    "ensure_bench_model",
+    "main",
+    "random_prompt",
+    "write_bench_model",
+]
 
 logger = logging.getLogger(__name__)
 
 # One shared pool of N(0, WEIGHT_STD) values, sliced at random offsets; logits of std LOGIT_STD.
 WEIGHT_STD: Final = 0.02
 LOGIT_STD: Final = 10.0
+
+PRINTABLE_BYTE_TOKENS: Final = 94
+"""Token ids 0..93 of a bench model's vocabulary are the bytes ``!``..``~`` (GPT-2 order)."""
+
+
+def random_prompt(rng: random.Random, n_tokens: int) -> list[int]:
+    """``n_tokens`` random printable-byte token ids: a prompt that shares no cacheable prefix
+    with another one (two agree on their first three tokens once in 94**3)."""
+    return [rng.randrange(PRINTABLE_BYTE_TOKENS) for _ in range(n_tokens)]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ process's own (``/proc/PID/stat``), read before and after a measurement.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import glob
 import importlib.metadata
@@ -255,22 +256,46 @@ def peak_rss_bytes(pid: int) -> int | None:
     return None
 
 
-def _process_cpu_ticks(pid: int, *, children: bool = False) -> int:
+def _process_cpu_ticks(pid: int) -> int:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0
-    # utime, stime; then cutime, cstime: the children it has waited for
-    ticks = int(fields[11]) + int(fields[12])
-    return ticks + int(fields[13]) + int(fields[14]) if children else ticks
+    return int(fields[11]) + int(fields[12])  # utime, stime
 
 
 def process_cpu_seconds(pid: int) -> float | None:
-    """CPU seconds the process has used, every thread and its waited-for children included;
-    None where ``/proc`` has no such process."""
-    if not Path(f"/proc/{pid}/stat").exists():
+    """CPU seconds the process has used: all its threads (those that ended included) and the
+    children it has waited for; None where ``/proc`` has no such process.
+
+    ``/proc/PID/stat`` counts in clock ticks (10 ms), coarse for a short window, so the
+    process's own part comes from the kernel's per-process CPU clock
+    (``clock_getcpuclockid``: nanoseconds) where it can be read, the children's from the
+    ticks (``cutime + cstime``).
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return None
-    return _process_cpu_ticks(pid, children=True) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / tick
+    children = (int(fields[13]) + int(fields[14])) / tick
+    clock = _cpu_clock(pid)
+    if clock is not None:
+        with contextlib.suppress(OSError):
+            own = time.clock_gettime(clock)
+    return own + children
+
+
+def _cpu_clock(pid: int) -> int | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        clock = ctypes.c_int()
+        if libc.clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return clock.value
 
 
 def _busy_cpu_ticks() -> int:
