@@ -29,7 +29,8 @@ ratio to the floor of the server's KV layout at the same point. This server's la
 unified; ``llama-server``'s is split when ``-np`` is given (its ``--kv-unified`` default is on
 only for an automatic slot count), and its log says which it used.
 
-Writes ``many_streams.json`` (every run, the machine, the commit) and ``many_streams.md``.
+Writes ``many_streams.json`` (every figure, the machine, the commit) and ``many_streams.md``,
+and appends the report to ``many_streams_runs.md``, the record of every run.
 ``--quick`` (1 and 4 streams, 4 x 256 long, 16 tokens) checks the harness, not the servers.
 """
 
@@ -88,6 +89,8 @@ WARM_UP_TOKENS = 8
 CTX_STEP = 256
 """llama.cpp pads a context to 256 cells; the per-slot context is rounded up to it."""
 STUB_LABEL = "client ceiling (SSE stub)"
+HISTORY = "many_streams_runs.md"
+"""Every run's report, appended, in the output folder."""
 
 
 @dataclass(frozen=True)
@@ -574,8 +577,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "many_streams.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "many_streams.md").write_text(text)
+    # Every run is kept, the ones that miss included: the latest is many_streams.md, and each
+    # is appended to the record of all of them.
+    with open(args.out / HISTORY, "a", encoding="utf-8") as history:
+        history.write(("\n---\n\n" if history.tell() else "") + text)
     print(text)
-    print(f"wrote {args.out / 'many_streams.json'} and many_streams.md")
+    print(f"wrote {args.out / 'many_streams.json'}, many_streams.md; appended to {HISTORY}")
     return 0
 
 

@@ -267,6 +267,7 @@ def many_streams(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, An
     assert done.returncode == 0, done.stderr[-3000:]
     markdown = (out / "many_streams.md").read_text()
     assert markdown in done.stdout
+    assert (out / "many_streams_runs.md").read_text() == markdown  # the record of every run
     return json.loads((out / "many_streams.json").read_text()), markdown
 
 
