@@ -27,7 +27,10 @@ errors, and the server process's CPU seconds per 1,000 streamed tokens (its own 
 children included, over the window: ``bench.servers.process_cpu_seconds``), each with its
 ratio to the floor of the server's KV layout at the same point. This server's layout is
 unified; ``llama-server``'s is split when ``-np`` is given (its ``--kv-unified`` default is on
-only for an automatic slot count), and its log says which it used.
+only for an automatic slot count), and its log says which it used. The floor prefills every
+prompt before its first decode step, so a server that decodes running streams inside its
+prefill batches can pass its aggregate tokens/s where prompts are long (a ratio above 1 there
+is that overlap, not a faster engine).
 
 Writes ``many_streams.json`` (every figure, the machine, the commit) and ``many_streams.md``,
 and appends the report to ``many_streams_runs.md``, the record of every run.
