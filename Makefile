@@ -47,7 +47,11 @@ lint: $(VENV)/.installed-dev
 	$(PY) -m mypy app bench
 
 # This server against llama-cpp-python's bundled server and llama.cpp's llama-server (when a
-# binary is found) on the same model: results, table and plots in bench/results/ (see README,
-# Performance). Flags through ARGS, e.g. ARGS="--models /models/x.gguf --llama-server PATH".
+# binary is found) on the same model, then the many-streams scenario on the tiny model (1 to
+# 64 streams against --parallel 64 and llama-server -np 64, with the batched engine floor):
+# results, tables and plots in bench/results/ (see README, Performance). Flags through ARGS,
+# e.g. ARGS="--models /models/x.gguf --llama-server PATH", and MANY_STREAMS_ARGS.
+MANY_STREAMS_ARGS ?=
 bench: $(VENV)/.installed-bench
 	$(PY) -m bench $(ARGS)
+	$(PY) -m bench.many_streams $(MANY_STREAMS_ARGS)

@@ -9,22 +9,20 @@ softmax router over experts) and the real Qwen3 tokenizer family: byte-level BPE
 ``bytes_to_unicode`` form, pre-tokenizer ``qwen2``, Qwen's added tokens with Qwen's types, no
 BOS, ``<|im_end|>`` as EOS and the Qwen3 chat template.
 
-Two kinds of model are built:
+The *demo* model answers every chat prompt with a known script. The weights are set by
+construction rather than trained: each script token, and the ``"\\n"`` byte token that every
+prompt rendered with ``add_generation_prompt`` ends in, owns one of a set of orthonormal
+directions of the residual stream; every embedding also carries a shared "default" direction
+and every other token a random direction orthogonal to all of those. The output row of a
+script piece is the direction of its predecessor, and the first piece's row also reads the
+default direction, so a script token predicts its successor and any other token (the prompt's
+final ``"\\n"`` included) predicts the first piece. The transformer layers have small random
+weights, so they run for real but leave the residual stream dominated by the current token;
+the logit margins are about 25, so even temperature-1 sampling follows the script.
 
-* The *demo* model answers every chat prompt with a known script. The weights are set by
-  construction rather than trained: each script token, and the ``"\\n"`` byte token that every
-  prompt rendered with ``add_generation_prompt`` ends in, owns one of a set of orthonormal
-  directions of the residual stream; every embedding also carries a shared "default" direction
-  and every other token a random direction orthogonal to all of those. The output row of a
-  script piece is the direction of its predecessor, and the first piece's row also reads the
-  default direction, so a script token predicts its successor and any other token (the prompt's
-  final ``"\\n"`` included) predicts the first piece. The transformer layers have small random
-  weights, so they run for real but leave the residual stream dominated by the current token;
-  the logit margins are about 25, so even temperature-1 sampling follows the script.
-* The *bench* model has random F16 weights in realistic shapes, for measuring throughput. Its
-  output rows are zero for special and non-printable tokens and come in ``+r``/``-r`` pairs for
-  printable ASCII tokens, so the largest logit is always positive and greedy decoding never
-  produces a special token or ends the generation.
+The random-weight *bench* models (``bench.model``) are written through the same helpers
+(vocabulary, GGUF header and metadata, the atomic cache), so both kinds share one tokenizer,
+one template and one set of architecture keys.
 """
 
 from __future__ import annotations
@@ -53,11 +51,9 @@ import numpy.typing as npt
 __all__ = [
     "DEFAULT_SCRIPT",
     "GENERATOR_VERSION",
-    "ensure_bench_model",
     "ensure_demo_model",
     "main",
     "script_text",
-    "write_bench_model",
     "write_demo_model",
 ]
 
@@ -185,10 +181,6 @@ _DEMO_DEFAULT_WEIGHT: Final = 0.3
 _DEFAULT_LOGIT: Final = 25.0
 _SUCCESSOR_LOGIT: Final = 50.0
 
-# Bench model weights: one shared pool of N(0, std) values, sliced at random offsets.
-_BENCH_WEIGHT_STD: Final = 0.02
-_BENCH_LOGIT_STD: Final = 10.0
-
 _TEMPLATE_PATH: Final = Path(__file__).with_name("qwen3_chat_template.jinja")
 
 _FloatArray = npt.NDArray[np.float32]
@@ -219,35 +211,6 @@ class _Shape:
             raise ValueError("n_expert_used must not exceed n_expert")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even (rope rotates pairs)")
-
-
-@dataclass(frozen=True)
-class _BenchParams:
-    """The keyword arguments of ``write_bench_model``, as one hashable value for cache keys."""
-
-    n_layer: int = 12
-    n_embd: int = 1024
-    n_expert: int = 32
-    n_expert_used: int = 8
-    n_ff_exp: int = 512
-    n_head: int = 16
-    n_head_kv: int = 4
-    head_dim: int = 64
-    n_ctx: int = 4096
-    seed: int = 0
-
-    def shape(self) -> _Shape:
-        return _Shape(
-            n_layer=self.n_layer,
-            n_embd=self.n_embd,
-            n_expert=self.n_expert,
-            n_expert_used=self.n_expert_used,
-            n_ff_exp=self.n_ff_exp,
-            n_head=self.n_head,
-            n_head_kv=self.n_head_kv,
-            head_dim=self.head_dim,
-            n_ctx=self.n_ctx,
-        )
 
 
 @dataclass(frozen=True)
@@ -548,112 +511,6 @@ def write_demo_model(
     )
 
 
-def _bench_tensors(
-    vocab: _Vocab, shape: _Shape, seed: int
-) -> list[tuple[str, npt.NDArray[np.float16] | _FloatArray]]:
-    """Random F16 weights; output rows chosen so greedy decoding stays on printable ASCII."""
-    rng = np.random.default_rng(seed)
-    n_vocab, n_embd = len(vocab.tokens), shape.n_embd
-    q_dim, kv_dim = shape.n_head * shape.head_dim, shape.n_head_kv * shape.head_dim
-    largest = max(shape.n_expert * shape.n_ff_exp * n_embd, q_dim * n_embd)
-    # Drawing a billion normals would take minutes; views of one shared pool at random offsets
-    # cost nothing and keep the matrices of a layer unrelated to each other.
-    pool = (rng.standard_normal(2 * largest, dtype=np.float32) * _BENCH_WEIGHT_STD).astype(
-        np.float16
-    )
-
-    def random(*dims: int) -> npt.NDArray[np.float16]:
-        size = math.prod(dims)
-        start = int(rng.integers(0, pool.size - size + 1))
-        return pool[start : start + size].reshape(dims)
-
-    table = _byte_table()
-    printable_chars = {table[byte] for byte in range(0x20, 0x7F)}
-    printable = [
-        index
-        for index, (text, token_type) in enumerate(
-            zip(vocab.tokens, vocab.token_types, strict=True)
-        )
-        if token_type == gguf.TokenType.NORMAL and set(text) <= printable_chars
-    ]
-    rng.shuffle(printable)
-    output = np.zeros((n_vocab, n_embd), dtype=np.float16)
-    pairs = len(printable) // 2
-    rows = rng.standard_normal((pairs, n_embd)) * (_BENCH_LOGIT_STD / math.sqrt(n_embd))
-    output[printable[:pairs]] = rows.astype(np.float16)
-    output[printable[pairs : 2 * pairs]] = -rows.astype(np.float16)
-
-    def ones(size: int) -> _FloatArray:
-        return np.ones(size, dtype=np.float32)
-
-    token_embd = rng.standard_normal((n_vocab, n_embd), dtype=np.float32).astype(np.float16)
-    tensors: list[tuple[str, npt.NDArray[np.float16] | _FloatArray]] = [
-        ("token_embd.weight", token_embd),
-        ("output_norm.weight", ones(n_embd)),
-        ("output.weight", output),
-    ]
-    for layer in range(shape.n_layer):
-        prefix = f"blk.{layer}."
-        tensors += [
-            (prefix + "attn_norm.weight", ones(n_embd)),
-            (prefix + "attn_q.weight", random(q_dim, n_embd)),
-            (prefix + "attn_k.weight", random(kv_dim, n_embd)),
-            (prefix + "attn_v.weight", random(kv_dim, n_embd)),
-            (prefix + "attn_output.weight", random(n_embd, q_dim)),
-            (prefix + "attn_q_norm.weight", ones(shape.head_dim)),
-            (prefix + "attn_k_norm.weight", ones(shape.head_dim)),
-            (prefix + "ffn_norm.weight", ones(n_embd)),
-            (prefix + "ffn_gate_inp.weight", random(shape.n_expert, n_embd)),
-            (prefix + "ffn_gate_exps.weight", random(shape.n_expert, shape.n_ff_exp, n_embd)),
-            (prefix + "ffn_up_exps.weight", random(shape.n_expert, shape.n_ff_exp, n_embd)),
-            (prefix + "ffn_down_exps.weight", random(shape.n_expert, n_embd, shape.n_ff_exp)),
-        ]
-    return tensors
-
-
-def write_bench_model(
-    path: Path,
-    *,
-    n_layer: int = 12,
-    n_embd: int = 1024,
-    n_expert: int = 32,
-    n_expert_used: int = 8,
-    n_ff_exp: int = 512,
-    n_head: int = 16,
-    n_head_kv: int = 4,
-    head_dim: int = 64,
-    n_ctx: int = 4096,
-    seed: int = 0,
-) -> Path:
-    """Write a random-weight model for timing: realistic per-token cost, printable output.
-
-    Greedy decoding emits printable ASCII forever (no EOS, no special token), so a benchmark
-    decides how many tokens to generate, not the model. Returns ``path``.
-    """
-    shape = _BenchParams(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_expert=n_expert,
-        n_expert_used=n_expert_used,
-        n_ff_exp=n_ff_exp,
-        n_head=n_head,
-        n_head_kv=n_head_kv,
-        head_dim=head_dim,
-        n_ctx=n_ctx,
-        seed=seed,
-    ).shape()
-    shape.check()
-    vocab = _build_vocab(())
-    return _write_gguf(
-        path,
-        name="Qwen3-MoE bench (random)",
-        shape=shape,
-        vocab=vocab,
-        tensors=_bench_tensors(vocab, shape, seed),
-        file_type=gguf.LlamaFileType.MOSTLY_F16,
-    )
-
-
 def _gguf_version() -> str:
     try:
         return importlib.metadata.version("gguf")
@@ -711,47 +568,18 @@ def ensure_demo_model(cache_dir: Path, script: Sequence[bytes] = DEFAULT_SCRIPT)
     return _ensure(cache_dir / name, lambda path: write_demo_model(path, pieces))
 
 
-def ensure_bench_model(cache_dir: Path, **params: int) -> Path:
-    """Return the bench model for ``params`` (``write_bench_model``'s keywords), cached."""
-    bench = dataclasses.replace(_BenchParams(), **params)
-    bench.shape().check()
-    name = _cache_name("bench", dataclasses.asdict(bench))
-    return _ensure(
-        cache_dir / name, lambda path: write_bench_model(path, **dataclasses.asdict(bench))
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m app.demo_model --out PATH [--bench] [--n-layer N ...]``."""
+    """``python -m app.demo_model --out PATH [--n-ctx N]`` (bench models: ``bench.model``)."""
     parser = argparse.ArgumentParser(
         prog="python -m app.demo_model",
-        description="Write the scripted demo model (default) or a random bench model.",
+        description="Write the scripted demo model (random bench models: python -m bench.model).",
     )
     parser.add_argument("--out", type=Path, required=True, help="GGUF file to write")
-    parser.add_argument("--bench", action="store_true", help="write a random bench model")
-    defaults = _BenchParams()
-    for field in dataclasses.fields(_BenchParams):
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=int,
-            default=None,
-            help=f"bench model {field.name} (default {getattr(defaults, field.name)})",
-        )
+    parser.add_argument("--n-ctx", type=int, default=4096, help="context length (default 4096)")
     args = parser.parse_args(argv)
-    overrides: dict[str, int] = {
-        field.name: getattr(args, field.name)
-        for field in dataclasses.fields(_BenchParams)
-        if getattr(args, field.name) is not None
-    }
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
-    if args.bench:
-        path = write_bench_model(args.out, **overrides)
-    else:
-        unused = sorted(set(overrides) - {"n_ctx"})
-        if unused:
-            parser.error(f"only --n-ctx applies to the demo model, not {', '.join(unused)}")
-        path = write_demo_model(args.out, n_ctx=overrides.get("n_ctx", 4096))
+    path = write_demo_model(args.out, n_ctx=args.n_ctx)
     logger.info(
         "wrote %s (%.1f MB) in %.2f s",
         path,

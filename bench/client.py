@@ -239,6 +239,19 @@ def post_request(host: str, port: int, path: str, body: dict[str, Any]) -> bytes
     return head.encode() + payload
 
 
+def streamed_completions(
+    host: str, port: int, prompt: Callable[[], list[int]], max_tokens: int
+) -> Callable[[int, int], bytes]:
+    """For ``run_load``: each request a greedy, streamed ``/v1/completions`` of its own
+    ``prompt()`` (token ids), ``max_tokens`` long."""
+
+    def build(worker: int, index: int) -> bytes:
+        body = {"prompt": prompt(), "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        return post_request(host, port, "/v1/completions", body)
+
+    return build
+
+
 @dataclass
 class Load:
     """The exchanges of one load level and the wall-clock window they ran in."""
@@ -252,34 +265,41 @@ class Load:
 async def run_load(
     host: str,
     port: int,
-    request: bytes,
+    request: bytes | Callable[[int, int], bytes],
     *,
     concurrency: int,
     requests_per_worker: int,
     timeout_s: float = 600.0,
     on_done: Callable[[Exchange], None] | None = None,
 ) -> Load:
-    """``concurrency`` workers, each sending ``request`` ``requests_per_worker`` times in a row.
+    """``concurrency`` workers, each sending ``requests_per_worker`` requests in a row.
 
-    The first connections are open before the window starts and each later one before its
-    request is sent, so connecting is never part of a request's time.
+    ``request`` is the same request for all, or a function of ``(worker, index)`` giving each
+    its own (a prompt of its own); every request is built before the window starts. The first
+    connections are open before the window starts and each later one before its request is
+    sent, so connecting is never part of a request's time.
     """
+    if callable(request):
+        build = request
+        requests = [[build(w, i) for i in range(requests_per_worker)] for w in range(concurrency)]
+    else:
+        requests = [[request] * requests_per_worker for _ in range(concurrency)]
     connections = [await Connection(host, port).open() for _ in range(concurrency)]
     exchanges: list[Exchange] = []
 
-    async def worker(connection: Connection) -> None:
-        for index in range(requests_per_worker):
+    async def worker(connection: Connection, own: list[bytes]) -> None:
+        for index, payload in enumerate(own):
             if index:
                 connection.close()
                 await connection.open()
-            exchange = await connection.exchange(request, timeout_s)
+            exchange = await connection.exchange(payload, timeout_s)
             exchanges.append(exchange)
             if on_done is not None:
                 on_done(exchange)
 
     started = time.perf_counter()
     try:
-        await asyncio.gather(*(worker(c) for c in connections))
+        await asyncio.gather(*(worker(c, r) for c, r in zip(connections, requests, strict=True)))
     finally:
         for connection in connections:
             connection.close()

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import client
+from bench import client, report
 from bench.floor import Floor
 from bench.run import ROOT, resolve_models
 from bench.servers import OURS, ServerSettings, serve, servers
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_threads=args.n_threads,
         n_batch=512,
         parallel=1,
-        flash_attn=True,
+        flash_attn="on",
     )
     floor = Floor(
         model, n_ctx=settings.n_ctx, n_threads=args.n_threads, n_batch=512, flash_attn=True
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures |= {
         "tokens": produced,
         "errors": sum(s.error is not None for s in streams),
-        "http_ms_per_token": round(1000 * sorted(per_token)[len(per_token) // 2], 4),
+        "http_ms_per_token": round(1000 * (report.percentile(per_token, 0.5) or 0.0), 4),
         "server_main_thread_user_us_per_token": round(main_user / produced * 1e6, 1),
         "server_main_thread_system_us_per_token": round(main_system / produced * 1e6, 1),
         "server_other_threads_user_us_per_token": round(other_user / produced * 1e6, 1),

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import facts
 from bench.client import Load, Stream, read_stream
 
 MS = 1000.0
@@ -122,15 +123,26 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
+def machine_line(machine: dict[str, Any]) -> str:
+    """The machine, its load while measured, and the code measured, in one sentence."""
+    load = machine["load_average"]
+    # Results written before bench.facts named the platform "os" and the commit "abc1234-dirty".
+    system = machine.get("platform") or machine.get("os")
+    commit = facts.commit_label(machine) if "git_dirty" in machine else machine.get("git_commit")
+    return (
+        f"Machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, "
+        f"{machine['memory_gib']} GiB; load average {load['start'][0]:.2f} at the start, "
+        f"{load['end'][0]:.2f} at the end. {system}, Python {machine['python']}. "
+        f"Code: commit {commit}."
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     machine = results["machine"]
-    load = machine["load_average"]
     lines = [
         f"# Benchmark results ({results['date']})",
         "",
-        f"Machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, "
-        f"{machine['memory_gib']} GiB; load average {load['start'][0]:.2f} at the start, "
-        f"{load['end'][0]:.2f} at the end. {machine['os']}, Python {machine['python']}.",
+        machine_line(machine),
         "",
         "Versions: "
         + ", ".join(f"{name} {version}" for name, version in results["versions"].items()),

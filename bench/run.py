@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
-import importlib.metadata
 import os
-import platform
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import client, report
+from bench import client, facts, report
 from bench.floor import Floor, FloorRun
 from bench.servers import (
     ALL_SERVERS,
@@ -51,12 +47,13 @@ from bench.servers import (
     ServerSettings,
     serve,
     servers,
+    stop_servers_on_sigterm,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 
 BUILT_MODELS: dict[str, dict[str, int]] = {
-    "bench": {},  # app.demo_model's bench defaults: 12 layers, d=1024, 32 experts / 8 active
+    "bench": {},  # bench.model's defaults: 12 layers, d=1024, 32 experts / 8 active
     # The demo model's shapes with random weights: greedy decoding never ends, ~0.2 ms/token.
     "tiny": {
         "n_layer": 2,
@@ -75,16 +72,6 @@ SETTLE_S = 0.2
 """Pause between alternated floor and HTTP runs: the one that just ended still has work in
 flight for a moment (llama.cpp's OpenMP threads spin before they sleep; a server logs and
 tidies up after its last byte), which would otherwise land in the next one's first token."""
-VERSIONED = (
-    "qwen3-moe-serve",
-    "llama-cpp-python",
-    "fastapi",
-    "starlette",
-    "uvicorn",
-    "sse-starlette",
-    "pydantic",
-    "starlette-context",
-)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -159,80 +146,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-# -- the machine ------------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _memory_gib() -> float | None:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    return None
-
-
-def _busiest_processes() -> list[str]:
-    """The processes using most CPU right now (``ps``), to judge whether the host was quiet."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        listing = subprocess.run(
-            ["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout
-        return [" ".join(line.split()) for line in listing.splitlines()[:5]]
-    return []
-
-
-def _git_commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    return None
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "memory_gib": _memory_gib(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "git_commit": _git_commit(),
-        "load_average": {"start": [round(x, 2) for x in os.getloadavg()]},
-        "busiest_processes_at_start": _busiest_processes(),
-    }
-
-
-def versions() -> dict[str, str]:
-    found = {}
-    for name in VERSIONED:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found[name] = importlib.metadata.version(name)
-    return found
-
-
 # -- models -----------------------------------------------------------------------------------
 
 
@@ -241,7 +154,7 @@ def resolve_models(spec: str, cache_dir: Path) -> list[tuple[str, Path, dict[str
     out: list[tuple[str, Path, dict[str, int] | None]] = []
     for entry in (e.strip() for e in spec.split(",") if e.strip()):
         if entry in BUILT_MODELS:
-            from app.demo_model import ensure_bench_model
+            from bench.model import ensure_bench_model
 
             shape = BUILT_MODELS[entry]
             out.append((entry, ensure_bench_model(cache_dir, **shape), shape))
@@ -436,7 +349,7 @@ def measure_model(
         n_threads=args.n_threads,
         n_batch=args.n_batch,
         parallel=args.parallel,
-        flash_attn=args.flash_attn == "on",
+        flash_attn=args.flash_attn,
     )
     bar.phase(f"{label}: loading the floor")
     floor = Floor(
@@ -521,22 +434,16 @@ def _measure_one(
     return {**entry, "status": "ok", "peak_rss_bytes": running.peak_rss, **figures}
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    # Raised in the main thread, so every ``serve`` block stops its server on the way out
-    # (Python's default would end this process and leave the server running).
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    stop_servers_on_sigterm()
     started = time.perf_counter()
     results: dict[str, Any] = {
         "schema": 1,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine(),
-        "versions": versions(),
+        "machine": facts.run_machine(ROOT),
+        "versions": facts.versions(),
         "settings": {
             "n_ctx": args.n_ctx,
             "n_threads": args.n_threads,

@@ -23,7 +23,7 @@
 #   contracts  `make contracts` against the synthetic model (the whole suite if no such target)
 #   bench      `make bench` on the synthetic model when the project has it (GPU_CHECK_BENCH_ARGS,
 #              default "--concurrency 1,4 --reps 2 --rounds 1", sizes it), else
-#              scripts/stream_bench.py through the server
+#              python -m bench.stream through the server
 #
 # OUT (default build/gpu-check/out) receives gpu_check.json (each step's status and seconds, and
 # the facts found), findings.json (the contract run's) and the logs. The environment and the
@@ -243,7 +243,7 @@ step_model() {
     if [ -s "$model" ]; then
         echo "reusing $model"
     else
-        "$vpy" -m app.demo_model --bench --out "$model.partial" --n-layer "$layers" \
+        "$vpy" -m bench.model --out "$model.partial" --n-layer "$layers" \
             --n-embd 2048 --n-expert 128 --n-expert-used 8 --n-ff-exp 768 \
             --n-head 32 --n-head-kv 4 --head-dim 128 --n-ctx 40960 || return 1
         mv "$model.partial" "$model"
@@ -284,7 +284,7 @@ PY
         after=$(gpu_memory_used_mib)
         fact server_gpu_memory_mib "$((after - before))"
         nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
-        "$vpy" scripts/stream_bench.py --url "http://127.0.0.1:$port" --requests 1 \
+        "$vpy" -m bench.stream --url "http://127.0.0.1:$port" --requests 1 \
             --max-tokens 32 && ok=$((ok + 1))
         [ "$((after - before))" -gt 1024 ] && ok=$((ok + 1))
     fi
@@ -336,12 +336,12 @@ step_bench() {
         cp "$work/bench/results.json" "$work/bench.json" 2>/dev/null
         return "$status"
     fi
-    echo "no make bench here: scripts/stream_bench.py through the server instead"
+    echo "no make bench here: python -m bench.stream through the server instead"
     start_server "$work/bench-server.log" --flash-attn on || {
         cat "$work/bench-server.log"
         return 1
     }
-    "$vpy" scripts/stream_bench.py --url "http://127.0.0.1:$port" --requests 3 \
+    "$vpy" -m bench.stream --url "http://127.0.0.1:$port" --requests 3 \
         --max-tokens 256 >"$work/bench.json"
     status=$?
     cat "$work/bench.json"

@@ -36,7 +36,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from app.demo_model import ensure_bench_model, ensure_demo_model
+from app.demo_model import ensure_demo_model
 from app.engine import (
     Backend,
     Flow,
@@ -50,6 +50,7 @@ from app.engine.llama import EngineConfig
 from app.engine.single import LlamaBackend
 from app.main import create_app
 from app.settings import Settings
+from bench.model import ensure_bench_model
 from tests import sse
 from tests.server_process import free_port
 

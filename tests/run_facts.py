@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
-import platform
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from app.engine import ModelInfo
+from bench.facts import machine
 
 FULL_HASH_LIMIT = 1 << 30
 SAMPLE_BYTES = 64 << 20
@@ -75,24 +71,6 @@ def engine_facts() -> dict[str, Any]:
     }
 
 
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
 def host_facts(root: Path) -> dict[str, Any]:
-    commit = _git(root, "rev-parse", "HEAD")
-    status = _git(root, "status", "--porcelain", "--untracked-files=no") if commit else None
-    return {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "git_commit": commit,
-        "git_dirty": bool(status) if status is not None else None,
-    }
+    """The host and the commit (``bench.facts``: the same facts ``make bench`` records)."""
+    return machine(root)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bench import servers
 from bench.client import Exchange, _Protocol, read_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,6 +157,211 @@ def test_bench_checks_its_client_against_curl(
     assert len(check["client_samples_ms"]) == len(check["curl_samples_ms"]) == check["runs"]
     assert check["client_ttfb_ms"] > 0
     assert 0 < check["curl_ttfb_after_connect_ms"] <= check["curl_ttfb_ms"]
+
+
+def test_a_variant_with_a_flag_the_server_does_not_list_is_skipped(tmp_path: Path) -> None:
+    """A variant flag missing from the server's --help skips the variant with the reason; a
+    listed one is passed as is."""
+    settings = servers.ServerSettings(
+        model=tmp_path / "m.gguf", n_ctx=256, n_threads=1, n_batch=512, parallel=4, flash_attn="on"
+    )
+    ours = servers.OURS
+    missing = servers.server(ours, settings, None, ROOT, extra_args=("--no-such-flag",), label="x")
+    assert missing.skipped is not None
+    assert "--no-such-flag" in missing.skipped and "--help" in missing.skipped
+    listed = servers.server(ours, settings, None, ROOT, extra_args=("--max-queue", "3"))
+    assert listed.skipped is None
+    assert listed.command[-2:] == ["--max-queue", "3"]
+    assert listed.label == ours
+
+
+def test_batching_bench_takes_turns_and_reports_every_run(tmp_path: Path) -> None:
+    """bench.batching on the tiny model: every server at every client count, each request
+    streamed in full, the medians and the Markdown table made of the same runs."""
+    from bench.model import ensure_bench_model
+    from bench.run import BUILT_MODELS
+
+    model = ensure_bench_model(tmp_path / "models", **BUILT_MODELS["tiny"])
+    command = [
+        sys.executable, "-m", "bench.batching", "--model", str(model), "--clients", "1,2",
+        "--parallel", "1,2", "--llama-server-np", "2", "--prompt-tokens", "24",
+        "--max-tokens", "6", "--rounds", "2", "--n-threads", "1",
+        "--llama-server", str(tmp_path / "no-such-llama-server"),
+        "--cache-dir", str(tmp_path), "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "batching.json").read_text())
+    markdown = (tmp_path / "out" / "batching.md").read_text()
+    assert markdown in done.stdout
+    assert results["machine"]["git_commit"] and results["machine"]["cpu_count"] >= 1
+    (skipped,) = results["not_measured"]
+    assert skipped["label"] == "llama-server -np 2"
+    assert "no-such-llama-server" in skipped["reason"]
+    assert not results["failed_runs"]
+    labels = ["qwen3-moe-serve --parallel 1", "qwen3-moe-serve --parallel 2"]
+    # the servers take turns at each client count
+    assert [(r["clients"], r["server"]) for r in results["rows"]] == [
+        (clients, label) for clients in (1, 2) for label in labels
+    ]
+    assert results["medians"] == results["rows"]  # one run each: the median is the run
+    for row in results["rows"]:
+        assert row["requests"] == 2 * row["clients"] and row["errors"] == 0
+        assert row["ttft_p50_ms"] <= row["ttft_p95_ms"]
+        assert row["itl_p50_ms"] <= row["itl_p95_ms"]
+        assert row["tokens_per_s"] > 0
+        assert f"| {row['server']} | {row['clients']} | {row['tokens_per_s']:.1f} |" in markdown
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bench.model import ensure_bench_model
+    from bench.run import BUILT_MODELS
+
+    return ensure_bench_model(tmp_path_factory.mktemp("tiny"), **BUILT_MODELS["tiny"])
+
+
+@pytest.mark.parametrize("layout", ["unified", "split"])
+def test_engine_floor_decodes_what_llama_cpp_decodes_one_sequence_at_a_time(
+    tiny_model: Path, layout: str
+) -> None:
+    """The batched floor is the servers' decode loop, so its tokens must be greedy decoding's:
+    every sequence of one batched round yields what Llama.generate yields for it alone (a
+    wrong position or sequence id would still time something, but not this)."""
+    from llama_cpp import Llama
+
+    from bench.engine_floor import EngineFloor, FloorSettings
+    from bench.model import random_prompt
+
+    rng = random.Random(11)
+    prompts = [random_prompt(rng, n) for n in (5, 40, 17)]
+    settings = FloorSettings(tiny_model, 4, 256, 1, 32, "on", layout)  # type: ignore[arg-type]
+    floor = EngineFloor(settings)  # n_batch 32: the 40-token prompt spans two batches
+    try:
+        timed = floor.run_round(prompts, 8)
+    finally:
+        floor.close()
+    assert len(timed.steps) == 7 and len(timed.ttfts) == 3
+    assert min(timed.ttfts) > 0 and max(timed.ttfts) <= timed.seconds
+    llm = Llama(model_path=str(tiny_model), n_ctx=256, n_threads=1, verbose=False)
+    try:
+        for prompt, tokens in zip(prompts, timed.tokens, strict=True):
+            alone = []
+            for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+                alone.append(token)
+                if len(alone) == 8:
+                    break
+            assert tokens == alone
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def many_streams(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("many_streams")
+    command = [
+        sys.executable, "-m", "bench.many_streams", "--quick", "--n-threads", "1",
+        "--out", str(out), "--cache-dir", str(out / "cache"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    markdown = (out / "many_streams.md").read_text()
+    assert markdown in done.stdout
+    assert (out / "many_streams_runs.md").read_text() == markdown  # the record of every run
+    return json.loads((out / "many_streams.json").read_text()), markdown
+
+
+def _ordered(figures: dict[str, float]) -> bool:
+    return figures["min"] <= figures["p50"] <= figures["p95"] <= figures["max"]
+
+
+def test_many_streams_measures_every_variant_or_says_why_not(
+    many_streams: tuple[dict[str, Any], str],
+) -> None:
+    """This server is always measured; llama-server where a binary is found, else skipped
+    with the reason; a variant whose flag the server lacks is skipped, with the reason."""
+    results, markdown = many_streams
+    variants = {v["label"]: v for v in results["variants"]}
+    ours = variants["qwen3-moe-serve --parallel 64"]
+    assert not ours["skipped"] and ours["kv_layout"] == "unified"
+    split = variants["qwen3-moe-serve --parallel 64 --no-kv-unified"]
+    help_text = subprocess.run(
+        [sys.executable, "-m", "app.cli", "--help"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
+    assert split["skipped"] == ("--no-kv-unified" not in help_text)
+    binary, why_not = servers.find_llama_server(None, ROOT)
+    for label in ("llama-server -np 64", "llama-server -np 64 --kv-unified"):
+        assert variants[label]["skipped"] == (binary is None)
+        if binary is None:
+            assert variants[label]["reason"] == why_not
+    for variant in results["variants"]:
+        if variant["skipped"]:
+            assert variant["reason"] and f"- {variant['label']}: {variant['reason']}" in markdown
+    measured = {v["label"] for v in results["variants"] if not v["skipped"]}
+    for entry in results["runs"]:
+        assert {row["label"] for row in entry["servers"]} == measured
+
+
+def test_many_streams_figures_are_consistent(many_streams: tuple[dict[str, Any], str]) -> None:
+    """Every stream streamed every token; counts, percentiles, CPU per 1k tokens and every
+    ratio to the floor and to the client ceiling come from the numbers reported beside them."""
+    results, markdown = many_streams
+    max_tokens = results["settings"]["max_tokens"]
+    assert max_tokens == 16 and results["settings"]["parallel"] == 64
+    assert results["machine"]["git_commit"] and results["machine"]["cpu_count"] >= 1
+    points = [(e["streams"], e["prompt_tokens"]) for e in results["runs"]]
+    assert points == [(1, 25), (4, 25), (4, 256)]
+    for entry in results["runs"]:
+        streams, rounds = entry["streams"], entry["rounds"]
+        expected = streams * rounds * max_tokens
+        assert entry["n_ctx_per_slot"] >= entry["prompt_tokens"] + max_tokens
+        assert set(entry["floors"]) == {"unified", "split"}
+        for layout, floor in entry["floors"].items():
+            assert floor["layout"] == layout and floor["tokens"] == expected
+            assert floor["steps"] == rounds * (max_tokens - 1)
+            assert _ordered(floor["ttft_ms"]) and _ordered(floor["itl_ms"])
+            assert floor["tokens_per_s"] == pytest.approx(expected / floor["window_s"], rel=0.01)
+            assert floor["cpu_s_per_1k_tokens"] > 0
+            assert f"| engine floor | {layout} | {floor['tokens_per_s']:.1f} |" in markdown
+        ceiling = entry["client_ceiling"]
+        assert ceiling["status"] == "ok" and ceiling["failed"] == 0
+        assert ceiling["tokens"] == expected
+        assert ceiling["client_cpu_s_per_1k_tokens"] > 0
+        for row in entry["servers"]:
+            assert row["status"] == "ok", row.get("reason")
+            assert row["requests"] == streams * rounds
+            assert row["errors"] == row["short_streams"] == row["failed"] == 0
+            assert row["tokens"] == expected
+            assert _ordered(row["ttft_ms"]) and _ordered(row["itl_ms"])
+            assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["window_s"], rel=0.01)
+            assert row["cpu_s_per_1k_tokens"] > 0
+            assert row["server_cpu_s"] == pytest.approx(
+                row["cpu_s_per_1k_tokens"] * row["tokens"] / 1000, rel=0.01, abs=1e-4
+            )
+            assert row["kv_layout"] in ("unified", "split")
+            if row["kv_layout_logged"] is not None:
+                assert row["kv_layout"] == row["kv_layout_logged"]
+            floor = entry["floors"][row["kv_layout"]]
+            vs = row["vs_floor"]
+            pairs = [
+                (vs["tokens_per_s"], row["tokens_per_s"], floor["tokens_per_s"]),
+                (vs["ttft_p50"], row["ttft_ms"]["p50"], floor["ttft_ms"]["p50"]),
+                (vs["ttft_p95"], row["ttft_ms"]["p95"], floor["ttft_ms"]["p95"]),
+                (vs["itl_p50"], row["itl_ms"]["p50"], floor["itl_ms"]["p50"]),
+                (vs["itl_p95"], row["itl_ms"]["p95"], floor["itl_ms"]["p95"]),
+                (
+                    vs["cpu_s_per_1k_tokens"],
+                    row["cpu_s_per_1k_tokens"],
+                    floor["cpu_s_per_1k_tokens"],
+                ),
+            ]
+            for ratio, value, limit in pairs:
+                assert ratio == pytest.approx(value / limit, rel=1e-3, abs=1e-4)
+            assert row["vs_client_ceiling"] == pytest.approx(
+                row["tokens_per_s"] / ceiling["tokens_per_s"], rel=1e-3
+            )
+            shown = f"| {row['label']} | {row['kv_layout']} | {row['tokens_per_s']:.1f} "
+            assert f"{shown}({vs['tokens_per_s']:.2f}x) |" in markdown
 
 
 def _readme_section(title: str) -> str:

@@ -23,7 +23,6 @@ from llama_cpp import Llama
 
 from app.demo_model import (
     DEFAULT_SCRIPT,
-    ensure_bench_model,
     ensure_demo_model,
     main,
     script_text,
@@ -31,15 +30,6 @@ from app.demo_model import (
 )
 
 PACKAGED_TEMPLATE = Path(__file__).resolve().parents[1] / "app" / "qwen3_chat_template.jinja"
-TINY_BENCH = {
-    "n_layer": 2,
-    "n_embd": 256,
-    "n_expert": 8,
-    "n_expert_used": 2,
-    "n_ff_exp": 128,
-    "n_head": 4,
-    "n_head_kv": 2,
-}
 # A tool-call turn: USER_DEFINED tokens around a JSON piece, no reasoning block.
 TOOL_CALL_SCRIPT = (
     b"<tool_call>",
@@ -143,11 +133,6 @@ def demo_llm(demo_path: Path) -> Iterator[Llama]:
     llm = Llama(model_path=str(demo_path), n_ctx=4096, logits_all=True, verbose=False)
     yield llm
     llm.close()
-
-
-@pytest.fixture(scope="session")
-def bench_path(model_dir: Path) -> Path:
-    return ensure_bench_model(model_dir, **TINY_BENCH)
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
@@ -378,37 +363,8 @@ def test_user_defined_tokens_are_parsed_in_prompts_even_without_special(demo_llm
     assert len(im_end_as_text) > 1
 
 
-def test_bench_model_greedy_output_is_printable_ascii_without_eos(bench_path: Path) -> None:
-    reader = gguf.GGUFReader(bench_path)
-    types: list[int] = read_field(reader, "tokenizer.ggml.token_type")
-    special_ids = {i for i, kind in enumerate(types) if kind != gguf.TokenType.NORMAL}
-    llm = Llama(model_path=str(bench_path), n_ctx=512, verbose=False)
-    try:
-        generated = generate(llm, render(llm, **CONVERSATIONS["multi_turn_history"]), limit=64)
-        text = llm.detokenize(generated)
-    finally:
-        llm.close()
-
-    assert len(generated) == 64
-    assert not special_ids & set(generated)
-    assert all(0x20 <= byte < 0x7F for byte in text), text
-
-
-def test_ensure_bench_model_is_keyed_by_its_parameters(model_dir: Path, bench_path: Path) -> None:
-    assert ensure_bench_model(model_dir, **TINY_BENCH) == bench_path
-    other = ensure_bench_model(model_dir, **(TINY_BENCH | {"seed": 1}))
-    assert other != bench_path
-    with pytest.raises(TypeError):
-        ensure_bench_model(model_dir, n_layers=2)
-
-
 def test_command_line_writes_either_model(tmp_path: Path) -> None:
     assert main(["--out", str(tmp_path / "demo.gguf")]) == 0
-    arguments = ["--out", str(tmp_path / "bench.gguf"), "--bench"]
-    for key, value in TINY_BENCH.items():
-        arguments += ["--" + key.replace("_", "-"), str(value)]
-    assert main(arguments) == 0
     assert (tmp_path / "demo.gguf").stat().st_size > 0
-    assert (tmp_path / "bench.gguf").stat().st_size > 0
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x.gguf"), "--n-layer", "3"])
