@@ -533,6 +533,7 @@ async def test_drain_refuses_new_requests_and_ends_the_unfinished_ones(
     assert len(stream.deltas()) > 0
 
 
+@pytest.mark.slow
 def test_sigterm_drains_a_real_server_process(slow_model_path: Path, tmp_path: Path) -> None:
     """The console script under a real SIGTERM: /health turns to draining, new requests get
     503, the running stream ends with an error event and [DONE], and the process exits."""

@@ -78,6 +78,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return out, json.loads((out / "results.json").read_text()), done.stdout
 
 
+@pytest.mark.slow
 def test_bench_writes_json_markdown_and_plots(bench_run: tuple[Path, dict[str, Any], str]) -> None:
     out, results, stdout = bench_run
     assert (out / "results.md").read_text() in stdout
@@ -90,6 +91,7 @@ def test_bench_writes_json_markdown_and_plots(bench_run: tuple[Path, dict[str, A
     assert results["elapsed_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_reports_a_missing_peer_as_skipped(
     bench_run: tuple[Path, dict[str, Any], str],
 ) -> None:
@@ -103,6 +105,7 @@ def test_bench_reports_a_missing_peer_as_skipped(
     assert "- llama-server: skipped" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_figures_are_consistent(bench_run: tuple[Path, dict[str, Any], str]) -> None:
     """Each measured server: every request streamed every token; counts, samples, percentiles
     and the Markdown rows agree with each other."""
@@ -145,6 +148,7 @@ def test_bench_figures_are_consistent(bench_run: tuple[Path, dict[str, Any], str
         )
 
 
+@pytest.mark.slow
 def test_bench_checks_its_client_against_curl(
     bench_run: tuple[Path, dict[str, Any], str],
 ) -> None:
@@ -175,6 +179,7 @@ def test_a_variant_with_a_flag_the_server_does_not_list_is_skipped(tmp_path: Pat
     assert listed.label == ours
 
 
+@pytest.mark.slow
 def test_batching_bench_takes_turns_and_reports_every_run(tmp_path: Path) -> None:
     """bench.batching on the tiny model: every server at every client count, each request
     streamed in full, the medians and the Markdown table made of the same runs."""
@@ -275,6 +280,7 @@ def _ordered(figures: dict[str, float]) -> bool:
     return figures["min"] <= figures["p50"] <= figures["p95"] <= figures["max"]
 
 
+@pytest.mark.slow
 def test_many_streams_measures_every_variant_or_says_why_not(
     many_streams: tuple[dict[str, Any], str],
 ) -> None:
@@ -302,6 +308,7 @@ def test_many_streams_measures_every_variant_or_says_why_not(
         assert {row["label"] for row in entry["servers"]} == measured
 
 
+@pytest.mark.slow
 def test_many_streams_figures_are_consistent(many_streams: tuple[dict[str, Any], str]) -> None:
     """Every stream streamed every token; counts, percentiles, CPU per 1k tokens and every
     ratio to the floor and to the client ceiling come from the numbers reported beside them."""

@@ -285,6 +285,7 @@ def test_dockerfile_runs_as_an_unprivileged_user_with_a_healthcheck() -> None:
     assert "QWEN3_MOE_SERVE_HOST=0.0.0.0" in dockerfile_env()
 
 
+@pytest.mark.slow
 def test_dockerfile_installs_the_commands_compose_runs() -> None:
     installed = {
         line.split()[-1].rsplit("/", 1)[1]: line.split()[-2]
@@ -516,6 +517,7 @@ def healthcheck(
     )
 
 
+@pytest.mark.slow
 def test_healthcheck_is_healthy_only_on_200(tmp_path: Path, live_server: LiveServer) -> None:
     assert healthcheck(live_server.port).returncode == 0
     assert healthcheck(live_server.port, "/no-such-route").returncode == 1
@@ -542,6 +544,7 @@ def settings_from_environment(env: Mapping[str, str]) -> Settings:
     return Settings.model_validate(values)
 
 
+@pytest.mark.slow
 def test_healthcheck_sends_the_api_key_to_a_server_that_protects_health(
     demo_backend: LlamaBackend, tmp_path: Path
 ) -> None:
@@ -557,6 +560,7 @@ def test_healthcheck_sends_the_api_key_to_a_server_that_protects_health(
             assert healthcheck(server.port, env=env).returncode == 0, env
 
 
+@pytest.mark.slow
 def test_compose_environment_through_the_entrypoint_serves_and_stops(
     tmp_path: Path, demo_backend: LlamaBackend
 ) -> None:
@@ -626,6 +630,7 @@ def rpc_supported() -> bool:
     return bool(llama_cpp.llama_supports_rpc())
 
 
+@pytest.mark.slow
 def test_rpc_server_that_cannot_be_used_is_an_error_not_an_abort() -> None:
     """ggml aborts the process when it cannot reach an RPC server; we must raise first.
 
@@ -691,6 +696,7 @@ def rpc_worker() -> Iterator[tuple[str, _Output]]:
         assert process.wait(timeout=30) == 0, output.lines
 
 
+@pytest.mark.slow
 def test_rpc_worker_serves_the_model_to_a_server(
     rpc_worker: tuple[str, _Output], demo_model_path: Path, demo_backend: LlamaBackend
 ) -> None:
@@ -736,6 +742,7 @@ def test_rpc_worker_serves_the_model_to_a_server(
 # -- scripts --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stream_bench_times_a_real_stream(live_server: LiveServer) -> None:
     bench = ["-m", "bench.stream"]
     done = subprocess.run(
@@ -755,6 +762,7 @@ def test_stream_bench_times_a_real_stream(live_server: LiveServer) -> None:
     assert result["median_ttft_s"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_check_without_a_gpu_fails_at_the_first_step_and_still_reports(
     tmp_path: Path,
 ) -> None:
@@ -793,6 +801,7 @@ def lint_tool(name: str) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_shell_scripts_pass_shellcheck() -> None:
     scripts = [ENTRYPOINT, *sorted((ROOT / "scripts").glob("*.sh"))]
     done = subprocess.run(
@@ -805,6 +814,7 @@ def test_shell_scripts_pass_shellcheck() -> None:
     assert done.returncode == 0, done.stdout
 
 
+@pytest.mark.slow
 def test_dockerfile_passes_hadolint() -> None:
     done = subprocess.run(
         [lint_tool("hadolint"), "--no-color", str(DOCKERFILE)],
@@ -816,6 +826,7 @@ def test_dockerfile_passes_hadolint() -> None:
     assert done.returncode == 0, done.stdout
 
 
+@pytest.mark.slow
 def test_deploy_and_script_python_is_lint_clean() -> None:
     paths = [str(ROOT / "deploy"), str(ROOT / "scripts")]
     for command in (["check"], ["format", "--check"]):

@@ -42,6 +42,7 @@ def _bodies(schema: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
         yield "tools", {**base, "tools": [tool], "tool_choice": "required"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schema", REFUSED_SCHEMAS.values(), ids=REFUSED_SCHEMAS.keys())
 def test_a_schema_llama_cpp_cannot_parse_is_a_400_not_a_crash(
     server: ServerProcess, schema: dict[str, Any]

@@ -56,7 +56,7 @@ import llama_cpp
 import numpy as np
 
 from app.engine.grammar import check_grammar
-from app.engine.handoff import Handoff, LoopClosed
+from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
 from app.engine.llama import (
     EngineConfig,
     LlamaTokenizer,
@@ -74,7 +74,6 @@ from app.engine.protocol import (
     OnToken,
     SamplingParams,
     Tokenizer,
-    TokenLogprobs,
 )
 
 logger = logging.getLogger(__name__)
@@ -94,82 +93,26 @@ LOOP_LAG_S = 1.0
 """Longest the scheduler waits for a loop that is more than a step behind before it goes on."""
 
 
-@dataclass(frozen=True)
-class _Token:
-    token_id: int
-    logprobs: TokenLogprobs | None
-
-
-@dataclass(frozen=True)
-class _End:
-    finish_reason: EngineFinish | None
-    error: EngineError | None = None
-
-
 @dataclass(eq=False)
-class _Sequence:
+class _Sequence(Requester):
     """One generation in the scheduler, from its arrival to its end."""
 
-    prompt: list[int]
-    sampling: SamplingParams
-    max_tokens: int
-    on_token: OnToken
-    on_logprobs: OnLogprobs | None
-    flow: Flow | None
-    handoff: Handoff[tuple[_Sequence, _Token | _End]]
-    result: asyncio.Future[GenerationResult]
-    cancelled: bool = False
-    """Set on the loop (refused token, task cancelled); the scheduler drops it next step."""
-    # Scheduler thread only (written before the first hand-off, read by the loop after it).
+    prompt: list[int] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 0
+    handoff: Handoff[tuple[_Sequence, Update]] | None = None
+    # Scheduler thread only.
     sampler: Any = None
     next_token: int | None = None
     """Sampled and handed off, not yet decoded (its KV cell is written next step)."""
     sampled: int = 0
-    cached: int = 0
-    started: float = 0.0
-    # Loop side.
-    reported: int = 0
 
     @property
     def parked(self) -> bool:
         return self.flow is not None and self.flow.paused
 
-    def deliver(self, update: _Token | _End) -> None:
-        """On the loop: report a token, or end the generation."""
-        if self.result.done():
-            return
-        if isinstance(update, _End):
-            if update.error is not None:
-                self.result.set_exception(update.error)
-            else:
-                self._finish(update.finish_reason or "cancelled")
-            return
-        self.reported += 1
-        try:
-            if update.logprobs is not None and self.on_logprobs is not None:
-                self.on_logprobs(update.logprobs)
-            keep = self.on_token(update.token_id)
-        except Exception as exc:
-            self.cancelled = True
-            self.result.set_exception(exc)
-            return
-        if not keep:
-            self.cancelled = True
-            self._finish("cancelled")
 
-    def _finish(self, reason: EngineFinish) -> None:
-        self.result.set_result(
-            GenerationResult(
-                finish_reason=reason,
-                prompt_tokens=len(self.prompt),
-                completion_tokens=self.reported,
-                cached_tokens=self.cached,
-                started=self.started or time.perf_counter(),
-            )
-        )
-
-
-def _deliver(updates: list[tuple[_Sequence, _Token | _End]]) -> None:
+def _deliver(updates: list[tuple[_Sequence, Update]]) -> None:
     for sequence, update in updates:
         sequence.deliver(update)
 
@@ -293,14 +236,15 @@ class BatchedLlamaBackend:
             raise ValueError(f"prompt plus max_tokens exceed the slot context {self.info.n_ctx}")
         loop = asyncio.get_running_loop()
         sequence = _Sequence(
-            prompt=list(prompt_tokens),
-            sampling=sampling,
-            max_tokens=max_tokens,
+            prompt_tokens=len(prompt_tokens),
             on_token=on_token,
             on_logprobs=on_logprobs if sampling.top_logprobs is not None else None,
             flow=flow,
-            handoff=self._handoff(loop),
             result=loop.create_future(),
+            prompt=list(prompt_tokens),
+            sampling=sampling,
+            max_tokens=max_tokens,
+            handoff=self._handoff(loop),
         )
         if flow is not None:
             flow.on_resume(self._wake)
@@ -348,18 +292,18 @@ class BatchedLlamaBackend:
             with self._work:
                 waiting = list(self._waiting)
                 self._waiting.clear()
-            ended: list[tuple[_Sequence, _Token | _End]] = [
-                (sequence, _End(None, error)) for sequence in waiting
+            ended: list[tuple[_Sequence, Update]] = [
+                (sequence, Ended(None, error)) for sequence in waiting
             ]
             for slot in self._slots:
                 if slot.sequence is not None:
-                    ended.append((slot.sequence, _End(None, error)))
+                    ended.append((slot.sequence, Ended(None, error)))
                     self._release(slot)
             self._post(ended)
 
     def _step(self) -> bool:
         """One scheduling step; False once the backend closes."""
-        ended: list[tuple[_Sequence, _Token | _End]] = []
+        ended: list[tuple[_Sequence, Update]] = []
         with self._work:
             while not self._closing and not self._waiting and not self._has_running():
                 self._work.wait()
@@ -374,7 +318,7 @@ class BatchedLlamaBackend:
                 self._start(slot)
             except EngineError as exc:
                 assert slot.sequence is not None
-                ended.append((slot.sequence, _End(None, exc)))
+                ended.append((slot.sequence, Ended(None, exc)))
                 self._release(slot)
         running = [s for s in self._slots if s.sequence is not None]
         fed, outputs = self._fill_batch(running)
@@ -508,7 +452,7 @@ class BatchedLlamaBackend:
         batch.n_tokens = n
         return fed, outputs
 
-    def _sample(self, slot: _Slot, index: int) -> list[tuple[_Sequence, _Token | _End]]:
+    def _sample(self, slot: _Slot, index: int) -> list[tuple[_Sequence, Update]]:
         sequence = slot.sequence
         assert sequence is not None
         sequence.next_token = None
@@ -519,7 +463,7 @@ class BatchedLlamaBackend:
             row = llama_cpp.llama_get_logits_ith(self._ctx, index)
             logprobs = logprobs_of(np.ctypeslib.as_array(row, shape=(self._n_vocab,)), token, top)
         sequence.sampled += 1
-        updates: list[tuple[_Sequence, _Token | _End]] = [(sequence, _Token(token, logprobs))]
+        updates: list[tuple[_Sequence, Update]] = [(sequence, Sampled(token, logprobs))]
         end: EngineFinish | None = None
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             end = "stop"
@@ -528,16 +472,18 @@ class BatchedLlamaBackend:
         if end is None:
             sequence.next_token = token
         else:
-            updates.append((sequence, _End(end)))
+            updates.append((sequence, Ended(end)))
             self._release(slot)
         return updates
 
-    def _post(self, updates: list[tuple[_Sequence, _Token | _End]]) -> None:
+    def _post(self, updates: list[tuple[_Sequence, Update]]) -> None:
         """Hand a step's updates to their loops: one post (one wake-up) per loop; then wait
         while a loop is more than this step behind."""
-        by_handoff: dict[Handoff[Any], list[tuple[_Sequence, _Token | _End]]] = {}
+        by_handoff: dict[Handoff[Any], list[tuple[_Sequence, Update]]] = {}
         for update in updates:
-            by_handoff.setdefault(update[0].handoff, []).append(update)
+            handoff = update[0].handoff
+            assert handoff is not None
+            by_handoff.setdefault(handoff, []).append(update)
         for handoff, items in by_handoff.items():
             try:
                 handoff.post(items)
@@ -549,16 +495,16 @@ class BatchedLlamaBackend:
 
     def _fail_batch(
         self, fed: dict[_Slot, list[int]], status: int
-    ) -> list[tuple[_Sequence, _Token | _End]]:
+    ) -> list[tuple[_Sequence, Update]]:
         """A failed decode fails the generations it carried; their slots start over empty."""
         logger.error("llama_decode failed with status %d for %d sequences", status, len(fed))
         error = EngineError(f"the inference engine failed (llama_decode status {status})")
-        ended: list[tuple[_Sequence, _Token | _End]] = []
+        ended: list[tuple[_Sequence, Update]] = []
         for slot in fed:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.tokens.clear()
             if slot.sequence is not None:
-                ended.append((slot.sequence, _End(None, error)))
+                ended.append((slot.sequence, Ended(None, error)))
                 self._release(slot)
         return ended
 

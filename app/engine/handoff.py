@@ -1,5 +1,8 @@
 """Engine thread -> event loop: what the engine produced, delivered on the loop in order.
 
+``Handoff`` carries the items; ``Requester`` is the receiving end of one generation (its
+callbacks, counts and result), the same for both backends.
+
 Every sampled token crosses here, so it is built to cost little: the engine thread appends
 under one lock and wakes the loop (``call_soon_threadsafe``, a write to its self-pipe) only
 when no earlier wake-up is still pending, so a loop that is behind drains a burst on one
@@ -13,8 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from app.engine.protocol import (
+    EngineFinish,
+    Flow,
+    GenerationResult,
+    OnLogprobs,
+    OnToken,
+    TokenLogprobs,
+)
 
 Item = TypeVar("Item")
 
@@ -78,3 +92,76 @@ class Handoff(Generic[Item]):
             with self._lock:
                 self._delivering = 0
                 self._lock.notify_all()
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A token the engine sampled, with its logprobs when the requester asked for them."""
+
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The engine let go of the generation: why (``finish_reason``), or the failure."""
+
+    finish_reason: EngineFinish | None
+    error: BaseException | None = None
+
+
+Update = Sampled | Ended
+
+
+@dataclass(eq=False)
+class Requester:
+    """A generation as its requester sees it: the callbacks and the result, on the requester's
+    event loop, where ``deliver`` reports each update in order.
+
+    ``cancelled`` is set on the loop (``on_token`` said False, or the awaiting task was
+    cancelled) and read by the engine, which then decodes the generation no further.
+    ``cached`` and ``started`` are written by the engine before its first hand-off.
+    """
+
+    prompt_tokens: int
+    on_token: OnToken
+    on_logprobs: OnLogprobs | None
+    flow: Flow | None
+    result: asyncio.Future[GenerationResult]
+    cancelled: bool = False
+    cached: int = 0
+    started: float = 0.0
+    reported: int = 0
+
+    def deliver(self, update: Update) -> None:
+        if self.result.done():
+            return  # refused, cancelled or failed: nothing more is reported
+        if isinstance(update, Ended):
+            if update.error is not None:
+                self.result.set_exception(update.error)
+            else:
+                self._finish(update.finish_reason or "cancelled")
+            return
+        self.reported += 1
+        try:
+            if update.logprobs is not None and self.on_logprobs is not None:
+                self.on_logprobs(update.logprobs)
+            keep = self.on_token(update.token_id)
+        except Exception as exc:
+            self.cancelled = True
+            self.result.set_exception(exc)
+            return
+        if not keep:
+            self.cancelled = True
+            self._finish("cancelled")
+
+    def _finish(self, reason: EngineFinish) -> None:
+        self.result.set_result(
+            GenerationResult(
+                finish_reason=reason,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.reported,
+                cached_tokens=self.cached,
+                started=self.started or time.perf_counter(),
+            )
+        )

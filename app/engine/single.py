@@ -29,7 +29,7 @@ import numpy as np
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from app.engine.grammar import check_grammar
-from app.engine.handoff import Handoff, LoopClosed
+from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
 from app.engine.llama import EngineConfig, LlamaTokenizer, logprobs_of, model_info, quiet_llama_log
 from app.engine.protocol import (
     EngineError,
@@ -55,69 +55,17 @@ POLL_S = 0.05
 """Longest the engine thread sleeps between checks of a paused generation's cancellation."""
 
 
-@dataclass(frozen=True)
-class _End:
-    finish_reason: EngineFinish | None
-    error: BaseException | None = None
-
-
-_Update = tuple[int, TokenLogprobs | None] | _End
-
-
 @dataclass(eq=False)
-class _Run:
+class _Run(Requester):
     """One generation, shared by the engine thread and the requester's event loop."""
 
-    prompt_tokens: int
-    on_token: OnToken
-    on_logprobs: OnLogprobs | None
-    flow: Flow | None
-    result: asyncio.Future[GenerationResult]
-    handoff: Handoff[_Update] = field(init=False)
-    cancelled: bool = False
-    """Set on the loop (the consumer said False, or left); read by the engine thread."""
+    handoff: Handoff[Update] = field(init=False)
     resumed: threading.Event = field(default_factory=threading.Event)
-    # Written by the engine thread before its first hand-off.
-    started: float = 0.0
-    cached: int = 0
-    # The loop's side.
-    reported: int = 0
+    """Set when the consumer resumes a paused generation (wakes the engine thread)."""
 
-    def deliver(self, updates: list[_Update]) -> None:
-        """On the loop: report tokens, in order, until the generation ends or is refused."""
+    def deliver_all(self, updates: list[Update]) -> None:
         for update in updates:
-            if self.result.done():
-                return
-            if isinstance(update, _End):
-                if update.error is not None:
-                    self.result.set_exception(update.error)
-                else:
-                    self._finish(update.finish_reason or "cancelled")
-                return
-            token_id, logprobs = update
-            self.reported += 1
-            try:
-                if logprobs is not None and self.on_logprobs is not None:
-                    self.on_logprobs(logprobs)
-                keep = self.on_token(token_id)
-            except Exception as exc:
-                self.cancelled = True
-                self.result.set_exception(exc)
-                return
-            if not keep:
-                self.cancelled = True
-                self._finish("cancelled")
-
-    def _finish(self, reason: EngineFinish) -> None:
-        self.result.set_result(
-            GenerationResult(
-                finish_reason=reason,
-                prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.reported,
-                cached_tokens=self.cached,
-                started=self.started or time.perf_counter(),
-            )
-        )
+            self.deliver(update)
 
 
 class LlamaBackend:
@@ -175,7 +123,7 @@ class LlamaBackend:
     ) -> GenerationResult:
         loop = asyncio.get_running_loop()
         run = _Run(len(prompt_tokens), on_token, on_logprobs, flow, loop.create_future())
-        run.handoff = Handoff(loop, run.deliver)
+        run.handoff = Handoff(loop, run.deliver_all)
         if flow is not None:
             flow.on_resume(run.resumed.set)
         tokens = list(prompt_tokens)
@@ -200,16 +148,16 @@ class LlamaBackend:
         if run.cancelled:
             return
         try:
-            end = _End(self._tokens(run, prompt, sampling, max_tokens))
+            end = Ended(self._tokens(run, prompt, sampling, max_tokens))
         except LoopClosed:
             return  # nobody is listening any more
         except EngineError as exc:
-            end = _End(None, exc)
+            end = Ended(None, exc)
         except Exception as exc:
             logger.exception("llama.cpp failed a generation")
             failure = EngineError("the inference engine failed")
             failure.__cause__ = exc
-            end = _End(None, failure)
+            end = Ended(None, failure)
         with suppress(LoopClosed):  # nobody is listening any more
             run.handoff.post((end,))
 
@@ -240,7 +188,7 @@ class LlamaBackend:
             for token_id in tokens:
                 sampled += 1
                 logprobs = None if top_logprobs is None else self._logprobs(token_id, top_logprobs)
-                run.handoff.post(((token_id, logprobs),))
+                run.handoff.post((Sampled(token_id, logprobs),))
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token_id):
                     return "stop"
                 if sampled >= max_tokens:
@@ -256,11 +204,12 @@ class LlamaBackend:
 
     @staticmethod
     def _hold(run: _Run) -> None:
-        """Wait while the consumer is paused or the loop has too much undelivered."""
+        """Wait while the loop has too much undelivered, then while the consumer is paused
+        (in that order: a pause decided on a token the loop is still delivering counts)."""
+        run.handoff.wait_for_room(HANDOFF_AHEAD, POLL_S)
         while run.flow is not None and run.flow.paused and not run.cancelled:
             run.resumed.wait(POLL_S)
             run.resumed.clear()
-        run.handoff.wait_for_room(HANDOFF_AHEAD, POLL_S)
 
     def _cached_prefix(self, prompt_tokens: Sequence[int]) -> int:
         """How many prompt tokens ``Llama.generate`` will reuse from the KV cache.
