@@ -442,10 +442,13 @@ def test_a_request_queued_in_the_backend_leaves_when_its_caller_gives_up(
         queued = asyncio.create_task(
             backend.generate(prompt, GREEDY, 10, lambda t: queued_tokens.append(t) or True)
         )
-        await asyncio.sleep(0)  # it is in the backend's queue now
+        while backend.queued == 0:
+            await asyncio.sleep(0.001)
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
             await queued
+        while backend.queued:  # the scheduler drops it at its next step
+            await asyncio.sleep(0.001)
         result = await first
         assert (result.finish_reason, result.completion_tokens) == ("length", 200)
         assert queued_tokens == []

@@ -209,6 +209,12 @@ class BatchedLlamaBackend:
         """Generations holding a slot now (decoding, prefilling, or parked)."""
         return sum(slot.sequence is not None for slot in self._slots)
 
+    @property
+    def queued(self) -> int:
+        """Generations waiting for a slot."""
+        with self._work:
+            return len(self._waiting)
+
     def kv_cache_usage(self) -> float:
         """Share of the KV pool's cells that hold tokens: running generations' and the prefix
         caches that idle slots keep."""
