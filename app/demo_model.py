@@ -7,7 +7,8 @@ about tokenization, byte-level detokenization, end-of-generation handling or par
 Every file written here has the real architecture (attention with q/k norms and rope, a
 softmax router over experts) and the real Qwen3 tokenizer family: byte-level BPE in GPT-2
 ``bytes_to_unicode`` form, pre-tokenizer ``qwen2``, Qwen's added tokens with Qwen's types, no
-BOS, ``<|im_end|>`` as EOS and the Qwen3 chat template.
+BOS, ``<|im_end|>`` as EOS and the Qwen3 chat template (or, for Qwen3-Coder variants, the
+Qwen3-Coder one: ``template="qwen3_coder"``).
 
 The *demo* model answers every chat prompt with a known script. The weights are set by
 construction rather than trained: each script token, and the ``"\\n"`` byte token that every
@@ -42,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import gguf
 import numpy as np
@@ -51,6 +52,7 @@ import numpy.typing as npt
 __all__ = [
     "DEFAULT_SCRIPT",
     "GENERATOR_VERSION",
+    "ChatTemplateName",
     "ensure_demo_model",
     "main",
     "script_text",
@@ -181,7 +183,12 @@ _DEMO_DEFAULT_WEIGHT: Final = 0.3
 _DEFAULT_LOGIT: Final = 25.0
 _SUCCESSOR_LOGIT: Final = 50.0
 
-_TEMPLATE_PATH: Final = Path(__file__).with_name("qwen3_chat_template.jinja")
+ChatTemplateName = Literal["qwen3", "qwen3_coder"]
+"""The chat templates packaged in ``app/``: Qwen3's and Qwen3-Coder's, byte for byte."""
+_TEMPLATE_PATHS: Final[dict[ChatTemplateName, Path]] = {
+    "qwen3": Path(__file__).with_name("qwen3_chat_template.jinja"),
+    "qwen3_coder": Path(__file__).with_name("qwen3_coder_chat_template.jinja"),
+}
 
 _FloatArray = npt.NDArray[np.float32]
 
@@ -340,9 +347,9 @@ def script_text(script: Sequence[bytes] = DEFAULT_SCRIPT) -> str:
     return b"".join(pieces[:-1]).decode("utf-8")
 
 
-def _chat_template() -> str:
+def _chat_template(template: ChatTemplateName = "qwen3") -> str:
     # Bytes, not read_text(): universal newlines would change the template the GGUF carries.
-    return _TEMPLATE_PATH.read_bytes().decode("utf-8")
+    return _TEMPLATE_PATHS[template].read_bytes().decode("utf-8")
 
 
 def _write_gguf(
@@ -353,6 +360,7 @@ def _write_gguf(
     vocab: _Vocab,
     tensors: Sequence[tuple[str, npt.NDArray[np.float32] | npt.NDArray[np.float16]]],
     file_type: gguf.LlamaFileType,
+    template: ChatTemplateName = "qwen3",
 ) -> Path:
     """Write the header, metadata and tensors of one qwen3moe GGUF file."""
     shape.check()
@@ -388,7 +396,7 @@ def _write_gguf(
     writer.add_bos_token_id(vocab.ids[_BOS_TEXT])
     writer.add_pad_token_id(vocab.ids[_PAD_TEXT])
     writer.add_add_bos_token(False)
-    writer.add_chat_template(_chat_template())
+    writer.add_chat_template(_chat_template(template))
 
     for tensor_name, array in tensors:
         writer.add_tensor(tensor_name, array)
@@ -490,13 +498,18 @@ def _demo_tensors(
 
 
 def write_demo_model(
-    path: Path, script: Sequence[bytes] = DEFAULT_SCRIPT, *, n_ctx: int = 4096
+    path: Path,
+    script: Sequence[bytes] = DEFAULT_SCRIPT,
+    *,
+    n_ctx: int = 4096,
+    template: ChatTemplateName = "qwen3",
 ) -> Path:
     """Write a demo model whose greedy answer to any chat prompt is ``script``.
 
     Every piece of the script is one generated token: a single byte is that byte token (so
     multi-byte characters arrive split across tokens), an added token's text is that token,
-    and any longer piece becomes a token of its own. Returns ``path``.
+    and any longer piece becomes a token of its own. ``template`` names the chat template the
+    GGUF carries (``qwen3_coder``: a Qwen3-Coder variant). Returns ``path``.
     """
     pieces = _check_script(script)
     vocab = _build_vocab(pieces)
@@ -508,6 +521,7 @@ def write_demo_model(
         vocab=vocab,
         tensors=_demo_tensors(vocab, pieces, shape),
         file_type=gguf.LlamaFileType.ALL_F32,
+        template=template,
     )
 
 
@@ -518,12 +532,12 @@ def _gguf_version() -> str:
         return "unknown"
 
 
-def _cache_name(kind: str, payload: dict[str, object]) -> str:
+def _cache_name(kind: str, payload: dict[str, object], template: ChatTemplateName = "qwen3") -> str:
     """A file name that changes whenever the file's content would."""
     key = {
         "generator": GENERATOR_VERSION,
         "gguf": _gguf_version(),
-        "template": hashlib.sha256(_TEMPLATE_PATH.read_bytes()).hexdigest(),
+        "template": hashlib.sha256(_TEMPLATE_PATHS[template].read_bytes()).hexdigest(),
         "kind": kind,
         **payload,
     }
@@ -561,11 +575,17 @@ def _ensure(target: Path, build: Callable[[Path], Path]) -> Path:
     return target
 
 
-def ensure_demo_model(cache_dir: Path, script: Sequence[bytes] = DEFAULT_SCRIPT) -> Path:
-    """Return the demo model for ``script`` in ``cache_dir``, building it only if missing."""
+def ensure_demo_model(
+    cache_dir: Path,
+    script: Sequence[bytes] = DEFAULT_SCRIPT,
+    *,
+    template: ChatTemplateName = "qwen3",
+) -> Path:
+    """Return the demo model for ``script`` (and ``template``) in ``cache_dir``, building it
+    only if missing."""
     pieces = _check_script(script)
-    name = _cache_name("demo", {"script": [piece.hex() for piece in pieces]})
-    return _ensure(cache_dir / name, lambda path: write_demo_model(path, pieces))
+    name = _cache_name("demo", {"script": [piece.hex() for piece in pieces]}, template)
+    return _ensure(cache_dir / name, lambda path: write_demo_model(path, pieces, template=template))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,6 +93,14 @@ class Settings(BaseSettings):
         description="Server-wide default for Qwen3 thinking; a request overrides it with "
         'chat_template_kwargs {"enable_thinking": ...} or /think and /no_think.',
     )
+    # Tool-call format (Qwen3's JSON calls or Qwen3-Coder's XML ones); docs/tool-calls.md.
+    tool_call_format: Literal["auto", "qwen3", "qwen3_coder"] = Field(
+        "auto",
+        description="How the model writes tool calls: 'qwen3' (<tool_call>{json}</tool_call>), "
+        "'qwen3_coder' (<tool_call><function=NAME><parameter=P>value</parameter>..., values "
+        "typed by the tool's parameter schema), or 'auto': qwen3_coder when the chat template "
+        "renders '<function=' (Qwen3-Coder's does), else qwen3.",
+    )
 
     # -- streaming ------------------------------------------------------------------------
     sse_keepalive_s: float = Field(
