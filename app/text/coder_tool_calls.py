@@ -70,6 +70,7 @@ PARAMETER_END = "</parameter>"
 _VALUE_ENDS = (PARAMETER_END, FUNCTION_END, CLOSE)
 _BODY_TAGS = (PARAMETER, FUNCTION_END, CLOSE)
 _BETWEEN_TAGS = (FUNCTION, CLOSE)
+_LONGEST_END = max(len(tag) for tag in _VALUE_ENDS)
 _MAX_NAME = 256
 _NUMBER_PREFIX = re.compile(r"-?[0-9]*(?:\.[0-9]*)?(?:[eE][-+]?[0-9]*)?")
 
@@ -172,7 +173,7 @@ class CoderToolCallParser:
             if held[0] == "\n":  # the newline after <parameter=P> is markup
                 held = held[1:]
             value.opened = True
-        ends = [(i, tag) for tag in _VALUE_ENDS if (i := held.find(tag)) >= 0]
+        ends = [(i, tag) for tag in _VALUE_ENDS if (i := held.find(tag, value.scanned)) >= 0]
         if ends:
             end, tag = min(ends)
             # A missing </parameter>: the value ends at the tag that closes the function
@@ -180,6 +181,12 @@ class CoderToolCallParser:
             self._held = held[end + len(tag) :] if tag == PARAMETER_END else held[end:]
             self._end_value(held[:end], parts)
             self._state = "body"
+            return
+        if value.until_end:
+            # An object or array: nothing to decide before its closing tag, and nothing
+            # before the last few characters to search again (a long value stays linear).
+            value.scanned = max(len(held) - _LONGEST_END + 1, 0)
+            self._held = held
             return
         keep = partial_tag_suffix(held, _VALUE_ENDS)
         if len(held) > keep and held[len(held) - keep - 1] == "\n":
@@ -282,6 +289,10 @@ class _Value:
         self.opened = False
         """The first character after ``<parameter=P>`` has been read (a newline is markup)."""
         self._streaming = not types
+        self.until_end = False
+        """Held to its closing tag whatever follows (it opened an object or array)."""
+        self.scanned = 0
+        """Where the search for the closing tag resumes in the held text."""
 
     def start(self) -> str:
         return '"' if self._streaming else ""
@@ -291,6 +302,8 @@ class _Value:
         None while the value might still parse as another type (``ready`` stays held)."""
         if not self._streaming:
             if _may_become(ready, self._types):
+                first = ready.lstrip()[:1]
+                self.until_end = first in ("{", "[")
                 return None
             self._streaming = True
             return '"' + _escape(ready)
