@@ -153,6 +153,14 @@ class Settings(BaseSettings):
         "with the full --n-ctx (the KV cache holds parallel x n-ctx tokens). 1 = one request "
         "at a time; 0 = auto: 4 when layers are offloaded to a GPU, else 1.",
     )
+    kv_unified: bool = Field(
+        False,
+        description="With --parallel above 1: one KV buffer shared by every slot "
+        "(llama-server's --kv-unified) instead of one KV stream per slot. Off by default: "
+        "with a unified buffer every sequence's attention spans every slot's cells, idle "
+        "slots' cached prefixes included, which cost 3.3x per step at 64 streams "
+        "(docs/performance.md).",
+    )
     max_queue: int = Field(
         64,
         ge=0,
