@@ -41,6 +41,18 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind. Loopback unless asked.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's head (line and headers) from "
+        "its first byte or from connecting; a connection past it is closed.",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a client has to send a request's body once its head is in; a "
+        "connection past it is closed. Streams are not limited by either timeout.",
+    )
 
     # -- model --------------------------------------------------------------------------
     model: Path | None = Field(
