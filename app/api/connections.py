@@ -69,7 +69,7 @@ def timed_http_protocol(
             if not self.transport.is_closing():
                 logger.info(
                     "closing a connection from %s that did not send %s within %g s",
-                    "%s:%d" % self.client if self.client else "an unknown peer",
+                    f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown peer",
                     what,
                     seconds,
                 )
