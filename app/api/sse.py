@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Message, Send
 
 KEEPALIVE_COMMENT = "keep-alive"
 
@@ -24,11 +25,23 @@ def frame(data: str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
+class _EventStream(EventSourceResponse):
+    """sse-starlette's response, but a send without a timeout (ours never set one) is awaited
+    as it is: the cancel scope sse-starlette opens around every send cost ~5 % of the event
+    loop's time per token at 64 streams (py-spy)."""
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        if self.send_timeout is None:
+            await send(message)
+            return
+        await super()._send_with_timeout(send, message)
+
+
 def event_stream(
     events: AsyncIterator[bytes], *, keepalive_s: float, headers: Mapping[str, str]
 ) -> EventSourceResponse:
     """An SSE response for pre-framed events, with ``: keep-alive`` comments when idle."""
-    return EventSourceResponse(
+    return _EventStream(
         events,
         ping=keepalive_s,
         sep="\n",
