@@ -1,5 +1,5 @@
 """What clients and operators ask besides generations: ``/v1/models``, ``/health``,
-``/metrics``."""
+``/metrics``. Each answers HEAD as well as GET (load balancers probe with HEAD)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,19 @@ from app.api.schemas import ModelCard, ModelList
 router = APIRouter()
 
 
-@router.get("/v1/models")
+@router.api_route("/v1/models", methods=["GET", "HEAD"])
 async def list_models(service: ServiceDep, request: Request) -> ModelList:
     created: int = request.app.state.started_at
     return ModelList(data=[ModelCard(id=service.model_id, created=created)])
 
 
-@router.get("/metrics", response_model=None)
+@router.api_route("/metrics", methods=["GET", "HEAD"], response_model=None)
 async def metrics(request: Request) -> Response:
     exported: Metrics = request.app.state.metrics
     return Response(exported.exposition(), media_type=exported.content_type)
 
 
-@router.get("/health", response_model=None)
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=None)
 async def health(request: Request) -> JSONResponse:
     status: str = request.app.state.load_status
     return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)

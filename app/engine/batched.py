@@ -39,9 +39,10 @@ the least recently used slot is taken instead, as ``llama-server`` does. Cells p
 prefix are removed (``llama_memory_seq_rm``) when the slot is reused; a cancelled generation's
 slot keeps what it had decoded, so a retried prompt resumes its prefill.
 
-Sampling mirrors ``Llama._init_sampler``: per generation a ``llama_sampler`` chain of
-penalties, grammar, then greedy or top-k/top-p/min-p/temperature/``dist(seed)``; each chain
-has its own random state, so one request's seed decides only its own tokens.
+Sampling mirrors ``Llama._init_sampler``: per generation a ``llama_sampler`` chain of the
+request's logit biases, penalties, grammar, then greedy or
+top-k/top-p/min-p/temperature/``dist(seed)``; each chain has its own random state, so one
+request's seed decides only its own tokens.
 
 Backpressure and cancellation. A consumer that falls behind pauses its ``Flow``; the scheduler
 then leaves that sequence out of the batch (it stays in its slot, parked) until the consumer
@@ -68,13 +69,7 @@ import numpy as np
 
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
-from app.engine.llama import (
-    EngineConfig,
-    LlamaTokenizer,
-    load_model,
-    logprobs_of,
-    model_info,
-)
+from app.engine.llama import EngineConfig, load_model, logprobs_of, model_info
 from app.engine.protocol import (
     EngineError,
     EngineFinish,
@@ -86,6 +81,7 @@ from app.engine.protocol import (
     SamplingParams,
     Tokenizer,
 )
+from app.engine.tokenizer import LlamaTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +395,16 @@ class BatchedLlamaBackend:
         """The chain ``Llama._init_sampler`` builds, with this generation's own seed."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        if sampling.logit_bias:  # first, as Llama's logits processors are
+            biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
+            for entry, (token_id, bias) in zip(biases, sampling.logit_bias, strict=True):
+                entry.token, entry.bias = token_id, bias
+            add(
+                chain,
+                llama_cpp.llama_sampler_init_logit_bias(
+                    self._n_vocab, len(sampling.logit_bias), biases
+                ),
+            )
         add(
             chain,
             llama_cpp.llama_sampler_init_penalties(

@@ -26,11 +26,12 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+from llama_cpp import LogitsProcessorList
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
-from app.engine.llama import EngineConfig, LlamaTokenizer, logprobs_of, model_info, quiet_llama_log
+from app.engine.llama import EngineConfig, logprobs_of, model_info, quiet_llama_log
 from app.engine.protocol import (
     EngineError,
     EngineFinish,
@@ -43,6 +44,7 @@ from app.engine.protocol import (
     Tokenizer,
     TokenLogprobs,
 )
+from app.engine.tokenizer import LlamaTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +168,7 @@ class LlamaBackend:
     ) -> EngineFinish:
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
         top_logprobs = sampling.top_logprobs if run.on_logprobs is not None else None
-        self._llm.set_seed(seed)
+        self._llm.set_seed(seed & 0xFFFFFFFF)  # llama.cpp's seeds are 32-bit, as batched takes them
         run.cached = self._cached_prefix(prompt)
         sampled = 0
         tokens = self._llm.generate(
@@ -183,6 +185,7 @@ class LlamaBackend:
                 if sampling.grammar
                 else None
             ),
+            logits_processor=_biased(sampling.logit_bias),
         )
         try:
             for token_id in tokens:
@@ -236,6 +239,21 @@ class LlamaBackend:
         self._closing = True
         self._engine.shutdown(wait=True, cancel_futures=True)
         self._llm.close()
+
+
+def _biased(logit_bias: tuple[tuple[int, float], ...]) -> LogitsProcessorList | None:
+    """``Llama``'s way to add the request's logit biases: a processor run before its sampler
+    chain (the batching backend puts llama.cpp's logit-bias sampler first in its chain)."""
+    if not logit_bias:
+        return None
+    ids = np.array([token_id for token_id, _ in logit_bias], dtype=np.intp)
+    biases = np.array([bias for _, bias in logit_bias], dtype=np.float32)
+
+    def add_biases(input_ids: Any, scores: Any) -> Any:
+        scores[ids] += biases
+        return scores
+
+    return LogitsProcessorList([add_biases])
 
 
 def _never_ran(job: Any, run: _Run) -> None:
