@@ -62,8 +62,9 @@ class ServerProcess:
     def returncode(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
-    def log(self) -> str:
-        return self._log.read_text(errors="replace")[-4000:]
+    def log(self, tail: int = 4000) -> str:
+        """The last ``tail`` characters of what the server wrote (0: all of it)."""
+        return self._log.read_text(errors="replace")[-tail:]
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:

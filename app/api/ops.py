@@ -13,19 +13,22 @@ from app.api.schemas import ModelCard, ModelList
 router = APIRouter()
 
 
-@router.api_route("/v1/models", methods=["GET", "HEAD"])
+@router.get("/v1/models")
+@router.head("/v1/models", include_in_schema=False)
 async def list_models(service: ServiceDep, request: Request) -> ModelList:
     created: int = request.app.state.started_at
     return ModelList(data=[ModelCard(id=service.model_id, created=created)])
 
 
-@router.api_route("/metrics", methods=["GET", "HEAD"], response_model=None)
+@router.get("/metrics", response_model=None)
+@router.head("/metrics", response_model=None, include_in_schema=False)
 async def metrics(request: Request) -> Response:
     exported: Metrics = request.app.state.metrics
     return Response(exported.exposition(), media_type=exported.content_type)
 
 
-@router.api_route("/health", methods=["GET", "HEAD"], response_model=None)
+@router.get("/health", response_model=None)
+@router.head("/health", response_model=None, include_in_schema=False)
 async def health(request: Request) -> JSONResponse:
     status: str = request.app.state.load_status
     return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)

@@ -85,8 +85,7 @@ class Limits:
         size = len(grammar.encode("utf-8"))
         if size > self.max_grammar_bytes:
             raise LimitExceeded(
-                f"The grammar this request's {_GRAMMAR_SOURCE.get(param, param)} need "
-                f"({size // 1024} KiB)",
+                f"The grammar for the {_GRAMMAR_SOURCE.get(param, param)} ({size // 1024} KiB)",
                 f"{self.max_grammar_bytes // 1024} KiB",
                 param=param,
                 setting="max_grammar_bytes",
@@ -103,7 +102,7 @@ class Limits:
 
 
 _GRAMMAR_SOURCE = {
-    "tools": "tools' parameter schemas",
+    "tools": "forced tool call's parameter schemas",
     "response_format": "response_format schema",
 }
 

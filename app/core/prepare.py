@@ -162,14 +162,6 @@ class Preparer:
         tools = req.offered_tools
         requested_max = req.completion_limit()
         text_chars = sum(len(m.text()) for m in req.messages) + TOOL_WEIGHT_CHARS * len(tools)
-        tokens = await _offloaded(
-            text_chars > INLINE_TOKENIZE_CHARS,
-            self._chat_tokens,
-            req,
-            [tool.model_dump(exclude_none=True) for tool in tools],
-            kwargs,
-            requested_max,
-        )
         grammar = await _offloaded(
             schema_bytes > INLINE_SCHEMA_BYTES,
             chat_grammar,
@@ -178,6 +170,14 @@ class Preparer:
             check=self._backend.check_grammar,
             tool_call_format=self.tool_call_format,
             limits=self._limits,
+        )
+        tokens = await _offloaded(
+            text_chars > INLINE_TOKENIZE_CHARS,
+            self._chat_tokens,
+            req,
+            [tool.model_dump(exclude_none=True) for tool in tools],
+            kwargs,
+            requested_max,
         )
         reasoning: Mode = (
             "raw"

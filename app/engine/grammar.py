@@ -98,12 +98,12 @@ def _check_schema(schema: Any, path: str) -> None:
         return
     for key, value in schema.items():
         if key in _UNSUPPORTED_KEYWORDS:
-            raise GrammarError(f"JSON schema keyword '{key}' at {path} is not supported")
+            raise GrammarError(f"The JSON schema keyword '{key}' at {path} is not supported")
         if key == "$ref" and not isinstance(value, str):
-            raise GrammarError(f"the $ref at {path} is not a string")
+            raise GrammarError(f"The $ref at {path} is not a string")
         if key == "$ref" and not value.startswith("#"):
             raise GrammarError(
-                f"only local $ref ('#/...') is supported, got '{value[:80]}' at {path}"
+                f"Only local $ref ('#/...') is supported, got '{value[:80]}' at {path}"
             )
         if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
             for name, sub in value.items():
@@ -130,7 +130,7 @@ def _unconvertible(where: str, exc: Exception) -> GrammarError:
     """The converter failed on the schema at ``where``: say so, keep its words for the log."""
     logger.info("the schema converter failed on %s: %r", where, exc)
     return GrammarError(
-        f"the JSON schema at {where} is not one llama.cpp's schema converter can turn into a "
+        f"The JSON schema at {where} is not one llama.cpp's schema converter can turn into a "
         "grammar (a keyword with a value of the wrong type, an unresolvable $ref, or a pattern "
         "it cannot read)"
     )
@@ -139,7 +139,9 @@ def _unconvertible(where: str, exc: Exception) -> GrammarError:
 def json_grammar(schema: Mapping[str, Any] | None, *, allow_thinking: bool) -> str:
     """Output that is one JSON value matching ``schema`` (``None``: any JSON object)."""
     converter = _converter()
-    value = _visit(converter, schema or {"type": "object"}, "value", "json_schema")
+    value = _visit(
+        converter, schema or {"type": "object"}, "value", "response_format.json_schema.schema"
+    )
     prefix = "think? " if allow_thinking else ""
     rules = [converter.format_grammar(), f"root ::= {prefix}{value}"]
     if allow_thinking:
@@ -153,7 +155,7 @@ def tool_call_grammar(tools: Sequence[ToolSpec], *, parallel: bool, allow_thinki
     alternatives = []
     for i, tool in enumerate(tools):
         schema = tool.parameters or {"type": "object"}
-        args = _visit(converter, schema, f"tool{i}-args", f"tools[{i}].function.parameters")
+        args = _visit(converter, schema, f"tool{i}-args", f"tools.{i}.function.parameters")
         head = json.dumps(f'<tool_call>\n{{"name": {json.dumps(tool.name)}, "arguments": ')
         alternatives.append(f'{head} {args} "}}\\n</tool_call>"')
     rules = [converter.format_grammar(), "call ::= " + " | ".join(alternatives)]
@@ -176,7 +178,7 @@ def coder_tool_call_grammar(
     functions: list[str] = []
     parameter_rules: list[str] = []
     for i, tool in enumerate(tools):
-        where = f"tools[{i}].function.parameters"
+        where = f"tools.{i}.function.parameters"
         schema = dict(tool.parameters or {"type": "object"})
         _check_schema(schema, where)
         try:
