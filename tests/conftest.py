@@ -157,6 +157,25 @@ def slow_batched(slow_model_path: Path) -> Iterator[BatchedLlamaBackend]:
     backend.close()
 
 
+@pytest.fixture(scope="session")
+def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Backend]]:
+    """Loads (once per session and engine) the demo model variant whose greedy output is
+    ``script`` (``tests/scripts.py``)."""
+    cache = tmp_path_factory.mktemp("scripted")
+    loaded: dict[tuple[tuple[bytes, ...], str], Backend] = {}
+
+    def backend(script: Sequence[bytes], engine: str = "single") -> Backend:
+        key = (tuple(script), engine)
+        if key not in loaded:
+            path = ensure_demo_model(cache, key[0])
+            loaded[key] = load(path) if engine == "single" else load_batched(path, parallel=2)
+        return loaded[key]
+
+    yield backend
+    for b in loaded.values():
+        b.close()
+
+
 @pytest.fixture(params=ENGINES)
 def demo_engine(request: pytest.FixtureRequest) -> Backend:
     """The demo model on each engine in turn."""

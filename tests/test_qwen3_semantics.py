@@ -9,97 +9,34 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from app.demo_model import DEFAULT_SCRIPT, ensure_demo_model
+from app.demo_model import DEFAULT_SCRIPT
 from app.engine import Backend
 from app.main import create_app
 from tests import sse
-from tests.conftest import ENGINES, HELLO, LiveServer, asgi_client, load, load_batched, settings_for
+from tests.conftest import ENGINES, HELLO, LiveServer, asgi_client, settings_for
+from tests.scripts import (
+    ANSWER,
+    ANSWER_ONLY_SCRIPT,
+    JSON_SCRIPT,
+    MALFORMED_CALL_SCRIPT,
+    NO_THINK_SCRIPT,
+    PARALLEL_CALL_SCRIPT,
+    SINGLE_CALL_SCRIPT,
+    THINKING_ONLY_SCRIPT,
+    THOUGHT,
+    TIME_TOOL,
+    WEATHER_TOOL,
+)
+from tests.scripts import text_of as _text
 
 pytestmark = pytest.mark.anyio
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
-            "required": ["city"],
-        },
-    },
-}
-TIME_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
-    },
-}
-
-ANSWER = b"".join(DEFAULT_SCRIPT[DEFAULT_SCRIPT.index(b"</think>") + 2 : -1]).decode()
-THOUGHT = b"".join(DEFAULT_SCRIPT[1 : DEFAULT_SCRIPT.index(b"</think>")]).decode().strip()
-
-# Scripts. Every piece of a script is one token and must be unique within it, so a second
-# tool call spells its tags with ordinary tokens: the parser works on text, like the model's.
-NO_THINK_SCRIPT = (
-    b"<think>",
-    b"\n\n",
-    b"</think>",
-    b"\n\nSure",
-    b",",
-    b" here",
-    b".",
-    b"<|im_end|>",
-)
-ANSWER_ONLY_SCRIPT = (b"Just", b" the", b" answer", b".", b"<|im_end|>")
-THINKING_ONLY_SCRIPT = (
-    b"<think>", b"\nHmm", b",", b" nothing", b" to", b" add", b".\n", b"</think>", b"<|im_end|>",
-)  # fmt: skip
-SINGLE_CALL_SCRIPT = (
-    b"<think>", b"\nThe", b" user", b" asks", b" weather", b".\n", b"</think>", b"\n\n",
-    b"<tool_call>", b'\n{"name": "get_weather"', b', "arguments": ', b'{"city', b'": "', b"Par",
-    b"is", b'", "unit"', b': "C"}', b"}\n", b"</tool_call>", b"<|im_end|>",
-)  # fmt: skip
-PARALLEL_CALL_SCRIPT = (
-    b"<tool_call>", b'\n{"name": "get_weather", ', b'"arguments": {"city": ', b'"Oslo"}', b"}\n",
-    b"</tool_call>", b"\n<tool_", b"call>", b'\n{"name": "get_time", ', b'"arguments": {"tz"',
-    b': "CET"}}', b"\n</tool_call", b">", b"<|im_end|>",
-)  # fmt: skip
-MALFORMED_CALL_SCRIPT = (
-    b"<tool_call>", b"\nnot", b" json", b" at", b" all\n", b"</tool_call>", b"<|im_end|>",
-)  # fmt: skip
-JSON_SCRIPT = (b'{"answer"', b": 42", b', "unit": ', b'"cm"', b"}", b"<|im_end|>")
-
-
-@pytest.fixture(scope="module")
-def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Backend]]:
-    """Loads (once per module and engine) the demo model variant whose greedy output is
-    ``script``."""
-    cache = tmp_path_factory.mktemp("scripted")
-    loaded: dict[tuple[tuple[bytes, ...], str], Backend] = {}
-
-    def backend(script: Sequence[bytes], engine: str = "single") -> Backend:
-        key = (tuple(script), engine)
-        if key not in loaded:
-            path = ensure_demo_model(cache, key[0])
-            loaded[key] = load(path) if engine == "single" else load_batched(path, parallel=2)
-        return loaded[key]
-
-    yield backend
-    for b in loaded.values():
-        b.close()
-
-
-def _text(script: Sequence[bytes]) -> str:
-    return b"".join(script[:-1]).decode()
 
 
 @contextlib.asynccontextmanager

@@ -1,11 +1,8 @@
 """Streaming: every token its own SSE event the moment it exists, over a real socket, on both
 engines; stream == buffered; keep-alives; what a client that leaves or reads slowly does.
 
-Per-token delivery is proven at the HTTP level by holding the engine: after every token that
-completes text the engine is paused (through the generation's ``Flow``) until the client has
-*received* that token's event. A server that held events back would never be released and the
-client would wait in vain; one that ran ahead would show a token reaching ``on_token`` before
-the client had the event two tokens earlier.
+Per-token delivery is proven at the HTTP level by holding the engine after every token that
+completes text until the client has *received* that token's event (``tests/delivery.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from app.demo_model import script_text
 from app.engine import Backend, Flow, OnToken, SamplingParams, TokenLogprobs
 from app.engine.batched import BatchedLlamaBackend
 from app.main import create_app
-from app.text import Delta, TextOptions, TextPipeline, ToolCallDelta
+from app.text import Delta, ToolCallDelta
 from tests import sse
 from tests.conftest import (
     ENGINES,
@@ -46,6 +43,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.contracts_plugin import ContractThreshold, RecordFinding
+from tests.delivery import check_per_token_delivery, deliver
 
 SCRIPT = script_text()
 STREAMING = "QWEN3_MOE_STREAMING_SSE_V2"
@@ -82,83 +80,31 @@ def content_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
 # -- per-token delivery -----------------------------------------------------------------------
 
 
-class DeliveryGate(InjectedBackend):
-    """Pauses the engine after each token that completes text until the client has its event,
-    and notes, whenever a token reaches ``on_token``, how far behind the client was."""
-
-    def __init__(self, inner: Backend) -> None:
-        super().__init__(inner)
-        self.gate = Flow()
-        self.oracle = TextPipeline(inner.tokenizer.token_bytes, TextOptions())
-        self.text = ""
-        self.text_tokens: list[bool] = []  # per token: did it complete text?
-        self.received = 0  # events the client has (written by the client's thread)
-        self.ahead: list[tuple[int, int, int]] = []  # (token, events owed, events received)
-
-    def flow(self, seen: Seen, flow: Flow | None) -> Flow:
-        return self.gate
-
-    def watch(self, seen: Seen, on_token: OnToken) -> OnToken:
-        def gated(token_id: int) -> bool:
-            # Every text token up to two before this one must have reached the client.
-            owed = sum(self.text_tokens[: max(len(self.text_tokens) - 1, 0)])
-            if self.received < owed:
-                self.ahead.append((len(self.text_tokens), owed, self.received))
-            text = "".join(d.content for d in self.oracle.push(token_id))
-            self.text += text
-            self.text_tokens.append(bool(text))
-            keep = on_token(token_id)
-            if text and self.received < sum(self.text_tokens):
-                self.gate.pause()
-            return keep
-
-        return gated
-
-    def client_received(self, seen: Seen) -> None:
-        """On the client's thread: one more event arrived."""
-        self.received += 1
-
-        def resume() -> None:
-            if self.received >= sum(self.text_tokens):
-                self.gate.resume()
-
-        seen.loop.call_soon_threadsafe(resume)
-
-
 @pytest.mark.falsifies(f"{STREAMING}_001")
 def test_each_token_is_its_own_event_sent_before_the_engine_runs_ahead(
     model: Backend, record_finding: RecordFinding
 ) -> None:
-    gated = DeliveryGate(model)
     body = {"messages": [{"role": "user", "content": COUNTING}], "temperature": 0}
     body |= {"max_tokens": 48, "stream": True}
-    with (
-        LiveServer(create_app(settings_for(), backend=gated)) as server,
-        # A server that holds an event back leaves the client waiting: a read timeout.
-        httpx.Client(base_url=server.url, timeout=10) as http,
-        http.stream("POST", "/v1/chat/completions", json=body) as response,
-    ):
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        assert response.headers["cache-control"] == "no-cache"
-        assert response.headers["x-accel-buffering"] == "no"
-        payloads, texts = [], []
-        for kind, payload in sse.events(response.iter_lines()):
+    payloads: list[str] = []
+
+    def chat_texts(lines: Iterator[str]) -> Iterator[str]:
+        for kind, payload in sse.events(lines):
             assert kind == "data"
             payloads.append(payload)
-            text = "" if payload == "[DONE]" else text_of(json.loads(payload))
-            if text:
-                texts.append(text)
-                gated.client_received(gated.seen[0])
-    assert gated.ahead == [], "a token reached on_token before the client had the one two back"
-    tail = "".join(d.content for d in gated.oracle.finish())
-    assert texts and "".join(texts) == gated.text + tail
-    assert len(texts) == sum(gated.text_tokens) + bool(tail), "one event per text token"
+            yield "" if payload == "[DONE]" else text_of(json.loads(payload))
+
+    delivered = deliver(model, "/v1/chat/completions", body, chat_texts)
+    assert delivered.headers["content-type"].startswith("text/event-stream")
+    assert delivered.headers["cache-control"] == "no-cache"
+    assert delivered.headers["x-accel-buffering"] == "no"
+    check_per_token_delivery(delivered)
     assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1
+    texts = "".join(delivered.texts)
     if "demo" in model.info.path:
-        assert "".join(texts) == SCRIPT[: len("".join(texts))]
-    record_finding("tokens", len(gated.text_tokens))
-    record_finding("content_events", len(texts))
+        assert texts == SCRIPT[: len(texts)]
+    record_finding("tokens", len(delivered.gate.text_tokens))
+    record_finding("content_events", len(delivered.texts))
 
 
 # -- stream == buffered -----------------------------------------------------------------------

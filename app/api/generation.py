@@ -1,8 +1,9 @@
 """The one response path of every generating route: parse the body, then stream the
 generation as SSE or collect the very same events into one JSON body.
 
-A route only names its request model and its ``Format`` (``app.api.formats``); streaming,
-buffering, in-band errors, metrics and the access log's facts are written once, here.
+A route only names its request model and its ``Wire`` (``app.api.wire``: the API's shape of
+streams and bodies); streaming, buffering, in-band errors, keep-alives, metrics and the access
+log's facts are written once, here, for every API.
 
 The body is parsed from the raw bytes whatever the Content-Type: ``curl -d`` sends JSON as
 ``application/x-www-form-urlencoded``, and refusing that would fail the most common first try.
@@ -21,10 +22,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from app.api.errors import record_error
-from app.api.formats import Answer, Format, usage_of
 from app.api.metrics import Metrics
 from app.api.observability import request_facts
-from app.api.sse import event_stream, frame
+from app.api.sse import event_stream
+from app.api.wire import Wire
 from app.core.prepare import PreparedGeneration
 from app.core.results import Event, Finished
 from app.core.service import GenerationService
@@ -71,39 +72,31 @@ async def observed(
         yield item
 
 
-def _event(chunk: BaseModel) -> bytes:
-    return frame(chunk.model_dump_json())
-
-
 async def _stream_events(
-    request: Request, items: AsyncIterator[Event | Finished], fmt: Format, include_usage: bool
+    request: Request, items: AsyncIterator[Event | Finished], wire: Wire
 ) -> AsyncGenerator[bytes, None]:
-    first = fmt.first_chunk()
-    if first is not None:
-        yield _event(first)
+    opening = wire.opening()
+    if opening:
+        yield opening
     try:
         async for item in items:
             if isinstance(item, Event):
-                yield frame(fmt.event_json(item))
-                continue
-            yield _event(fmt.finish_chunk(item))
-            if include_usage:
-                yield _event(fmt.usage_chunk(usage_of(item)))
+                yield wire.event(item)
+            else:
+                yield wire.closing(item)
     except Exception as exc:
-        # Headers are gone: the error travels in-band, then the stream ends normally.
+        # Headers are gone: the error travels in-band, in the API's own shape.
         error = as_api_error(exc)
         record_error(request, error)
-        yield frame(json.dumps(error.envelope()))
-    yield frame("[DONE]")
+        yield wire.failure(error)
 
 
-async def _collect(items: AsyncIterator[Event | Finished], fmt: Format) -> dict[str, Any]:
-    answer = Answer()
+async def _collect(items: AsyncIterator[Event | Finished], wire: Wire) -> dict[str, Any]:
     async for item in items:
         if isinstance(item, Event):
-            answer.add(item)
+            wire.add(item)
         else:
-            return fmt.response(answer, item).model_dump()
+            return wire.body(item)
     raise RuntimeError("generation ended without a finish")  # the service always finishes
 
 
@@ -112,23 +105,23 @@ async def respond(
     service: GenerationService,
     settings: Settings,
     job: PreparedGeneration,
-    fmt: Format,
+    wire: Wire,
     *,
     stream: bool,
-    include_usage: bool,
     arrived: float,
 ) -> Response:
     """One generation path: streamed as SSE, or the same events collected into JSON."""
     items = observed(request, service, job, arrived)
     if not stream:
-        collected = await _unless_disconnected(request, _collect(items, fmt))
+        collected = await _unless_disconnected(request, _collect(items, wire))
         if collected is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(collected)
     return event_stream(
-        _stream_events(request, items, fmt, include_usage),
+        _stream_events(request, items, wire),
         keepalive_s=settings.sse_keepalive_s,
         headers=SSE_HEADERS,
+        keepalive=wire.keepalive,
     )
 
 

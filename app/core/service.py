@@ -40,6 +40,7 @@ class GenerationService:
         max_queue: int | None = None,
         request_timeout_s: float | None = None,
         max_tokens_limit: int | None = None,
+        accept_any_model: bool = False,
     ) -> None:
         self.backend = backend
         self.semantics = semantics or ChatSemantics()
@@ -52,6 +53,7 @@ class GenerationService:
             model_names=model_names,
             semantics=self.semantics,
             max_tokens_limit=max_tokens_limit,
+            accept_any_model=accept_any_model,
         )
         self.model_id = self._preparer.model_id
         self._buffer = stream_buffer_tokens
@@ -60,8 +62,14 @@ class GenerationService:
     def check_model(self, requested: str | None) -> None:
         self._preparer.check_model(requested)
 
-    async def prepare_chat(self, req: ChatCompletionRequest) -> PreparedGeneration:
-        return await self._preparer.chat(req)
+    async def prepare_chat(
+        self, req: ChatCompletionRequest, *, fit_max_tokens: bool = False
+    ) -> PreparedGeneration:
+        return await self._preparer.chat(req, fit_max_tokens=fit_max_tokens)
+
+    async def count_chat_tokens(self, req: ChatCompletionRequest) -> int:
+        """The prompt tokens the request would decode (nothing is admitted or generated)."""
+        return await self._preparer.count_chat(req)
 
     async def prepare_completion(self, req: CompletionRequest) -> PreparedGeneration:
         return await self._preparer.completion(req)
@@ -156,5 +164,7 @@ class GenerationService:
                     prompt_ms=(first - result.started) * 1000,
                     decode_ms=(ended - first) * 1000,
                 ),
+                stop_sequence=pipeline.stop_sequence,
+                reasoning_tokens=min(pipeline.reasoning_tokens, result.completion_tokens),
             )
         )
