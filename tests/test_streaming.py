@@ -34,6 +34,7 @@ from tests.conftest import (
     ENGINES,
     HELLO,
     TRANSPORTS,
+    HeldStart,
     InjectedBackend,
     LiveServer,
     Seen,
@@ -51,16 +52,6 @@ COUNTING = "Count from 1 to 1000, one number per line, and nothing else."
 # A raw Qwen3 chat prompt, so the engine timing and the HTTP request decode the same tokens.
 RAW_PROMPT = f"<|im_start|>user\n{COUNTING}<|im_end|>\n<|im_start|>assistant\n"
 GREEDY = SamplingParams(temperature=0.0)
-MODELS = ("demo-single", "demo-batched", "slow-single", "slow-batched", "real-single")
-
-
-@pytest.fixture(params=MODELS)
-def model(request: pytest.FixtureRequest) -> Backend:
-    """Every model on every engine it must stream from (the real one when it is given)."""
-    name, engine = request.param.split("-")
-    fixture = f"{name}_backend" if engine == "single" else f"{name}_batched"
-    backend: Backend = request.getfixturevalue(fixture)
-    return backend
 
 
 def text_of(chunk: dict[str, Any]) -> str:
@@ -235,17 +226,6 @@ def test_frame_writes_one_data_line_per_payload_line() -> None:
 
 
 # -- keep-alive -------------------------------------------------------------------------------
-
-
-class HeldStart(InjectedBackend):
-    """The demo model, held before decoding (a long prefill or a queue) until released."""
-
-    def __init__(self, inner: Backend) -> None:
-        super().__init__(inner)
-        self.release = threading.Event()
-
-    async def started(self, seen: Seen) -> None:
-        await asyncio.to_thread(self.release.wait, 30)
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])

@@ -73,22 +73,33 @@ async def observed(
 
 
 async def _stream_events(
-    request: Request, items: AsyncIterator[Event | Finished], wire: Wire
+    request: Request, items: AsyncIterator[Event | Finished], wire: Wire, keepalive_s: float
 ) -> AsyncGenerator[bytes, None]:
     opening = wire.opening()
     if opening:
         yield opening
+    first = asyncio.ensure_future(anext(items))
     try:
+        # The first token may be long in coming (a long prompt, a queue): meanwhile the wire
+        # may keep the stream alive with events of its own, in order with all the others.
+        while not (await asyncio.wait({first}, timeout=keepalive_s))[0]:
+            waiting = wire.waiting()
+            if waiting:
+                yield waiting
+        yield _frames(wire, first.result())
         async for item in items:
-            if isinstance(item, Event):
-                yield wire.event(item)
-            else:
-                yield wire.closing(item)
+            yield _frames(wire, item)
     except Exception as exc:
         # Headers are gone: the error travels in-band, in the API's own shape.
         error = as_api_error(exc)
         record_error(request, error)
         yield wire.failure(error)
+    finally:
+        first.cancel()  # the client left while waiting: the generation goes with it
+
+
+def _frames(wire: Wire, item: Event | Finished) -> bytes:
+    return wire.event(item) if isinstance(item, Event) else wire.closing(item)
 
 
 async def _collect(items: AsyncIterator[Event | Finished], wire: Wire) -> dict[str, Any]:
@@ -118,7 +129,7 @@ async def respond(
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(collected)
     return event_stream(
-        _stream_events(request, items, wire),
+        _stream_events(request, items, wire, settings.sse_keepalive_s),
         keepalive_s=settings.sse_keepalive_s,
         headers=SSE_HEADERS,
         keepalive=wire.keepalive,

@@ -16,11 +16,13 @@ documented sequence:
 - ``response.completed`` with usage, or ``response.incomplete`` (``max_output_tokens``) when
   the token limit ended the answer.
 
-Every event is a named SSE event with its ``sequence_number``. An idle stream's keep-alive is
-``response.in_progress`` again: Codex resets its idle timer (300 s by default) on events only,
-never on SSE comments. A failure after the headers is ``response.failed`` carrying the error,
-the stream's last event. The buffered response is the final ``response`` object, built from
-the same blocks.
+Every event is a named SSE event with its ``sequence_number``. While the first token is
+awaited (a long prompt, a queue) the stream repeats ``response.in_progress`` every
+``--sse-keepalive-s``: Codex resets its idle timer (300 s by default) on events only, never on
+SSE comments. (Later idle time gets SSE comments: a keep-alive event sent beside the stream
+could overtake an event numbered before it.) A failure after the headers is
+``response.failed`` carrying the error, the stream's last event. The buffered response is the
+final ``response`` object, built from the same blocks.
 
 Reasoning is sent as ``reasoning_text`` content, never a summary (there is none to give), and
 without ``encrypted_content``; ``output_tokens_details.reasoning_tokens`` counts the tokens
@@ -69,7 +71,7 @@ from pydantic import BaseModel
 
 from app.api.blocks import Block, Blocks
 from app.api.responses_request import ChatTranslation, FunctionChoice, ResponsesRequest
-from app.api.sse import Keepalive, frame
+from app.api.sse import frame
 from app.api.templates import JsonTemplate
 from app.core.results import Event, Finished
 from app.errors import ApiError
@@ -120,19 +122,21 @@ class ResponsesWire:
         self._status: list[ItemStatus] = []
         self._templates: list[JsonTemplate | None] = []
         self._sequence = 0
-        self._ended = False
 
     # -- the wire ------------------------------------------------------------------------
 
-    def keepalive(self) -> Keepalive | None:
-        if self._ended:
-            return None  # never an in_progress event after the last one: a comment
+    def keepalive(self) -> None:
+        # An idle-stream event sent beside the stream could overtake an event numbered
+        # before it; the stream's own ``waiting`` events cannot.
+        return None
+
+    def waiting(self) -> bytes:
         event = ResponseInProgressEvent(
             response=self._response("in_progress", []),
             sequence_number=self._next(),
             type="response.in_progress",
         )
-        return Keepalive("response.in_progress", _json(event))
+        return _event(event, event.type)
 
     def opening(self) -> bytes:
         created = ResponseCreatedEvent(
@@ -167,7 +171,6 @@ class ResponsesWire:
         return frames
 
     def closing(self, finished: Finished) -> bytes:
-        self._ended = True
         frames = b""
         last = self._blocks.last
         if last is not None:
@@ -184,7 +187,6 @@ class ResponsesWire:
         return frames + _event(completed, completed.type)
 
     def failure(self, error: ApiError) -> bytes:
-        self._ended = True
         if self._blocks.last is not None:
             self._status[-1] = "incomplete"
         response = self._response(

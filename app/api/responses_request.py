@@ -35,7 +35,7 @@ import logging
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError
 
 from app.api.schemas import ChatCompletionRequest, RequestModel
 from app.errors import InvalidRequest, validation_error
@@ -202,22 +202,25 @@ class ResponsesRequest(RequestModel):
     prompt: Any = None
     background: bool | None = None
 
-    @model_validator(mode="after")
-    def _stateless(self) -> ResponsesRequest:
-        if self.previous_response_id is not None:
-            raise ValueError(
-                "this server stores no responses: send the whole conversation in 'input' "
-                "instead of 'previous_response_id'"
+
+_STATEFUL = {
+    "previous_response_id": "this server stores no responses: send the whole conversation "
+    "in 'input' instead of 'previous_response_id'",
+    "conversation": "this server keeps no conversations: send the whole conversation in 'input'",
+    "prompt": "this server has no stored prompts: send 'instructions' instead",
+    "background": "background responses must be stored and fetched later; this server stores "
+    "nothing",
+}
+
+
+def _refuse_stateful(req: ResponsesRequest) -> None:
+    for field, why in _STATEFUL.items():
+        if getattr(req, field):
+            raise InvalidRequest(
+                f"'{field}' is not supported: {why}.", param=field, code="unsupported_parameter"
             )
-        if self.conversation is not None:
-            raise ValueError("this server keeps no conversations: send the whole 'input'")
-        if self.prompt is not None:
-            raise ValueError("this server has no stored prompts: send 'instructions'")
-        if self.background:
-            raise ValueError("'background' responses need a stored response; not supported")
-        if isinstance(self.input, list) and not self.input:
-            raise ValueError("'input' must not be empty")
-        return self
+    if not req.input:
+        raise InvalidRequest("'input' must not be empty.", param="input", code="invalid_value")
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,7 @@ class ChatTranslation:
 
 
 def to_chat(req: ResponsesRequest, *, skip_unsupported_tools: bool) -> ChatTranslation:
+    _refuse_stateful(req)
     tools, namespaces = _tools(req.tools or [], skip_unsupported_tools)
     body: dict[str, Any] = {
         "model": req.model,

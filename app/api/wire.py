@@ -28,7 +28,14 @@ DONE = frame("[DONE]")
 
 class Wire(Protocol):
     def keepalive(self) -> Keepalive | None:
-        """The event an idle stream sends to stay alive; None: an SSE comment."""
+        """The event an idle stream sends to stay alive, at any point of it (sent beside the
+        stream's own events, so it must not depend on their order); None: an SSE comment."""
+        ...
+
+    def waiting(self) -> bytes:
+        """Frames the stream itself sends, in order with its other events, each time it has
+        waited ``--sse-keepalive-s`` for the first token (a long prompt, a queue); may be
+        empty."""
         ...
 
     def opening(self) -> bytes:
@@ -66,6 +73,9 @@ class ChunkWire:
 
     def keepalive(self) -> None:
         return None
+
+    def waiting(self) -> bytes:
+        return b""
 
     def opening(self) -> bytes:
         first = self._fmt.first_chunk()
