@@ -22,6 +22,9 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.formats import ChatFormat, CompletionFormat, Format
+from app.api.messages_format import MessagesWire
+from app.api.responses_format import ResponsesWire
+from app.api.responses_request import ResponsesRequest, to_chat
 from app.api.sse import frame
 from app.core.results import Event
 from app.demo_model import script_text
@@ -201,6 +204,34 @@ def test_text_chunks_render_as_pydantic_does_for_every_character() -> None:
             _same_as_pydantic(fmt, Event(Delta(content=text)))
             if isinstance(fmt, ChatFormat):
                 _same_as_pydantic(fmt, Event(Delta(reasoning=text)))
+
+
+def _agent_wires() -> Iterator[tuple[Any, Any]]:
+    """A Responses and a Messages wire, each with a block of every kind open: (wire, block)."""
+    request = ResponsesRequest.model_validate({"input": "x"})
+    responses = ResponsesWire("m", request, to_chat(request, skip_unsupported_tools=False))
+    messages = MessagesWire("m", prompt_tokens=1)
+    call = ToolCallDelta(index=0, id="call_1", name="get_weather", arguments="")
+    for wire in (responses, messages):
+        for delta in (Delta(reasoning="a"), Delta(content="b"), Delta(tool_call=call)):
+            wire.event(Event(delta))
+        yield from ((wire, block) for block in wire.blocks)
+
+
+def test_agent_api_deltas_render_as_pydantic_does_for_every_character() -> None:
+    """The same guard for the output_text / reasoning_text / function_call_arguments deltas
+    of /v1/responses (their sequence_number a second hole) and the text / thinking /
+    input_json deltas of /v1/messages."""
+    for wire, block in _agent_wires():
+        for n, text in enumerate(_every_character()):
+            if isinstance(wire, ResponsesWire):
+                number = n * 7919
+                expected = wire.delta_event(block, text, number)
+                rendered = wire.delta_json(block, text, number)
+            else:
+                expected = wire.delta_event(block, text)
+                rendered = wire.delta_json(block, text)
+            assert rendered == expected.model_dump_json(exclude_unset=True, by_alias=True)
 
 
 def test_other_chunks_keep_the_pydantic_path() -> None:

@@ -114,6 +114,11 @@ class MessagesWire:
         self._blocks = Blocks()
         self._templates: list[JsonTemplate | None] = []
 
+    @property
+    def blocks(self) -> list[Block]:
+        """The answer's blocks so far, in order."""
+        return self._blocks.blocks
+
     # -- the wire ------------------------------------------------------------------------
 
     def keepalive(self) -> Keepalive:

@@ -123,6 +123,11 @@ class ResponsesWire:
         self._templates: list[JsonTemplate | None] = []
         self._sequence = 0
 
+    @property
+    def blocks(self) -> list[Block]:
+        """The answer's blocks so far, in order."""
+        return self._blocks.blocks
+
     # -- the wire ------------------------------------------------------------------------
 
     def keepalive(self) -> None:
