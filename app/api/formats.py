@@ -1,9 +1,9 @@
 """OpenAI object shapes for one request: its stream chunks and its buffered response.
 
 Chat and text completions differ only in shape, so each has a format class with the same
-four methods; the routes stream or collect through any of them. A buffered response is built
-from the very events a stream would have sent (``Answer`` collects them), so the two cannot
-disagree.
+methods, which one adapter (``app.api.wire.ChunkWire``) puts on the wire. A buffered
+response is built from the very events a stream would have sent (``Answer`` collects them),
+so the two cannot disagree.
 
 A token's chunk is on the hot path of every stream, so ``event_json`` renders the common chunk
 (one piece of text, no logprobs, no tool call) from a per-request ``JsonTemplate``
