@@ -10,6 +10,7 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
+from app.api.connections import timed_http_protocol
 from app.api.observability import JsonFormatter
 from app.main import create_app
 from app.settings import Settings
@@ -33,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_config=None,  # keep our handlers: uvicorn's own config would replace them
         access_log=False,  # app.api.observability writes one richer line per request
         timeout_graceful_shutdown=5,
+        http=timed_http_protocol(
+            header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s
+        ),
     )
 
 

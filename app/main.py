@@ -144,7 +144,9 @@ def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: P
         model_names=model_names(settings, path),
         stream_buffer_tokens=settings.stream_buffer_tokens,
         semantics=ChatSemantics(
-            reasoning_format=settings.reasoning_format, enable_thinking=settings.enable_thinking
+            reasoning_format=settings.reasoning_format,
+            enable_thinking=settings.enable_thinking,
+            tool_call_format=settings.tool_call_format,
         ),
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,

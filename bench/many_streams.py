@@ -2,7 +2,7 @@
 also a ratio to the batched engine floor.
 
     python -m bench.many_streams [--streams 1,16,64] [--long 16x2048] [--parallel 64]
-        [--variant "qwen3-moe-serve --no-kv-unified" ...] [--llama-server PATH]
+        [--variant "qwen3-moe-serve --kv-unified" ...] [--llama-server PATH]
         [--quick] [--out bench/results]
 
 On the *tiny* bench model (``bench.run.BUILT_MODELS["tiny"]``, where serving costs more than
@@ -16,7 +16,7 @@ point, 16 streams with 2048-token prompts, where the KV layout shows), in turn:
    client sustains;
 3. each server variant, freshly started (``bench.servers``): this server with ``--parallel
    64 --n-ctx <per slot>``, ``llama-server -np 64 -c <64 x per slot>``, and the variants
-   with flags of their own (``--no-kv-unified``, ``--kv-unified``), each skipped with the
+   with flags of their own (``--kv-unified`` for each), each skipped with the
    reason when its server's ``--help`` lacks the flag.
 
 Each of N clients sends ``--rounds`` requests back to back (the long point:
@@ -25,9 +25,10 @@ request reuses another's cache), greedy, 128 tokens out. Reported per server and
 aggregate tokens/s over the window, time to first token and inter-token latency p50/p95,
 errors, and the server process's CPU seconds per 1,000 streamed tokens (its own CPU time,
 children included, over the window: ``bench.servers.process_cpu_seconds``), each with its
-ratio to the floor of the server's KV layout at the same point. This server's layout is
-unified; ``llama-server``'s is split when ``-np`` is given (its ``--kv-unified`` default is on
-only for an automatic slot count), and its log says which it used. The floor prefills every
+ratio to the floor of the server's KV layout at the same point. Both servers split the KV
+cache by default (one stream per slot): this one unless ``--kv-unified``, ``llama-server``
+when ``-np`` is given (its ``--kv-unified`` default is on only for an automatic slot count),
+and its log says which it used. The floor prefills every
 prompt before its first decode step, so a server that decodes running streams inside its
 prefill batches can pass its aggregate tokens/s where prompts are long (a ratio above 1 there
 is that overlap, not a faster engine).
@@ -74,13 +75,13 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
 DEFAULT_VARIANTS = (
     OURS,
-    f"{OURS} --no-kv-unified",
+    f"{OURS} --kv-unified",
     LLAMA_SERVER,
     f"{LLAMA_SERVER} --kv-unified",
 )
-DEFAULT_LAYOUT: dict[str, KvLayout] = {OURS: "unified", LLAMA_SERVER: "split"}
-"""Each server's KV layout without a flag: app.engine.batched's unified cache; llama-server
-splits it whenever ``-np`` is given."""
+DEFAULT_LAYOUT: dict[str, KvLayout] = {OURS: "split", LLAMA_SERVER: "split"}
+"""Each server's KV layout without a flag: one stream per slot (app.engine.batched's default,
+and llama-server's whenever ``-np`` is given)."""
 LAYOUT_FLAGS: dict[str, KvLayout] = {
     "--kv-unified": "unified",
     "-kvu": "unified",
@@ -463,7 +464,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variant",
         action="append",
-        help='a server and flags of its own, e.g. "qwen3-moe-serve --no-kv-unified" '
+        help='a server and flags of its own, e.g. "qwen3-moe-serve --kv-unified" '
         f"(repeatable; default: {'; '.join(DEFAULT_VARIANTS)})",
     )
     parser.add_argument(

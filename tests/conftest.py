@@ -36,7 +36,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from app.demo_model import ensure_demo_model
+from app.demo_model import ChatTemplateName, ensure_demo_model
 from app.engine import (
     Backend,
     Flow,
@@ -169,25 +169,6 @@ def model(request: pytest.FixtureRequest) -> Backend:
     return backend
 
 
-@pytest.fixture(scope="session")
-def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Backend]]:
-    """Loads (once per session and engine) the demo model variant whose greedy output is
-    ``script`` (``tests/scripts.py``)."""
-    cache = tmp_path_factory.mktemp("scripted")
-    loaded: dict[tuple[tuple[bytes, ...], str], Backend] = {}
-
-    def backend(script: Sequence[bytes], engine: str = "single") -> Backend:
-        key = (tuple(script), engine)
-        if key not in loaded:
-            path = ensure_demo_model(cache, key[0])
-            loaded[key] = load(path) if engine == "single" else load_batched(path, parallel=2)
-        return loaded[key]
-
-    yield backend
-    for b in loaded.values():
-        b.close()
-
-
 @pytest.fixture(params=ENGINES)
 def demo_engine(request: pytest.FixtureRequest) -> Backend:
     """The demo model on each engine in turn."""
@@ -202,6 +183,36 @@ def slow_engine(request: pytest.FixtureRequest) -> Backend:
     name = "slow_backend" if request.param == "single" else "slow_batched"
     backend: Backend = request.getfixturevalue(name)
     return backend
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Backend]]:
+    """``scripted(script, engine="single", template="qwen3")``: the demo model variant whose
+    greedy output is ``script``, carrying ``template`` (``qwen3_coder``: Qwen3-Coder's chat
+    template), on ``engine``; each is built and loaded once per module.
+
+    Qwen3-Coder's template renders a long tool prompt (about 1,500 of the demo vocabulary's
+    mostly byte-sized tokens), so its variants get a 4096-token context on both engines.
+    """
+    cache = tmp_path_factory.mktemp("scripted")
+    loaded: dict[tuple[tuple[bytes, ...], str, str], Backend] = {}
+
+    def backend(
+        script: Sequence[bytes], engine: str = "single", template: ChatTemplateName = "qwen3"
+    ) -> Backend:
+        key = (tuple(script), engine, template)
+        if key not in loaded:
+            path = ensure_demo_model(cache, key[0], template=template)
+            n_ctx = 4096 if template == "qwen3_coder" else None
+            if engine == "single":
+                loaded[key] = load(path, n_ctx=n_ctx or 2048)
+            else:
+                loaded[key] = load_batched(path, parallel=2, n_ctx=n_ctx or 1024)
+        return loaded[key]
+
+    yield backend
+    for b in loaded.values():
+        b.close()
 
 
 @pytest.fixture(scope="session")

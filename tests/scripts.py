@@ -7,8 +7,6 @@ spells its tags with ordinary tokens: the parser works on text, like the model's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from app.demo_model import DEFAULT_SCRIPT
 
 WEATHER_TOOL = {
@@ -62,8 +60,3 @@ MALFORMED_CALL_SCRIPT = (
     b"<tool_call>", b"\nnot", b" json", b" at", b" all\n", b"</tool_call>", b"<|im_end|>",
 )  # fmt: skip
 JSON_SCRIPT = (b'{"answer"', b": 42", b', "unit": ', b'"cm"', b"}", b"<|im_end|>")
-
-
-def text_of(script: Sequence[bytes]) -> str:
-    """The script's text, without its end-of-turn token."""
-    return b"".join(script[:-1]).decode()

@@ -21,10 +21,11 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from app.demo_model import script_text
+from app.demo_model import DEFAULT_SCRIPT
 from app.engine import Backend
 from app.main import create_app
 from tests import sse
+from tests.chat import script_text
 from tests.conftest import (
     FailingBackend,
     HeldStart,
@@ -42,7 +43,6 @@ from tests.scripts import (
     PARALLEL_CALL_SCRIPT,
     SINGLE_CALL_SCRIPT,
     THOUGHT,
-    text_of,
 )
 
 pytestmark = pytest.mark.anyio
@@ -414,7 +414,7 @@ async def test_claude_code_history_renders_as_the_models_own_conversation(
     async with messages_client(backend, **THINKING) as client:
         buffered, streamed = await both(client, CLAUDE_CODE_BODY)
     assert comparable(streamed) == comparable(buffered)
-    assert buffered["content"] == [{"type": "text", "text": text_of(ANSWER_ONLY_SCRIPT)}]
+    assert buffered["content"] == [{"type": "text", "text": script_text(ANSWER_ONLY_SCRIPT)}]
     prompt = _prompt(backend)  # special tokens (<|im_start|>, <|im_end|>) have no bytes
     assert prompt.startswith(
         "system\nx-anthropic-billing-header: cc_version=2.1.197.ac8;\n\nYou are a Claude agent"
@@ -481,7 +481,7 @@ async def test_thinking_disabled_and_enabled(scripted: Callable[..., Backend]) -
     async with messages_client(scripted(ANSWER_ONLY_SCRIPT), **THINKING) as client:
         off, streamed = await both(client, {"thinking": {"type": "disabled"}})
         on, _ = await both(client, {"thinking": {"type": "enabled", "budget_tokens": 1024}})
-    assert off["content"] == [{"type": "text", "text": text_of(ANSWER_ONLY_SCRIPT)}]
+    assert off["content"] == [{"type": "text", "text": script_text(ANSWER_ONLY_SCRIPT)}]
     assert comparable(streamed) == comparable(off)
     prompt = lambda m: m["usage"]["input_tokens"] + m["usage"]["cache_read_input_tokens"]  # noqa: E731
     assert prompt(off) > prompt(on)  # thinking off pre-fills an empty <think></think>
@@ -633,7 +633,8 @@ def test_an_idle_stream_sends_pings_after_message_start(demo_backend: Backend) -
                 held.release.set()
     events = sse.typed_events(lines)
     assert [e["type"] for e in events[:3]] == ["message_start", "ping", "ping"]
-    assert checked(events)["content"][-1]["text"] == script_text()  # raw: no reasoning split
+    # The raw text (no reasoning split in these settings): the whole script.
+    assert checked(events)["content"][-1]["text"] == script_text(DEFAULT_SCRIPT)
 
 
 def test_full_queues_answer_rate_limit_errors_and_any_model_is_an_option(

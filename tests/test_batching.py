@@ -45,6 +45,7 @@ from tests.conftest import (
     LiveServer,
     Seen,
     asgi_client,
+    engine_config,
     load,
     load_batched,
     settings_for,
@@ -269,6 +270,37 @@ def test_a_conversation_returns_to_the_slot_that_holds_its_history(
     assert cached(usage_b2) >= usage_b1["prompt_tokens"]
     assert little(usage_c1)
     assert little(usage_a2)
+
+
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["per-slot-kv", "unified-kv"])
+def test_every_slot_can_use_its_whole_context_at_once(
+    slow_model_path: Path, kv_unified: bool
+) -> None:
+    """No request is refused for lack of the cells it was promised: three slots of 500 tokens
+    (not a multiple of llama.cpp's cell padding), each running a 400-token prompt and 100
+    tokens at the same time, on either KV layout."""
+    from dataclasses import replace
+
+    config = replace(engine_config(slow_model_path, n_ctx=500, n_batch=128), kv_unified=kv_unified)
+    backend = BatchedLlamaBackend(config, parallel=3)
+
+    async def together() -> list[Any]:
+        prompts = [
+            backend.tokenizer.tokenize(f"Story {i}: " + "the quick brown fox jumps. " * 200)[:400]
+            for i in range(3)
+        ]
+        return list(
+            await asyncio.gather(
+                *(backend.generate(p, GREEDY, 100, lambda _: True) for p in prompts)
+            )
+        )
+
+    try:
+        assert backend.info.n_ctx == 500
+        results = asyncio.run(together())
+    finally:
+        backend.close()
+    assert [(r.finish_reason, r.completion_tokens) for r in results] == [("length", 100)] * 3
 
 
 def test_choose_slot_prefers_the_longest_shared_prefix_else_the_least_recently_used() -> None:

@@ -85,3 +85,14 @@ def test_template_raise_exception_is_a_client_error() -> None:
     )
     with pytest.raises(TemplateRejected, match="roles must alternate"):
         template.render([{"role": "user", "content": "x"}])
+
+
+CODER_PACKAGED = PACKAGED.with_name("qwen3_coder_chat_template.jinja")
+CODER_PUBLISHED_SHA256 = "d287fb2edf144207f868ae1b282755dc19db2a3f1c5b3a3d57e9e5abffa98392"
+"""SHA-256 of the template Qwen3-Coder (Qwen3-Coder-30B-A3B-Instruct) publishes."""
+
+
+def test_packaged_coder_template_is_the_published_one() -> None:
+    """Guards the packaged Qwen3-Coder copy the same way: the XML tool-call format is
+    detected from it and the Coder demo models carry it."""
+    assert hashlib.sha256(CODER_PACKAGED.read_bytes()).hexdigest() == CODER_PUBLISHED_SHA256

@@ -7,20 +7,18 @@ script, not hard-coded model output.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from app.demo_model import DEFAULT_SCRIPT
 from app.engine import Backend
 from app.main import create_app
-from tests import sse
-from tests.conftest import ENGINES, HELLO, LiveServer, asgi_client, settings_for
+from tests.chat import both, chat_client, delta_field, script_text, streamed_calls
+from tests.conftest import ENGINES, HELLO, LiveServer, settings_for
 from tests.scripts import (
     ANSWER,
     ANSWER_ONLY_SCRIPT,
@@ -34,51 +32,8 @@ from tests.scripts import (
     TIME_TOOL,
     WEATHER_TOOL,
 )
-from tests.scripts import text_of as _text
 
 pytestmark = pytest.mark.anyio
-
-
-@contextlib.asynccontextmanager
-async def _client(backend: Backend, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
-    overrides = {"reasoning_format": "reasoning_content", **settings}
-    async with asgi_client(create_app(settings_for(**overrides), backend=backend)) as client:
-        yield client
-
-
-async def both(client: httpx.AsyncClient, **body: Any) -> tuple[dict[str, Any], sse.Stream]:
-    """The buffered response and the stream of the same greedy request."""
-    body = {"messages": HELLO, "temperature": 0, **body}
-    buffered = await client.post("/v1/chat/completions", json=body)
-    assert buffered.status_code == 200, buffered.text
-    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-        assert r.status_code == 200
-        stream = await sse.aread(r.aiter_lines())
-    return buffered.json(), stream
-
-
-def delta_field(stream: sse.Stream, name: str) -> list[str]:
-    return [
-        c["choices"][0]["delta"][name]
-        for c in stream.chunks
-        if c.get("choices") and c["choices"][0]["delta"].get(name)
-    ]
-
-
-def streamed_calls(stream: sse.Stream) -> list[dict[str, Any]]:
-    """Tool calls rebuilt from stream deltas the way OpenAI clients accumulate them."""
-    calls: dict[int, dict[str, Any]] = {}
-    for chunk in stream.chunks:
-        for part in chunk["choices"][0]["delta"].get("tool_calls", []) if chunk["choices"] else []:
-            call = calls.setdefault(part["index"], {"id": None, "name": None, "arguments": ""})
-            if "id" in part:
-                assert call["id"] is None, "id only on the first delta of a call"
-                assert part["type"] == "function" and "name" in part["function"]
-                call["id"], call["name"] = part["id"], part["function"]["name"]
-            else:
-                assert "name" not in part["function"], "name only on the first delta"
-            call["arguments"] += part["function"].get("arguments", "")
-    return [calls[i] for i in sorted(calls)]
 
 
 # -- reasoning ------------------------------------------------------------------------------
@@ -88,7 +43,7 @@ def streamed_calls(stream: sse.Stream) -> list[dict[str, Any]]:
 async def test_thinking_goes_to_reasoning_content_token_by_token(
     demo_backend: Backend,
 ) -> None:
-    async with _client(demo_backend) as client:
+    async with chat_client(demo_backend) as client:
         buffered, stream = await both(client)
     message = buffered["choices"][0]["message"]
     assert message["reasoning_content"] == THOUGHT
@@ -102,12 +57,12 @@ async def test_thinking_goes_to_reasoning_content_token_by_token(
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_001")
 async def test_reasoning_field_name_is_a_setting(demo_backend: Backend) -> None:
-    async with _client(demo_backend, reasoning_format="reasoning") as client:
+    async with chat_client(demo_backend, reasoning_format="reasoning") as client:
         buffered, stream = await both(client)
     message = buffered["choices"][0]["message"]
     assert message["reasoning"] == THOUGHT and "reasoning_content" not in message
     assert "".join(delta_field(stream, "reasoning")) == THOUGHT
-    async with _client(demo_backend, reasoning_format="none") as client:
+    async with chat_client(demo_backend, reasoning_format="none") as client:
         raw, _ = await both(client)
     assert raw["choices"][0]["message"]["content"].startswith("<think>\nOkay")
 
@@ -117,12 +72,12 @@ async def test_enable_thinking_false_renders_the_prefill_and_fills_no_reasoning(
     scripted: Callable[..., Backend],
 ) -> None:
     backend = scripted(ANSWER_ONLY_SCRIPT)
-    async with _client(backend) as client:
+    async with chat_client(backend) as client:
         buffered, stream = await both(client, chat_template_kwargs={"enable_thinking": False})
         prompt_off = buffered["usage"]["prompt_tokens"]
         default, _ = await both(client)
     message = buffered["choices"][0]["message"]
-    assert message == {"role": "assistant", "content": _text(ANSWER_ONLY_SCRIPT)}
+    assert message == {"role": "assistant", "content": script_text(ANSWER_ONLY_SCRIPT)}
     assert not delta_field(stream, "reasoning_content")
     # The template pre-fills "<think>\n\n</think>\n\n": the prompt is longer by those tokens.
     assert prompt_off > default["usage"]["prompt_tokens"]
@@ -131,7 +86,7 @@ async def test_enable_thinking_false_renders_the_prefill_and_fills_no_reasoning(
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_002")
 async def test_server_wide_thinking_off_leaves_reasoning_empty(demo_backend: Backend) -> None:
     """The model may still think (the demo one does); its answer must not land in reasoning."""
-    async with _client(demo_backend, enable_thinking=False) as client:
+    async with chat_client(demo_backend, enable_thinking=False) as client:
         buffered, stream = await both(client)
     message = buffered["choices"][0]["message"]
     assert "reasoning_content" not in message
@@ -145,7 +100,7 @@ async def test_no_think_soft_switch_drops_the_empty_think_block(
 ) -> None:
     backend = scripted(NO_THINK_SCRIPT)
     messages = [{"role": "user", "content": "Tell me something /no_think"}]
-    async with _client(backend) as client:
+    async with chat_client(backend) as client:
         buffered, stream = await both(client, messages=messages)
         thinking, _ = await both(
             client, messages=[{"role": "user", "content": "x /no_think /think"}]
@@ -160,7 +115,7 @@ async def test_no_think_soft_switch_drops_the_empty_think_block(
 async def test_thinking_only_answer_has_empty_content(
     scripted: Callable[..., Backend],
 ) -> None:
-    async with _client(scripted(THINKING_ONLY_SCRIPT)) as client:
+    async with chat_client(scripted(THINKING_ONLY_SCRIPT)) as client:
         buffered, stream = await both(client)
     message = buffered["choices"][0]["message"]
     assert message["reasoning_content"] == "Hmm, nothing to add."
@@ -176,7 +131,7 @@ async def test_thinking_only_answer_has_empty_content(
 async def test_single_tool_call_buffered_and_streamed(
     scripted: Callable[..., Backend], engine: str
 ) -> None:
-    async with _client(scripted(SINGLE_CALL_SCRIPT, engine)) as client:
+    async with chat_client(scripted(SINGLE_CALL_SCRIPT, engine)) as client:
         buffered, stream = await both(client, tools=[WEATHER_TOOL])
     choice = buffered["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
@@ -199,7 +154,7 @@ async def test_single_tool_call_buffered_and_streamed(
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_003")
 async def test_parallel_tool_calls(scripted: Callable[..., Backend]) -> None:
-    async with _client(scripted(PARALLEL_CALL_SCRIPT)) as client:
+    async with chat_client(scripted(PARALLEL_CALL_SCRIPT)) as client:
         buffered, stream = await both(client, tools=[WEATHER_TOOL, TIME_TOOL])
     calls = buffered["choices"][0]["message"]["tool_calls"]
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
@@ -218,7 +173,7 @@ async def test_parallel_tool_calls(scripted: Callable[..., Backend]) -> None:
 async def test_parallel_tool_calls_false_ends_after_the_first_call(
     scripted: Callable[..., Backend], engine: str
 ) -> None:
-    async with _client(scripted(PARALLEL_CALL_SCRIPT, engine)) as client:
+    async with chat_client(scripted(PARALLEL_CALL_SCRIPT, engine)) as client:
         buffered, stream = await both(
             client, tools=[WEATHER_TOOL, TIME_TOOL], parallel_tool_calls=False
         )
@@ -234,22 +189,22 @@ async def test_parallel_tool_calls_false_ends_after_the_first_call(
 async def test_tool_calls_are_plain_text_without_tools(
     scripted: Callable[..., Backend],
 ) -> None:
-    async with _client(scripted(PARALLEL_CALL_SCRIPT)) as client:
+    async with chat_client(scripted(PARALLEL_CALL_SCRIPT)) as client:
         buffered, _ = await both(client)
         none, _ = await both(client, tools=[WEATHER_TOOL], tool_choice="none")
     for result in (buffered, none):
         assert result["choices"][0]["finish_reason"] == "stop"
-        assert result["choices"][0]["message"]["content"] == _text(PARALLEL_CALL_SCRIPT)
+        assert result["choices"][0]["message"]["content"] == script_text(PARALLEL_CALL_SCRIPT)
 
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_004")
 async def test_malformed_tool_call_is_returned_as_content(
     scripted: Callable[..., Backend],
 ) -> None:
-    async with _client(scripted(MALFORMED_CALL_SCRIPT)) as client:
+    async with chat_client(scripted(MALFORMED_CALL_SCRIPT)) as client:
         buffered, stream = await both(client, tools=[WEATHER_TOOL])
     message = buffered["choices"][0]["message"]
-    assert message["content"] == _text(MALFORMED_CALL_SCRIPT)
+    assert message["content"] == script_text(MALFORMED_CALL_SCRIPT)
     assert "tool_calls" not in message
     assert buffered["choices"][0]["finish_reason"] == "stop"
     assert "".join(delta_field(stream, "content")) == message["content"]
@@ -273,9 +228,9 @@ async def test_history_with_tool_calls_and_tool_results_is_accepted(
         },
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
     ]
-    async with _client(scripted(ANSWER_ONLY_SCRIPT)) as client:
+    async with chat_client(scripted(ANSWER_ONLY_SCRIPT)) as client:
         buffered, _ = await both(client, messages=history, tools=[WEATHER_TOOL])
-    assert buffered["choices"][0]["message"]["content"] == _text(ANSWER_ONLY_SCRIPT)
+    assert buffered["choices"][0]["message"]["content"] == script_text(ANSWER_ONLY_SCRIPT)
 
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_005")
@@ -286,7 +241,7 @@ async def test_forced_tool_choice_constrains_decoding(demo_engine: Backend) -> N
         "tool_choice": {"type": "function", "function": {"name": "get_time"}},
         "max_tokens": 80,
     }
-    async with _client(demo_engine) as client:
+    async with chat_client(demo_engine) as client:
         buffered, stream = await both(client, **body)
     message = buffered["choices"][0]["message"]
     assert message["reasoning_content"] == THOUGHT  # thinking is allowed before the call
@@ -342,7 +297,7 @@ async def test_json_schema_response_format(scripted: Callable[..., Backend], eng
         "required": ["answer", "unit"],
     }
     fmt = {"type": "json_schema", "json_schema": {"name": "measure", "schema": schema}}
-    async with _client(scripted(JSON_SCRIPT, engine)) as client:
+    async with chat_client(scripted(JSON_SCRIPT, engine)) as client:
         buffered, stream = await both(client, response_format=fmt)
     content = buffered["choices"][0]["message"]["content"]
     assert json.loads(content) == {"answer": 42, "unit": "cm"}
@@ -351,7 +306,7 @@ async def test_json_schema_response_format(scripted: Callable[..., Backend], eng
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_005")
 async def test_json_object_mode_forces_json_from_a_prose_model(demo_engine: Backend) -> None:
-    async with _client(demo_engine) as client:
+    async with chat_client(demo_engine) as client:
         buffered, _ = await both(client, response_format={"type": "json_object"}, max_tokens=60)
     content = buffered["choices"][0]["message"]["content"]
     assert content.lstrip().startswith("{"), content
@@ -371,7 +326,7 @@ async def test_unsupported_schema_feature_is_a_400(
     demo_backend: Backend, schema: dict[str, Any]
 ) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
-    async with _client(demo_backend) as client:
+    async with chat_client(demo_backend) as client:
         for stream in (False, True):
             response = await client.post(
                 "/v1/chat/completions",
@@ -387,7 +342,7 @@ async def test_unsupported_schema_feature_is_a_400(
 
 @pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_006")
 async def test_logprobs_buffered_and_streamed(demo_engine: Backend) -> None:
-    async with _client(demo_engine) as client:
+    async with chat_client(demo_engine) as client:
         buffered, stream = await both(client, logprobs=True, top_logprobs=3)
     entries = buffered["choices"][0]["logprobs"]["content"]
     streamed = [
@@ -412,6 +367,6 @@ async def test_logprobs_buffered_and_streamed(demo_engine: Backend) -> None:
 
 
 async def test_no_logprobs_unless_asked(demo_backend: Backend) -> None:
-    async with _client(demo_backend) as client:
+    async with chat_client(demo_backend) as client:
         buffered, _ = await both(client, max_tokens=3)
     assert buffered["choices"][0]["logprobs"] is None

@@ -24,6 +24,7 @@ from app.demo_model import DEFAULT_SCRIPT
 from app.engine import Backend
 from app.main import create_app
 from tests import sse
+from tests.chat import script_text
 from tests.conftest import (
     TRANSPORTS,
     FailingBackend,
@@ -44,7 +45,6 @@ from tests.scripts import (
     PARALLEL_CALL_SCRIPT,
     SINGLE_CALL_SCRIPT,
     THOUGHT,
-    text_of,
 )
 from tests.test_errors import assert_envelope
 
@@ -332,7 +332,7 @@ async def test_reasoning_is_its_own_item_and_effort_none_turns_it_off(
         off, streamed = await both(client, {"input": "Hello!", "reasoning": {"effort": "none"}})
         on, _ = await both(client, {"input": "Hello!", "reasoning": {"effort": "high"}})
     assert [item["type"] for item in off["output"]] == ["message"]
-    assert item_text(off["output"][0]) == text_of(ANSWER_ONLY_SCRIPT)
+    assert item_text(off["output"][0]) == script_text(ANSWER_ONLY_SCRIPT)
     assert off["usage"]["output_tokens_details"]["reasoning_tokens"] == 0
     assert comparable(streamed) == comparable(off)
     # Thinking off pre-fills an empty <think></think>: the prompt is longer by those tokens.
@@ -454,7 +454,7 @@ async def test_codex_history_renders_as_the_models_own_conversation(
     }
     async with responses_client(backend, **THINKING) as client:
         streamed = checked(await client.stream(body))
-    assert item_text(streamed["output"][0]) == text_of(ANSWER_ONLY_SCRIPT)
+    assert item_text(streamed["output"][0]) == script_text(ANSWER_ONLY_SCRIPT)
     prompt = _prompt(backend)  # special tokens (<|im_start|>, <|im_end|>) have no bytes
     assert prompt.startswith("system\nYou are a coding agent.\n\n# Tools")
     assert "\nuser\nhi\nassistant\n<think>\nI should run it.\n</think>\n\n<tool_call>" in prompt
@@ -485,7 +485,7 @@ async def test_a_tool_this_server_cannot_run_is_a_400_unless_skipped(
     assert f"'{kind}'" in error["message"] and "--skip-unsupported-tools" in error["message"]
     async with responses_client(backend, skip_unsupported_tools=True) as client:
         served = await client.create(body)
-    assert item_text(served["output"][0]) == text_of(ANSWER_ONLY_SCRIPT)
+    assert item_text(served["output"][0]) == script_text(ANSWER_ONLY_SCRIPT)
     assert kind not in _prompt(backend)
 
 

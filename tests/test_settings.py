@@ -76,12 +76,6 @@ def test_invalid_setting_is_a_clear_error() -> None:
     assert "n_ctx" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_readme_settings_table_lists_every_setting() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    for name in Settings.model_fields:
-        assert f"| `--{name.replace('_', '-')}` | `{ENV_PREFIX}{name.upper()}` |" in readme, name
-
-
 def test_chat_template_file_overrides_the_gguf_template(
     tmp_path: Path, demo_model_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ the same on the real engine with the demo model's byte tokens, streamed and buff
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from app.demo_model import DEFAULT_SCRIPT, script_text
 from app.engine import Backend
 from app.main import create_app
 from app.text import Delta, Mode, TextOptions, TextPipeline
+from app.text.schema_types import JSON_TYPES, ParameterTypes, schema_types
 from app.text.tags import partial_tag_suffix
 from tests import sse
 from tests.conftest import HELLO, asgi_client, settings_for
@@ -275,6 +277,256 @@ def test_partial_tag_suffix_is_the_longest_proper_prefix_at_the_end(
         (n for tag in tags for n in range(1, len(tag)) if text.endswith(tag[:n])), default=0
     )
     assert partial_tag_suffix(text, tags) == expected
+
+
+# -- Qwen3-Coder XML calls: the same properties, values typed by the tools' schemas ----------
+
+CODER_TOOLS: dict[str, dict[str, Any] | None] = {
+    "edit": {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string"},
+            "count": {"type": "integer"},
+            "ratio": {"type": "number"},
+            "force": {"type": "boolean"},
+            "meta": {"type": "object"},
+            "lines": {"type": "array", "items": {"type": "integer"}},
+            "parent": {"type": "null"},
+            "either": {"type": ["integer", "string"]},
+        },
+    },
+    "run": None,  # no schema: every parameter may be any type
+}
+CODER_OPTIONS = TextOptions(
+    tool_calls=True, tool_call_format="qwen3_coder", tool_parameters=CODER_TOOLS
+)
+CODER_TAGS = (
+    "<tool_call>",
+    "</tool_call>",
+    "<function=",
+    "</function>",
+    "<parameter=",
+    "</parameter>",
+)
+
+
+def _parsed_or_text(text: str, fits: Any) -> Any:
+    """The oracle for a value the schema lets be a non-string type: the JSON value its
+    stripped text parses to if ``fits`` it, else the text itself."""
+    try:
+        value = json.loads(text.strip())
+    except ValueError:
+        return text
+    return value if fits(value) else text
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _not_string(value: Any) -> bool:
+    return not isinstance(value, str)
+
+
+OBJECTS = st.dictionaries(
+    st.sampled_from(["a", "b", "é"]), st.one_of(st.integers(-9, 99), PLAIN), max_size=3
+)
+CODER_VALUES: dict[str, st.SearchStrategy[tuple[str, Any]]] = {
+    "path": PLAIN.map(lambda s: (s, s)),
+    "count": st.one_of(
+        st.integers(-(10**6), 10**6).map(lambda n: (str(n), n)),
+        PLAIN.map(lambda s: (s, _parsed_or_text(s, _is_int))),  # may not fit: kept as text
+    ),
+    "ratio": st.floats(allow_nan=False, allow_infinity=False).map(lambda x: (json.dumps(x), x)),
+    "force": st.booleans().map(lambda b: (json.dumps(b), b)),
+    "meta": OBJECTS.map(lambda d: (json.dumps(d, ensure_ascii=False), d)),
+    "lines": st.lists(st.integers(-5, 500), max_size=4).map(lambda v: (json.dumps(v), v)),
+    "parent": st.just(("null", None)),
+    "either": st.one_of(
+        st.integers(0, 99).map(lambda n: (str(n), n)),
+        PLAIN.map(lambda s: (s, _parsed_or_text(s, _is_int))),
+    ),
+    # Not in the schema: kept, and typed as whatever JSON it is.
+    "extra": PLAIN.map(lambda s: (s, _parsed_or_text(s, _not_string))),
+}
+
+CoderCall = tuple[str, list[tuple[str, str, Any]]]
+"""(name, [(parameter, raw text, expected value)])."""
+
+
+@st.composite
+def coder_calls(draw: st.DrawFn) -> CoderCall:
+    name = draw(st.sampled_from(sorted(CODER_TOOLS)))
+    keys = draw(st.lists(st.sampled_from(sorted(CODER_VALUES)), unique=True, max_size=5))
+    parameters = []
+    for key in keys:
+        raw, expected = draw(CODER_VALUES[key])
+        if name == "run":  # untyped tool: everything is typed as any JSON
+            expected = _parsed_or_text(raw, _not_string)
+        parameters.append((key, raw, expected))
+    return name, parameters
+
+
+def coder_text(call: CoderCall) -> str:
+    name, parameters = call
+    body = "".join(f"<parameter={key}>\n{raw}\n</parameter>\n" for key, raw, _ in parameters)
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+@st.composite
+def coder_scripts(draw: st.DrawFn) -> tuple[str, str, str, list[CoderCall]]:
+    """(whole text, thought, answer, calls) of an answer in the Coder format."""
+    thought = draw(st.one_of(st.just(""), PLAIN)).strip()
+    answer = draw(PLAIN).strip()
+    calls = draw(st.lists(coder_calls(), min_size=1, max_size=2))
+    text = f"<think>\n{thought}\n</think>\n\n" if thought else ""
+    text += answer + "".join("\n" + coder_text(call) for call in calls)
+    return text, thought, answer, calls
+
+
+def _expected(calls: list[CoderCall]) -> list[tuple[str, dict[str, Any]]]:
+    return [(name, {key: value for key, _, value in parameters}) for name, parameters in calls]
+
+
+@FAST
+@given(script=coder_scripts(), cuts=CUTS, mode=st.sampled_from(["extract", "raw"]))
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_007", "QWEN3_MOE_SEMANTICS_V1_008")
+def test_any_split_parses_xml_calls_as_the_whole_text_does(
+    script: tuple[str, str, str, list[CoderCall]], cuts: list[int], mode: Mode
+) -> None:
+    """Random calls with random typed values (and values that do not fit their type), cut
+    into tokens at random byte boundaries: the deltas rebuild what the whole text parses to,
+    the arguments are valid JSON of the schema's types, and no markup reaches content."""
+    text, thought, answer, calls = script
+    options = dataclasses.replace(CODER_OPTIONS, reasoning=mode)
+    whole = run([text.encode()], options)
+    parsed = run(split(text.encode(), cuts), options)
+    assert (parsed.content, parsed.reasoning, parsed.calls) == (
+        whole.content,
+        whole.reasoning,
+        whole.calls,
+    )
+    assert [(n, json.loads(a)) for n, a in parsed.calls] == _expected(calls)
+    answer_text = parsed.content if mode == "extract" else parsed.content.split("</think>")[-1]
+    assert answer_text.strip() == answer
+    assert not any(tag in parsed.content for tag in CODER_TAGS)
+    if mode == "extract":
+        assert_clean(parsed)
+        assert parsed.reasoning == thought
+
+
+@settings(
+    FAST,
+    # The threshold fixture reads the contract, the same for every example.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    value=st.lists(WORDS, min_size=8, max_size=30).map("".join),
+    cuts=st.lists(st.integers(1, 600), max_size=120),
+)
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_009")
+def test_an_xml_string_value_is_never_held_back_beyond_a_closing_tag(
+    value: str, cuts: list[int], contract_threshold: Any
+) -> None:
+    """After every token inside a string value, all of the value decoded so far has been
+    sent except what could still be the newline and the ``</parameter>`` that end it."""
+    limit = contract_threshold("QWEN3_MOE_SEMANTICS_V1_009", "max_held_chars")
+    opening = "<tool_call>\n<function=edit>\n<parameter=path>\n"
+    data = (opening + value + "\n</parameter>\n</function>\n</tool_call>").encode()
+    pieces = split(data, cuts)
+    pipeline = TextPipeline(dict(enumerate(pieces)).__getitem__, CODER_OPTIONS)
+    sent, pushed = "", b""
+    for token_id, piece in enumerate(pieces):
+        pushed += piece
+        sent += "".join(d.tool_call.arguments for d in pipeline.push(token_id) if d.tool_call)
+        decoded = pushed.decode("utf-8", errors="ignore")
+        if len(decoded) <= len(opening) or "</parameter>" in decoded:
+            continue
+        so_far = decoded[len(opening) :]
+        streamed = json.loads(sent + '"}')["path"]
+        assert so_far.startswith(streamed)
+        assert len(so_far) - len(streamed) <= limit, (so_far, streamed)
+    sent += "".join(d.tool_call.arguments for d in pipeline.finish() if d.tool_call)
+    assert json.loads(sent) == {"path": value}
+
+
+@FAST
+@given(call=coder_calls(), cut=st.integers(0, 2000), cuts=CUTS)
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_007")
+def test_an_xml_call_cut_anywhere_has_valid_json_arguments(
+    call: CoderCall, cut: int, cuts: list[int]
+) -> None:
+    """A generation that ends inside a call (max_tokens) still gives a JSON object: the value
+    and the object are closed; the parameters read so far are the script's, in order."""
+    data = coder_text(call).encode()[:cut]
+    parsed = run(split(data, cuts), CODER_OPTIONS)
+    keys = [key for key, _, _ in call[1]]
+    for name, arguments in parsed.calls:
+        assert name == call[0]
+        decoded = json.loads(arguments)
+        assert isinstance(decoded, dict)
+        assert list(decoded) == keys[: len(decoded)]
+    assert "\ufffd" not in parsed.content
+
+
+def test_xml_calls_split_at_every_byte_and_every_character() -> None:
+    """The two extreme splits of a Coder answer: text, a typed call, a parallel call."""
+    text = (
+        "Sure: café 東京.\n<tool_call>\n<function=edit>\n<parameter=path>\nsrc/Zürich 😀.txt\n"
+        '</parameter>\n<parameter=count>\n3\n</parameter>\n<parameter=meta>\n{"a": [1]}\n'
+        "</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=run>\n"
+        "</function>\n</tool_call>"
+    )
+    whole = run([text.encode()], CODER_OPTIONS)
+    for pieces in ([bytes([b]) for b in text.encode()], [ch.encode() for ch in text]):
+        parsed = run(pieces, CODER_OPTIONS)
+        assert (parsed.content, parsed.calls) == (whole.content, whole.calls)
+        assert_clean(parsed)
+    assert whole.content == "Sure: café 東京.\n"
+    assert whole.calls == [
+        ("edit", '{"path": "src/Zürich 😀.txt", "count": 3, "meta": {"a": [1]}}'),
+        ("run", "{}"),
+    ]
+
+
+def test_single_xml_call_finishes_the_pipeline_at_the_end_of_its_function() -> None:
+    one = "<tool_call>\n<function=run>\n</function>\n</tool_call>"
+    options = dataclasses.replace(CODER_OPTIONS, single_tool_call=True)
+    parsed = run([ch.encode() for ch in f"{one}\n{one}"], options)
+    assert parsed.finished
+    assert parsed.calls == [("run", "{}")]
+
+
+@pytest.mark.parametrize(
+    ("schema", "types"),
+    [
+        ({"type": "string"}, {"string"}),
+        ({"type": "number"}, {"number", "integer"}),
+        ({"type": ["integer", "null"]}, {"integer", "null"}),
+        ({"anyOf": [{"type": "boolean"}, {"type": "array"}]}, {"boolean", "array"}),
+        ({"oneOf": [{"const": 1}, {"const": "x"}]}, {"integer", "string"}),
+        ({"enum": ["C", "F"]}, {"string"}),
+        ({"type": "integer", "enum": [1, 2]}, {"integer"}),
+        ({"allOf": [{"type": ["integer", "string"]}, {"type": "integer"}]}, {"integer"}),
+        ({"$ref": "#/$defs/n"}, {"integer"}),
+        ({"$ref": "#/$defs/missing"}, set(JSON_TYPES)),
+        ({"description": "anything"}, set(JSON_TYPES)),
+        ({"type": "no-such-type"}, set()),
+        (False, set()),
+    ],
+)
+def test_schema_types(schema: Any, types: set[str]) -> None:
+    root = {"$defs": {"n": {"type": "integer"}}}
+    assert schema_types(schema, root) == types
+
+
+def test_undeclared_parameters_take_additional_properties_or_any_type() -> None:
+    typed = ParameterTypes(
+        {"properties": {"a": {"type": "string"}}, "additionalProperties": {"type": "integer"}}
+    )
+    assert (typed.of("a"), typed.of("b")) == ({"string"}, {"integer"})
+    assert ParameterTypes({"properties": {}}).of("b") == JSON_TYPES
+    assert ParameterTypes(None).of("b") == JSON_TYPES
 
 
 # -- on the real engine: the demo model's byte tokens -----------------------------------------

@@ -6,6 +6,11 @@ or a JSON response format needs (built, then parsed by the engine itself), token
 context and ``max_tokens`` limits, and admission (a 429 when the server is full). So every 4xx
 is a real HTTP status, never an error in the middle of a stream.
 
+The tool-call format is decided here too, once per model, from the chat template the model
+was trained with: a template that renders ``<function=`` teaches Qwen3-Coder's XML calls, any
+other Qwen3's JSON ones (the ``--tool-call-format`` setting overrides it). The alternative
+rejected: guessing from the model's name or architecture, which Qwen3 and Qwen3-Coder share.
+
 Request fields are mapped to engine arguments one by one (``sampling``); nothing from a
 client is splatted into an engine call.
 """
@@ -13,6 +18,7 @@ client is splatted into an engine call.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +32,14 @@ from app.api.schemas import (
 from app.core.admission import Admission, Ticket
 from app.core.chat_template import ChatTemplate
 from app.engine import Backend, GrammarError, SamplingParams
-from app.engine.grammar import ToolSpec, json_grammar, tool_call_grammar
+from app.engine.grammar import (
+    ToolSpec,
+    coder_tool_call_grammar,
+    json_grammar,
+    tool_call_grammar,
+)
 from app.errors import ContextLengthExceeded, InvalidRequest, NotFound
-from app.text import Mode, TextOptions
+from app.text import Mode, TextOptions, ToolCallFormat
 
 DEFAULT_SAMPLING = SamplingParams()
 INLINE_TOKENIZE_CHARS = 4096
@@ -36,6 +47,9 @@ INLINE_TOKENIZE_CHARS = 4096
 ones on a worker thread, so they do not hold up other requests."""
 
 SOFT_SWITCHES = {"/think": True, "/no_think": False}
+CODER_TEMPLATE_MARKER = "<function="
+"""What Qwen3-Coder's chat template renders (its tool-call examples and history); Qwen3's never
+does."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,8 @@ class ChatSemantics:
 
     reasoning_format: str = "reasoning_content"
     enable_thinking: bool = True
+    tool_call_format: str = "auto"
+    """``auto`` (from the chat template), ``qwen3`` or ``qwen3_coder``."""
 
 
 class Preparer:
@@ -92,6 +108,13 @@ class Preparer:
             if info.chat_template
             else None
         )
+        source = info.chat_template or ""
+        self.tool_call_format = detect_tool_call_format(semantics.tool_call_format, source)
+        # Qwen3-Coder's template iterates a history call's arguments as a mapping.
+        self._arguments_as_object = CODER_TEMPLATE_MARKER in source
+        # A template that knows no thinking (Qwen3-Coder's) serves a model that does not
+        # think: a forced call or JSON output is not preceded by an optional think block.
+        self._template_thinks = "<think>" in source
 
     def check_model(self, requested: str | None) -> None:
         """404 unless the request names the served model or its alias (or names none), or the
@@ -112,7 +135,10 @@ class Preparer:
         ceiling, and agents send their own model's, e.g. 64000)."""
         prompt = await self._chat_prompt(req)
         grammar = chat_grammar(
-            req, allow_thinking=prompt.thinking_possible, check=self._backend.check_grammar
+            req,
+            allow_thinking=prompt.thinking_possible and self._template_thinks,
+            check=self._backend.check_grammar,
+            tool_call_format=self.tool_call_format,
         )
         return self._admitted(
             req,
@@ -145,7 +171,10 @@ class Preparer:
         thinking = thinking_possible and soft is not False
         tools = req.offered_tools
         prompt = self._template.render(
-            [template_message(m) for m in req.messages],
+            [
+                template_message(m, arguments_as_object=self._arguments_as_object)
+                for m in req.messages
+            ],
             tools=[tool.model_dump(exclude_none=True) for tool in tools],
             add_generation_prompt=True,
             extra=kwargs,
@@ -161,6 +190,8 @@ class Preparer:
             reasoning=reasoning,
             tool_calls=bool(tools),
             single_tool_call=req.parallel_tool_calls is False,
+            tool_call_format=self.tool_call_format,
+            tool_parameters={t.function.name: t.function.parameters for t in tools},
         )
         return _ChatPrompt(tokens, text, thinking_possible)
 
@@ -261,14 +292,29 @@ def soft_switch(messages: Sequence[ChatMessage]) -> bool | None:
     return on if position >= 0 else None
 
 
-def template_message(message: ChatMessage) -> dict[str, Any]:
-    """A message as chat templates read it (content always a string, as Qwen's expects)."""
+def detect_tool_call_format(setting: str, chat_template: str) -> ToolCallFormat:
+    """The setting, or (``auto``) the format the model's chat template teaches."""
+    if setting == "auto":
+        return "qwen3_coder" if CODER_TEMPLATE_MARKER in chat_template else "qwen3"
+    return "qwen3_coder" if setting == "qwen3_coder" else "qwen3"
+
+
+def template_message(message: ChatMessage, *, arguments_as_object: bool = False) -> dict[str, Any]:
+    """A message as chat templates read it (content always a string, as Qwen's expects).
+
+    ``arguments_as_object``: a history tool call's ``arguments``, a JSON string on the wire,
+    is passed as the object it encodes (Qwen3-Coder's template iterates it; Qwen3's takes it
+    either way, so it gets the client's own text).
+    """
     role = "system" if message.role == "developer" else message.role
     out: dict[str, Any] = {"role": role, "content": message.text()}
     if message.name is not None:
         out["name"] = message.name
     if message.tool_calls:
         out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if arguments_as_object:
+            for call in out["tool_calls"]:
+                call["function"]["arguments"] = _arguments_object(call["function"])
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     if message.reasoning_content is not None:
@@ -276,16 +322,37 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
+def _arguments_object(function: dict[str, Any]) -> dict[str, Any]:
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise InvalidRequest(
+            f"The arguments of the history tool call to '{function['name']}' must be a JSON "
+            "object.",
+            param="messages",
+        )
+    return arguments
+
+
 def chat_grammar(
-    req: ChatCompletionRequest, *, allow_thinking: bool, check: Callable[[str], None]
+    req: ChatCompletionRequest,
+    *,
+    allow_thinking: bool,
+    check: Callable[[str], None],
+    tool_call_format: ToolCallFormat = "qwen3",
 ) -> str | None:
-    """The grammar a forced tool call or a JSON response format needs, checked by the engine
-    (400 if impossible)."""
+    """The grammar a forced tool call (in the model's format) or a JSON response format needs,
+    checked by the engine (400 if impossible)."""
     param = "tools" if req.forced_tools else "response_format"
     try:
         if req.forced_tools:
             specs = [ToolSpec(t.function.name, t.function.parameters) for t in req.offered_tools]
-            grammar = tool_call_grammar(
+            build = (
+                coder_tool_call_grammar if tool_call_format == "qwen3_coder" else tool_call_grammar
+            )
+            grammar = build(
                 specs,
                 parallel=req.parallel_tool_calls is not False,
                 allow_thinking=allow_thinking,

@@ -1,4 +1,4 @@
-"""GBNF grammars for constrained decoding: JSON output and Qwen3 tool calls.
+"""GBNF grammars for constrained decoding: JSON output and Qwen3 / Qwen3-Coder tool calls.
 
 GBNF is llama.cpp's grammar language, so this module belongs to the engine layer: it
 uses llama-cpp-python's JSON-schema converter (a port of llama.cpp's own) instead of a
@@ -20,6 +20,7 @@ import llama_cpp
 from llama_cpp.llama_grammar import SchemaConverter
 
 from app.engine.protocol import GrammarError
+from app.text.schema_types import schema_types
 
 _UNSUPPORTED_KEYWORDS = frozenset(
     {
@@ -47,6 +48,16 @@ _UNSUPPORTED_KEYWORDS = frozenset(
 # A thinking block before the constrained part, for models that think first. It may not
 # contain "</" except in its closing tag, a small price for a grammar that stays simple.
 _THINK_RULE = 'think ::= "<think>" ( [^<] | "<" [^/] )* "</think>" [ \\n]*'
+
+
+# A Qwen3-Coder parameter value that may be a string is free text: anything without "</" (so
+# it cannot run into </parameter>), newlines included. Simple and valid; it also covers the
+# text of every other type a union with string allows.
+_CODER_TEXT_RULE = 'coder-text ::= ( [^<] | "<" [^/] )*'
+# A tool whose schema declares no properties may still take parameters: any name, free text.
+_CODER_ANY_PARAMETER_RULE = (
+    'coder-any-parameter ::= "<parameter=" [a-zA-Z0-9_.-]+ ">\\n" coder-text "\\n</parameter>\\n"'
+)
 
 
 @dataclass(frozen=True)
@@ -131,3 +142,68 @@ def tool_call_grammar(tools: Sequence[ToolSpec], *, parallel: bool, allow_thinki
     if allow_thinking:
         rules.append(_THINK_RULE)
     return "\n".join(rules)
+
+
+def coder_tool_call_grammar(
+    tools: Sequence[ToolSpec], *, parallel: bool, allow_thinking: bool
+) -> str:
+    """Output that is one (or, with ``parallel``, several) Qwen3-Coder XML ``<tool_call>``
+    blocks: ``<function=NAME>``, then the schema's parameters in its order (the required ones
+    always, the others optionally), each typed: free text where a string fits (a string
+    ``enum`` or ``const``: one of its values), a JSON value of the schema where it does not."""
+    converter = _converter()
+    functions, parameter_rules = [], []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}].function.parameters"
+        schema = dict(tool.parameters or {"type": "object"})
+        _check_schema(schema, where)
+        try:
+            resolved = converter.resolve_refs(json.loads(json.dumps(schema)), where)
+        except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as exc:
+            raise GrammarError(f"cannot build a grammar from the schema at {where}: {exc}") from exc
+        properties = schema.get("properties")
+        listed = schema.get("required")
+        required = set(listed) if isinstance(listed, list) else set()
+        parameters = []
+        if isinstance(properties, dict) and properties:
+            for j, (name, sub) in enumerate(properties.items()):
+                rule = f"tool{i}-param{j}"
+                value = _coder_value(converter, sub, resolved["properties"][name], schema, rule)
+                open_tag = json.dumps(f"<parameter={name}>\n")
+                parameter_rules.append(f'{rule} ::= {open_tag} {value} "\\n</parameter>\\n"')
+                parameters.append(rule if name in required else f"{rule}?")
+        else:
+            parameters.append("coder-any-parameter*")
+        head = json.dumps(f"<function={tool.name}>\n")
+        functions.append(f'{head} {" ".join(parameters)} "</function>\\n"')
+    rules = [
+        converter.format_grammar(),
+        *parameter_rules,
+        'call ::= "<tool_call>\\n" ( ' + " | ".join(functions) + ' ) "</tool_call>"',
+        _CODER_TEXT_RULE,
+        _CODER_ANY_PARAMETER_RULE,
+    ]
+    calls = 'call ( "\\n" call )*' if parallel else "call"
+    prefix = "think? " if allow_thinking else ""
+    rules.append(f"root ::= {prefix}{calls}")
+    if allow_thinking:
+        rules.append(_THINK_RULE)
+    return "\n".join(rules)
+
+
+def _coder_value(
+    converter: SchemaConverter, schema: Any, resolved: Any, root: Any, name: str
+) -> str:
+    """The grammar of one parameter's raw value (see ``coder_tool_call_grammar``)."""
+    types = schema_types(schema, root)
+    if "string" not in types and types:
+        try:
+            rule: str = converter.visit(resolved, f"{name}-json")
+        except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as exc:
+            raise GrammarError(f"cannot build a grammar for parameter {name}: {exc}") from exc
+        return rule
+    if isinstance(schema, dict) and types == {"string"}:
+        choices = schema.get("enum", [schema["const"]] if "const" in schema else None)
+        if isinstance(choices, list) and choices:
+            return "( " + " | ".join(json.dumps(c) for c in choices) + " )"
+    return "coder-text"

@@ -48,6 +48,8 @@ class EngineConfig:
     """Threads for steps of several tokens (prompts, and every batched step)."""
     n_batch: int
     flash_attn: FlashAttn
+    kv_unified: bool = False
+    """One KV buffer for every sequence (else one stream per sequence)."""
     chat_template: str | None = None
     """Replaces the GGUF's ``tokenizer.chat_template`` when set."""
 
@@ -69,6 +71,7 @@ class EngineConfig:
             n_threads_batch=settings.n_threads or cpus,
             n_batch=settings.n_batch,
             flash_attn=settings.flash_attn,
+            kv_unified=settings.kv_unified,
             chat_template=template,
         )
 
@@ -82,13 +85,13 @@ class EngineConfig:
         params.n_gpu_layers = 0x7FFFFFFF if self.n_gpu_layers == -1 else self.n_gpu_layers
         return params
 
-    def context_params(self, *, n_ctx: int, n_batch: int, n_seq_max: int, kv_unified: bool) -> Any:
+    def context_params(self, *, n_ctx: int, n_batch: int, n_seq_max: int) -> Any:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq_max
-        params.kv_unified = kv_unified
+        params.kv_unified = self.kv_unified
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads_batch
         params.flash_attn_type = _FLASH_ATTN_TYPES[self.flash_attn]

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from app.text.pipeline import Delta, TextOptions, TextPipeline
+from app.text.pipeline import Delta, TextOptions, TextPipeline, ToolCallFormat
 from app.text.reasoning import Mode
 from app.text.tool_calls import ParsedToolCall, ToolCallDelta
 
-__all__ = ["Delta", "Mode", "ParsedToolCall", "TextOptions", "TextPipeline", "ToolCallDelta"]
+__all__ = [
+    "Delta",
+    "Mode",
+    "ParsedToolCall",
+    "TextOptions",
+    "TextPipeline",
+    "ToolCallDelta",
+    "ToolCallFormat",
+]

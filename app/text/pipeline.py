@@ -2,7 +2,9 @@
 
 The stages are fixed: token bytes become text (``utf8``: characters whole), stop strings are
 cut (``stops``), Qwen3's ``<think>`` block is split from the answer (``reasoning``), and the
-answer is parsed for tool calls when the request offered tools (``tool_calls``). Each stage
+answer is parsed for tool calls when the request offered tools, in the format the model
+speaks (``tool_calls`` for Qwen3's JSON calls, ``coder_tool_calls`` for Qwen3-Coder's XML
+ones; both produce the same deltas, so nothing downstream knows which). Each stage
 holds back only what it must — an unfinished character, text that could still become a stop
 string or a tag — so every delta leaves as soon as it is decided, and the deltas of a whole
 generation concatenate to exactly what the buffered response says.
@@ -10,12 +12,19 @@ generation concatenate to exactly what the buffered response says.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+from app.text.coder_tool_calls import CoderToolCallParser
 from app.text.reasoning import Mode, ReasoningSplitter, Segment
 from app.text.stops import StopMatcher
 from app.text.tool_calls import AnswerPart, ParsedToolCall, ToolCallDelta, ToolCallParser
 from app.text.utf8 import TokenBytes, Utf8Decoder
+
+ToolCallFormat = Literal["qwen3", "qwen3_coder"]
+"""How the model writes tool calls: Qwen3's ``<tool_call>{json}</tool_call>`` or Qwen3-Coder's
+``<tool_call><function=NAME><parameter=P>…`` XML."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,11 @@ class TextOptions:
     """Parse the answer for tool calls (the request offered tools)."""
     single_tool_call: bool = False
     """``parallel_tool_calls: false``: the generation is over once the first call is complete."""
+    tool_call_format: ToolCallFormat = "qwen3"
+    tool_parameters: Mapping[str, Mapping[str, Any] | None] = field(
+        default_factory=dict, hash=False
+    )
+    """The offered tools' ``parameters`` schemas by name: the Coder format types values by them."""
 
 
 class TextPipeline:
@@ -45,7 +59,13 @@ class TextPipeline:
         self._utf8 = Utf8Decoder(token_bytes)
         self._stop = StopMatcher(options.stop)
         self._reasoning = ReasoningSplitter(options.reasoning)
-        self._tools = ToolCallParser() if options.tool_calls else None
+        self._tools: ToolCallParser | CoderToolCallParser | None = None
+        if options.tool_calls:
+            self._tools = (
+                CoderToolCallParser(options.tool_parameters)
+                if options.tool_call_format == "qwen3_coder"
+                else ToolCallParser()
+            )
         self._single_call = options.single_tool_call
         self._pushed = 0  # tokens pushed so far
         self._thought_until = 0  # tokens pushed when the last reasoning delta came out

@@ -52,6 +52,30 @@ AnswerPart = str | ToolCallDelta
 """Plain answer text, or a piece of a tool call."""
 
 
+def take_text(held: str, *, called: bool, parts: list[AnswerPart]) -> tuple[str, bool]:
+    """The answer text before the next ``<tool_call>``, for both call formats' parsers.
+
+    Text that cannot be part of an opening tag goes to ``parts``; returns what is still held
+    and whether an opening tag was read (what is held is then the text after it). Whitespace
+    between or after calls is not an answer: it is held until text follows it, or dropped.
+    """
+    start = held.find(OPEN)
+    if start >= 0:
+        emit_text(held[:start], called=called, parts=parts)
+        return held[start + len(OPEN) :], True
+    keep = partial_tag_suffix(held, (OPEN,))
+    release = held[: len(held) - keep]
+    if called and not release.strip():
+        return held, False  # wait for more
+    emit_text(release, called=called, parts=parts)
+    return held[len(held) - keep :], False
+
+
+def emit_text(text: str, *, called: bool, parts: list[AnswerPart]) -> None:
+    if text and not (called and not text.strip()):
+        parts.append(text)
+
+
 class _JsonValueEnd:
     """Finds where one JSON value ends, fed a character at a time (strings and nesting aware)."""
 
@@ -122,30 +146,16 @@ class ToolCallParser:
         rest, self._held = self._held, ""
         if self._state == "head":
             parts.append(OPEN + rest)  # never became a call
-        elif self._state == "text" and rest and not (self.called and not rest.strip()):
-            parts.append(rest)
+        elif self._state == "text":
+            emit_text(rest, called=self.called, parts=parts)
         elif self._state == "arguments" and rest:
             parts.append(self._arguments_delta(rest))
         return parts
 
     def _text(self, parts: list[AnswerPart]) -> None:
-        held = self._held
-        start = held.find(OPEN)
-        if start >= 0:
-            before, self._held = held[:start], held[start + len(OPEN) :]
-            self._emit_text(before, parts)
+        self._held, opened = take_text(self._held, called=self.called, parts=parts)
+        if opened:
             self._state = "head"
-            return
-        keep = partial_tag_suffix(held, (OPEN,))
-        release = held[: len(held) - keep]
-        if self.called and not release.strip():
-            return  # whitespace between or after calls is not an answer; wait for more
-        self._held = held[len(held) - keep :]
-        self._emit_text(release, parts)
-
-    def _emit_text(self, text: str, parts: list[AnswerPart]) -> None:
-        if text and not (self.called and not text.strip()):
-            parts.append(text)
 
     def _head(self, parts: list[AnswerPart]) -> None:
         match = _HEAD.match(self._held)
