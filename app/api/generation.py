@@ -55,10 +55,11 @@ async def read_body(request: Request, model: type[Body]) -> Body:
 
 async def observed(
     request: Request, service: GenerationService, job: PreparedGeneration, arrived: float
-) -> AsyncIterator[Event | Finished]:
+) -> AsyncIterator[list[Event | Finished]]:
     """The service's generation, measured for /metrics and noted for the access log."""
     metrics: Metrics = request.app.state.metrics
-    async for item in metrics.observe(service.generate(job), arrived):
+    async for batch in metrics.observe(service.generate(job), arrived):
+        item = batch[-1]
         if isinstance(item, Finished):
             request_facts(request.scope).update(
                 finish_reason=item.finish_reason,
@@ -69,16 +70,19 @@ async def observed(
                 prompt_ms=round(item.times.prompt_ms, 2),
                 decode_ms=round(item.times.decode_ms, 2),
             )
-        yield item
+        yield batch
 
 
 async def _stream_events(
-    request: Request, items: AsyncIterator[Event | Finished], wire: Wire, keepalive_s: float
+    request: Request,
+    batches: AsyncIterator[list[Event | Finished]],
+    wire: Wire,
+    keepalive_s: float,
 ) -> AsyncGenerator[bytes, None]:
     opening = wire.opening()
     if opening:
         yield opening
-    first = asyncio.ensure_future(anext(items))
+    first = asyncio.ensure_future(anext(batches))
     try:
         # The first token may be long in coming (a long prompt, a queue): meanwhile the wire
         # may keep the stream alive with events of its own, in order with all the others.
@@ -87,8 +91,8 @@ async def _stream_events(
             if waiting:
                 yield waiting
         yield _frames(wire, first.result())
-        async for item in items:
-            yield _frames(wire, item)
+        async for batch in batches:
+            yield _frames(wire, batch)
     except Exception as exc:
         # Headers are gone: the error travels in-band, in the API's own shape.
         error = as_api_error(exc)
@@ -98,16 +102,23 @@ async def _stream_events(
         first.cancel()  # the client left while waiting: the generation goes with it
 
 
-def _frames(wire: Wire, item: Event | Finished) -> bytes:
-    return wire.event(item) if isinstance(item, Event) else wire.closing(item)
+def _frames(wire: Wire, batch: list[Event | Finished]) -> bytes:
+    """A batch's events, framed: one send for them all, each still its own SSE event."""
+    if len(batch) == 1:
+        item = batch[0]
+        return wire.event(item) if isinstance(item, Event) else wire.closing(item)
+    return b"".join(
+        wire.event(item) if isinstance(item, Event) else wire.closing(item) for item in batch
+    )
 
 
-async def _collect(items: AsyncIterator[Event | Finished], wire: Wire) -> dict[str, Any]:
-    async for item in items:
-        if isinstance(item, Event):
-            wire.add(item)
-        else:
-            return wire.body(item)
+async def _collect(batches: AsyncIterator[list[Event | Finished]], wire: Wire) -> dict[str, Any]:
+    async for batch in batches:
+        for item in batch:
+            if isinstance(item, Event):
+                wire.add(item)
+            else:
+                return wire.body(item)
     raise RuntimeError("generation ended without a finish")  # the service always finishes
 
 

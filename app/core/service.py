@@ -81,8 +81,10 @@ class GenerationService:
         if self._running:
             await asyncio.wait(list(self._running))
 
-    async def generate(self, job: PreparedGeneration) -> AsyncIterator[Event | Finished]:
-        """Answer deltas as the engine produces them, then exactly one ``Finished``.
+    async def generate(self, job: PreparedGeneration) -> AsyncIterator[list[Event | Finished]]:
+        """Answer deltas as the engine produces them, then exactly one ``Finished``, in
+        batches: each batch is everything decoded since the consumer last asked (one item
+        while it keeps up with the engine).
 
         Leaving the iteration early (client gone) cancels the generation: a queued one never
         starts, a running one stops within one decode step.
@@ -100,11 +102,14 @@ class GenerationService:
         job.ticket.start(abort)
         try:
             while True:
-                item = await output.get()
-                if isinstance(item, Failed):
-                    raise as_api_error(item.error) from item.error
-                yield item
-                if isinstance(item, Finished):
+                batch = await output.get()
+                items = [item for item in batch if not isinstance(item, Failed)]
+                if items:
+                    yield items
+                if len(items) < len(batch):
+                    failure = next(item for item in batch if isinstance(item, Failed))
+                    raise as_api_error(failure.error) from failure.error
+                if isinstance(items[-1], Finished):
                     return
         finally:
             job.ticket.release()
