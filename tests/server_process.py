@@ -62,9 +62,10 @@ class ServerProcess:
     def returncode(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
-    def log(self, tail: int = 4000) -> str:
-        """The last ``tail`` characters of what the server wrote (0: all of it)."""
-        return self._log.read_text(errors="replace")[-tail:]
+    def log(self, tail: int | None = 4000) -> str:
+        """What the server printed (its last ``tail`` characters; None: all of it)."""
+        text = self._log.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:

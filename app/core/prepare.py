@@ -92,6 +92,16 @@ class PreparedGeneration:
 
 
 @dataclass(frozen=True)
+class _ChatPrompt:
+    """A chat request rendered and tokenized, with what its text pipeline must do."""
+
+    tokens: list[int]
+    text: TextOptions
+    thinking_possible: bool
+    """The template leaves the model free to think (a grammar must allow a ``<think>``)."""
+
+
+@dataclass(frozen=True)
 class ChatSemantics:
     """How the server treats Qwen3's thinking (from the settings)."""
 
@@ -110,10 +120,12 @@ class Preparer:
         model_names: Sequence[str],
         semantics: ChatSemantics,
         max_tokens_limit: int | None,
+        accept_any_model: bool = False,
         limits: Limits | None = None,
         completions_parse_special: bool = True,
     ) -> None:
         self._backend = backend
+        self._accept_any_model = accept_any_model
         self._limits = limits or Limits()
         self._completions_parse_special = completions_parse_special
         self._admission = admission
@@ -136,32 +148,28 @@ class Preparer:
         self._template_thinks = "<think>" in source
 
     def check_model(self, requested: str | None) -> None:
-        """404 unless the request names the served model or its alias (or names none)."""
-        if requested and requested not in self._model_names:
+        """404 unless the request names the served model or its alias (or names none), or the
+        server accepts any name (``--accept-any-model``)."""
+        if requested and not self._accept_any_model and requested not in self._model_names:
             raise NotFound(
-                f"The model '{requested}' does not exist; this server serves '{self.model_id}'.",
+                f"The model '{requested}' does not exist; this server serves '{self.model_id}' "
+                "(start it with --accept-any-model to answer any model name with it).",
                 param="model",
                 code="model_not_found",
             )
 
-    async def chat(self, req: ChatCompletionRequest) -> PreparedGeneration:
-        self.check_model(req.model)
-        if self._template is None:
-            raise InvalidRequest(
-                "This model has no chat template; use /v1/completions or start the server "
-                "with --chat-template-file."
-            )
-        schema_bytes = self._check_chat_limits(req)
-        kwargs = dict(req.chat_template_kwargs or {})
-        if not self._semantics.enable_thinking:
-            kwargs.setdefault("enable_thinking", False)
-        # With thinking off in the template, Qwen3 ignores the soft switches.
-        thinking_possible = kwargs.get("enable_thinking", True) is not False
-        soft = soft_switch(req.messages)
-        thinking = thinking_possible and soft is not False
-        tools = req.offered_tools
+    async def chat(
+        self, req: ChatCompletionRequest, *, fit_max_tokens: bool = False
+    ) -> PreparedGeneration:
+        """``fit_max_tokens``: a ``max_tokens`` above what the context (or ``--max-tokens-limit``)
+        leaves is lowered to it instead of refused (Anthropic's required ``max_tokens`` is a
+        ceiling, and agents send their own model's, e.g. 64000)."""
+        schema_bytes = self._checked_chat(req)
         requested_max = req.completion_limit()
-        text_chars = sum(len(m.text()) for m in req.messages) + TOOL_WEIGHT_CHARS * len(tools)
+        if not fit_max_tokens:
+            self._check_max_tokens(requested_max)
+        kwargs = self._template_kwargs(req)
+        thinking_possible = kwargs.get("enable_thinking", True) is not False
         grammar = await _offloaded(
             schema_bytes > INLINE_SCHEMA_BYTES,
             chat_grammar,
@@ -171,6 +179,53 @@ class Preparer:
             tool_call_format=self.tool_call_format,
             limits=self._limits,
         )
+        prompt = await self._chat_prompt(
+            req, kwargs, requested_max=None if fit_max_tokens else requested_max
+        )
+        return self._admitted(
+            req,
+            prompt.tokens,
+            requested_max,
+            prompt.text,
+            param="messages",
+            grammar=grammar,
+            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            fit_max_tokens=fit_max_tokens,
+        )
+
+    async def count_chat(self, req: ChatCompletionRequest) -> int:
+        """The prompt tokens ``chat(req)`` would decode, without admitting a generation."""
+        self._checked_chat(req)
+        prompt = await self._chat_prompt(req, self._template_kwargs(req), requested_max=None)
+        return len(prompt.tokens)
+
+    def _checked_chat(self, req: ChatCompletionRequest) -> int:
+        """The model, the template and the limits; returns the size of the request's schemas."""
+        self.check_model(req.model)
+        if self._template is None:
+            raise InvalidRequest(
+                "This model has no chat template; use /v1/completions or start the server "
+                "with --chat-template-file."
+            )
+        return self._check_chat_limits(req)
+
+    def _template_kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        kwargs = dict(req.chat_template_kwargs or {})
+        if not self._semantics.enable_thinking:
+            kwargs.setdefault("enable_thinking", False)
+        return kwargs
+
+    async def _chat_prompt(
+        self, req: ChatCompletionRequest, kwargs: dict[str, Any], *, requested_max: int | None
+    ) -> _ChatPrompt:
+        """The prompt's tokens (refused early when even its size says it cannot fit with
+        ``requested_max``, or one token, to complete) and what its text pipeline must do."""
+        # With thinking off in the template, Qwen3 ignores the soft switches.
+        thinking_possible = kwargs.get("enable_thinking", True) is not False
+        soft = soft_switch(req.messages)
+        thinking = thinking_possible and soft is not False
+        tools = req.offered_tools
+        text_chars = sum(len(m.text()) for m in req.messages) + TOOL_WEIGHT_CHARS * len(tools)
         tokens = await _offloaded(
             text_chars > INLINE_TOKENIZE_CHARS,
             self._chat_tokens,
@@ -192,15 +247,7 @@ class Preparer:
             tool_call_format=self.tool_call_format,
             tool_parameters={t.function.name: t.function.parameters for t in tools},
         )
-        return self._admitted(
-            req,
-            tokens,
-            requested_max,
-            text,
-            param="messages",
-            grammar=grammar,
-            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        )
+        return _ChatPrompt(tokens, text, thinking_possible)
 
     def _check_chat_limits(self, req: ChatCompletionRequest) -> int:
         """The request's counts and untyped values within the limits; returns the size of its
@@ -263,6 +310,7 @@ class Preparer:
     async def completion(self, req: CompletionRequest) -> PreparedGeneration:
         self.check_model(req.model)
         self._limits.check_stop(req.stop_list())
+        self._check_max_tokens(req.max_tokens)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             tokens = [int(t) for t in prompt]
@@ -313,6 +361,15 @@ class Preparer:
             )
         return tokenizer.tokenize_parts(parts)
 
+    def _check_max_tokens(self, requested_max: int | None) -> None:
+        limit = self._max_tokens_limit
+        if limit is not None and requested_max is not None and requested_max > limit:
+            raise InvalidRequest(
+                f"max_tokens is {requested_max}, above this server's limit of {limit}.",
+                param="max_tokens",
+                code="max_tokens_above_limit",
+            )
+
     def _admitted(
         self,
         req: GenerationRequest,
@@ -323,18 +380,16 @@ class Preparer:
         param: str,
         grammar: str | None = None,
         top_logprobs: int | None = None,
+        fit_max_tokens: bool = False,
     ) -> PreparedGeneration:
         if not tokens:
             raise InvalidRequest("The prompt is empty after tokenization.", param=param)
         limit = self._max_tokens_limit
-        if limit is not None and requested_max is not None and requested_max > limit:
-            raise InvalidRequest(
-                f"max_tokens is {requested_max}, above this server's limit of {limit}.",
-                param="max_tokens",
-                code="max_tokens_above_limit",
-            )
         n_ctx = self._backend.info.n_ctx
         room = n_ctx - len(tokens)
+        if fit_max_tokens and requested_max is not None and room >= 1:
+            requested_max = min(requested_max, room, limit or room)
+        self._check_max_tokens(requested_max)
         if room < 1 or (requested_max is not None and requested_max > room):
             raise ContextLengthExceeded(
                 n_ctx=n_ctx,
