@@ -1,7 +1,8 @@
 """A fuzz suite against a real server process: no input to any endpoint is a 5xx or a crash.
 
 Hypothesis draws requests for every route the server has — chat and text completions, the
-model list, health and metrics, unknown routes and wrong methods — over every family of
+agent APIs (Responses, Anthropic Messages and its count_tokens), the model list, health and
+metrics, unknown routes and wrong methods — over every family of
 field: messages and their content parts, tools and their JSON schemas, response formats,
 ``chat_template_kwargs``, stop lists, ``logit_bias``, sampling numbers (huge, negative,
 fractional where integers belong), strings with lone surrogates, NULs and control token texts,
@@ -62,10 +63,22 @@ CHARACTERS = st.characters(codec=None, categories=None) | st.sampled_from(
     ["\x00", "\ud800", "\udfff", "\ue000", "\ue001", "\n", "\\", '"', "é", "🙂", "日"]
 )
 SPECIAL_TEXTS = [
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>",
-    "</tool_call>", "<tool_response>", "<|im_start|>system\n", "{{ 7*7 }}", "{% raw %}", "/think",
-    "/no_think", "<function=f>", "<parameter=x>",
-]  # fmt: skip
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "<|im_start|>system\n",
+    "{{ 7*7 }}",
+    "{% raw %}",
+    "/think",
+    "/no_think",
+    "<function=f>",
+    "<parameter=x>",
+]
 TEXT = st.one_of(
     st.text(CHARACTERS, max_size=20),
     st.lists(st.sampled_from(SPECIAL_TEXTS) | st.text(CHARACTERS, max_size=5), max_size=6).map(
@@ -86,11 +99,37 @@ JSON = st.recursive(
 )
 
 SCHEMA_KEYWORDS = [
-    "type", "properties", "items", "prefixItems", "enum", "const", "anyOf", "oneOf", "allOf",
-    "$ref", "$defs", "definitions", "required", "minLength", "maxLength", "minItems", "maxItems",
-    "minimum", "maximum", "pattern", "format", "additionalProperties", "not", "description",
-    "default", "title", "minProperties", "maxProperties", "exclusiveMinimum", "uniqueItems",
-]  # fmt: skip
+    "type",
+    "properties",
+    "items",
+    "prefixItems",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "$ref",
+    "$defs",
+    "definitions",
+    "required",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "pattern",
+    "format",
+    "additionalProperties",
+    "not",
+    "description",
+    "default",
+    "title",
+    "minProperties",
+    "maxProperties",
+    "exclusiveMinimum",
+    "uniqueItems",
+]
 TYPES = st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null"])
 
 
@@ -223,6 +262,142 @@ COMPLETION_FIELDS: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
+# The agent APIs: OpenAI's Responses and Anthropic's Messages (with count_tokens).
+PART = st.fixed_dictionaries(
+    {"type": st.sampled_from(["input_text", "output_text", "input_image", "refusal"]) | TEXT},
+    optional={"text": TEXT, "refusal": TEXT},
+)
+ITEM = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "type": st.just("message"),
+            "role": st.sampled_from(["user", "assistant", "system", "developer"]) | TEXT,
+            "content": TEXT | st.lists(PART, max_size=3),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("function_call"),
+            "call_id": TEXT,
+            "name": NAMES,
+            "arguments": JSON.map(json.dumps) | TEXT,
+        },
+        optional={"namespace": TEXT},
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("function_call_output"),
+            "call_id": TEXT,
+            "output": TEXT | st.lists(PART, max_size=2),
+        }
+    ),
+    st.fixed_dictionaries({"type": st.just("reasoning")}, optional={"content": st.lists(PART)}),
+    st.fixed_dictionaries({"type": TEXT}, optional={"name": TEXT}),
+)
+FUNCTION_TOOL = st.fixed_dictionaries(
+    {"type": st.just("function"), "name": NAMES},
+    optional={"description": TEXT, "parameters": SCHEMAS, "strict": st.booleans()},
+)
+RESPONSES_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "model": SAMPLING["model"],
+    "input": TEXT | st.lists(ITEM, max_size=4),
+    "instructions": TEXT,
+    "tools": st.lists(
+        FUNCTION_TOOL
+        | st.fixed_dictionaries(
+            {"type": st.just("namespace"), "name": TEXT, "tools": st.lists(FUNCTION_TOOL)}
+        )
+        | st.fixed_dictionaries({"type": st.sampled_from(["web_search", "custom"]) | TEXT}),
+        max_size=3,
+    ),
+    "tool_choice": st.sampled_from(["none", "auto", "required"])
+    | st.fixed_dictionaries({"type": st.just("function"), "name": NAMES}),
+    "parallel_tool_calls": st.booleans(),
+    "max_output_tokens": st.integers(-1, 6) | NUMBERS,
+    "temperature": NUMBERS,
+    "top_p": NUMBERS,
+    "reasoning": st.fixed_dictionaries(
+        {}, optional={"effort": st.sampled_from(["none", "low", "medium", "high"]) | TEXT}
+    ),
+    "text": st.fixed_dictionaries(
+        {},
+        optional={
+            "format": RESPONSE_FORMAT
+            | st.fixed_dictionaries(
+                {"type": st.just("json_schema"), "name": TEXT}, optional={"schema": SCHEMAS}
+            )
+        },
+    ),
+    "stream": st.booleans(),
+    "previous_response_id": TEXT,
+    "background": st.booleans(),
+    "store": JSON,
+}
+BLOCK = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("tool_use"),
+            "id": TEXT,
+            "name": NAMES,
+            "input": st.dictionaries(TEXT, JSON, max_size=3),
+        }
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("tool_result"), "tool_use_id": TEXT},
+        optional={
+            "content": TEXT
+            | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2),
+            "is_error": st.booleans(),
+        },
+    ),
+    st.fixed_dictionaries({"type": st.just("thinking"), "thinking": TEXT}),
+    st.fixed_dictionaries({"type": st.sampled_from(["redacted_thinking", "image"]) | TEXT}),
+)
+MESSAGES_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "model": SAMPLING["model"],
+    "system": TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT})),
+    "messages": st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["user", "assistant", "system"]) | TEXT,
+                "content": TEXT | st.lists(BLOCK, max_size=3),
+            }
+        ),
+        max_size=4,
+    ),
+    "tools": st.lists(
+        st.fixed_dictionaries(
+            {"name": NAMES, "input_schema": SCHEMAS}, optional={"description": TEXT}
+        )
+        | st.fixed_dictionaries(
+            {"type": st.sampled_from(["web_search_20250305", "bash_20250124"]) | TEXT, "name": TEXT}
+        ),
+        max_size=3,
+    ),
+    "tool_choice": st.fixed_dictionaries(
+        {"type": st.sampled_from(["auto", "any", "tool", "none"]) | TEXT},
+        optional={"name": NAMES, "disable_parallel_tool_use": st.booleans()},
+    ),
+    "thinking": st.fixed_dictionaries(
+        {"type": st.sampled_from(["enabled", "disabled", "adaptive"]) | TEXT},
+        optional={"budget_tokens": NUMBERS},
+    ),
+    "max_tokens": st.integers(-1, 6) | NUMBERS,
+    "stop_sequences": st.lists(TEXT, max_size=4) | JSON,
+    "temperature": NUMBERS,
+    "top_p": NUMBERS,
+    "top_k": NUMBERS,
+    "stream": st.booleans(),
+    "metadata": JSON,
+}
+AGENT_ROUTES = {
+    "/v1/responses": (RESPONSES_FIELDS, {"input": "Hello", "max_output_tokens": 4}),
+    "/v1/messages": (MESSAGES_FIELDS, {"messages": HELLO, "max_tokens": 4}),
+    "/v1/messages/count_tokens": (MESSAGES_FIELDS, {"messages": HELLO}),
+}
+
+
 @st.composite
 def nearly_valid(
     draw: st.DrawFn, fields: dict[str, st.SearchStrategy[Any]], base: dict[str, Any]
@@ -299,7 +474,19 @@ def _raw(draw: st.DrawFn, body: dict[str, Any]) -> bytes:
 @st.composite
 def requests(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
     """(method, path, body) for any route."""
-    route = draw(st.sampled_from(["chat"] * 6 + ["completions"] * 3 + ["big", "ops", "elsewhere"]))
+    route = draw(
+        st.sampled_from(
+            ["chat"] * 5 + ["completions"] * 2 + ["agents"] * 4 + ["big", "ops", "elsewhere"]
+        )
+    )
+    if route == "agents":
+        path = draw(st.sampled_from(sorted(AGENT_ROUTES)))
+        fields, base = AGENT_ROUTES[path]
+        return (
+            "POST",
+            path + draw(st.sampled_from(["", "?beta=true"])),
+            _raw(draw, draw(nearly_valid(fields, base))),
+        )
     if route == "chat":
         body = draw(nearly_valid(CHAT_FIELDS, {"messages": HELLO}))
         return "POST", "/v1/chat/completions", _raw(draw, body)
@@ -326,11 +513,21 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
 # -- the suite -----------------------------------------------------------------------------------
 
 
-def _check(response: httpx.Response, streamed: bytes) -> None:
+def _check(path: str, response: httpx.Response, streamed: bytes) -> None:
+    """Below 500, and a stream ends the way its API ends a stream that did not fail."""
     assert response.status_code < 500, (response.status_code, response.text[:500])
-    if response.headers.get("content-type", "").startswith("text/event-stream"):
+    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+        return
+    last = streamed.rstrip().rpartition(b"\n\n")[2]
+    if path.startswith("/v1/messages"):
+        assert b"event: error" not in streamed, streamed[-500:]
+        assert last.startswith(b"event: message_stop"), last[:200]
+    elif path.startswith("/v1/responses"):
+        assert b"response.failed" not in streamed, streamed[-500:]
+        assert last.split(b"\n")[0] in (b"event: response.completed", b"event: response.incomplete")
+    else:
         assert b'"server_error"' not in streamed, streamed[-500:]
-        assert streamed.rstrip().endswith(b"data: [DONE]"), streamed[-200:]
+        assert last == b"data: [DONE]", last[:200]
 
 
 @pytest.mark.slow
@@ -357,7 +554,7 @@ def test_no_input_is_a_server_error_and_the_server_lives_on(fuzzed: ServerProces
                 streamed = response.read()
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             assert fuzzed.alive, f"the server died (exit {fuzzed.returncode}):\n{fuzzed.log()}"
-            _check(response, streamed)
+            _check(path, response, streamed)
 
         one()
         assert fuzzed.alive, fuzzed.log()
@@ -365,8 +562,10 @@ def test_no_input_is_a_server_error_and_the_server_lives_on(fuzzed: ServerProces
     assert served.status_code == 200, served.text
     assert served.json()["usage"]["completion_tokens"] == 4
     grown = rss_mb(fuzzed) - started_mb
-    print(f"fuzz: {sum(statuses.values())} requests, statuses {sorted(statuses.items())}, "
-          f"RSS {started_mb:.0f} MB -> {started_mb + grown:.0f} MB")  # fmt: skip
+    print(
+        f"fuzz: {sum(statuses.values())} requests, statuses {sorted(statuses.items())}, "
+        f"RSS {started_mb:.0f} MB -> {started_mb + grown:.0f} MB"
+    )
     assert sum(statuses.values()) >= REQUESTS
     assert 200 in statuses and 400 in statuses
     assert grown < RSS_GROWTH_MAX_MB
