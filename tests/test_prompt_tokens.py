@@ -306,6 +306,16 @@ def test_a_prompt_longer_than_the_context_in_bytes_is_refused_without_tokenizing
         prepared(demo_backend, body)
 
 
+def test_counting_a_prompt_is_never_refused_for_the_context(demo_backend: LlamaBackend) -> None:
+    """count_tokens counts a prompt of any length within the byte limit (an agent may count to
+    learn that it must compact its history)."""
+    n_bytes = demo_backend.info.n_ctx * demo_backend.tokenizer.max_token_bytes + 1
+    body = {"messages": [{"role": "user", "content": "x" * n_bytes}]}
+    request = ChatCompletionRequest.model_validate(body)
+    counted = asyncio.run(preparer(demo_backend).count_chat(request))
+    assert counted > demo_backend.info.n_ctx
+
+
 def test_a_prompt_that_fits_in_bytes_but_not_in_tokens_gets_its_exact_count(
     demo_backend: LlamaBackend,
 ) -> None:

@@ -180,7 +180,7 @@ class Preparer:
             limits=self._limits,
         )
         prompt = await self._chat_prompt(
-            req, kwargs, requested_max=None if fit_max_tokens else requested_max
+            req, kwargs, completion=1 if fit_max_tokens else (requested_max or 1)
         )
         return self._admitted(
             req,
@@ -196,7 +196,8 @@ class Preparer:
     async def count_chat(self, req: ChatCompletionRequest) -> int:
         """The prompt tokens ``chat(req)`` would decode, without admitting a generation."""
         self._checked_chat(req)
-        prompt = await self._chat_prompt(req, self._template_kwargs(req), requested_max=None)
+        # Counted whatever its length (an agent may count to learn that it must compact).
+        prompt = await self._chat_prompt(req, self._template_kwargs(req), completion=None)
         return len(prompt.tokens)
 
     def _checked_chat(self, req: ChatCompletionRequest) -> int:
@@ -216,10 +217,11 @@ class Preparer:
         return kwargs
 
     async def _chat_prompt(
-        self, req: ChatCompletionRequest, kwargs: dict[str, Any], *, requested_max: int | None
+        self, req: ChatCompletionRequest, kwargs: dict[str, Any], *, completion: int | None
     ) -> _ChatPrompt:
-        """The prompt's tokens (refused early when even its size says it cannot fit with
-        ``requested_max``, or one token, to complete) and what its text pipeline must do."""
+        """The prompt's tokens (refused early when even its size says that it cannot fit with
+        ``completion`` tokens after it; None: no context check) and what its text pipeline
+        must do."""
         # With thinking off in the template, Qwen3 ignores the soft switches.
         thinking_possible = kwargs.get("enable_thinking", True) is not False
         soft = soft_switch(req.messages)
@@ -232,7 +234,7 @@ class Preparer:
             req,
             [tool.model_dump(exclude_none=True) for tool in tools],
             kwargs,
-            requested_max,
+            completion,
         )
         reasoning: Mode = (
             "raw"
@@ -289,7 +291,7 @@ class Preparer:
         req: ChatCompletionRequest,
         tools: list[dict[str, Any]],
         kwargs: dict[str, Any],
-        requested_max: int | None,
+        completion: int | None,
     ) -> list[int]:
         """The chat prompt rendered with every client string escaped, then tokenized with the
         template's markup as control tokens and the client's text as text."""
@@ -305,7 +307,7 @@ class Preparer:
             add_generation_prompt=True,
             extra=client.escape(kwargs),
         )
-        return self._prompt_tokens(client.prompt_parts(prompt), requested_max, param="messages")
+        return self._prompt_tokens(client.prompt_parts(prompt), completion, param="messages")
 
     async def completion(self, req: CompletionRequest) -> PreparedGeneration:
         self.check_model(req.model)
@@ -320,23 +322,27 @@ class Preparer:
         else:
             text = prompt if isinstance(prompt, str) else str(prompt[0])
             tokens = await _offloaded(
-                len(text) > INLINE_TOKENIZE_CHARS, self._completion_tokens, text, req.max_tokens
+                len(text) > INLINE_TOKENIZE_CHARS,
+                self._completion_tokens,
+                text,
+                req.max_tokens or 1,
             )
         options = TextOptions(stop=tuple(req.stop_list()))
         return self._admitted(req, tokens, req.max_tokens, options, param="prompt")
 
-    def _completion_tokens(self, text: str, requested_max: int | None) -> list[int]:
+    def _completion_tokens(self, text: str, completion: int) -> list[int]:
         """A raw prompt: control token texts are those tokens (``--completions-parse-special``,
         the default) or text."""
         tokenizer = self._backend.tokenizer
         parts = tokenizer.split_control(text) if self._completions_parse_special else [text]
-        return self._prompt_tokens(parts, requested_max, param="prompt")
+        return self._prompt_tokens(parts, completion, param="prompt")
 
     def _prompt_tokens(
-        self, parts: Sequence[PromptPart], requested_max: int | None, *, param: str
+        self, parts: Sequence[PromptPart], completion: int | None, *, param: str
     ) -> list[int]:
         """The prompt's token ids, unless its size refuses it first: over ``max_prompt_bytes``,
-        or longer than the context even if every token stood for the most bytes one can."""
+        or (with ``completion``, the tokens to generate after it) longer than the context even
+        if every token stood for the most bytes one can."""
         tokenizer = self._backend.tokenizer
         per_token = tokenizer.max_token_bytes
         size = at_least = 0
@@ -350,8 +356,7 @@ class Preparer:
                 at_least += -(-n // per_token)
         self._limits.check_prompt_bytes(size, param=param)
         n_ctx = self._backend.info.n_ctx
-        completion = requested_max or 1
-        if at_least + completion > n_ctx:
+        if completion is not None and at_least + completion > n_ctx:
             raise ContextLengthExceeded(
                 n_ctx=n_ctx,
                 prompt_tokens=at_least,
