@@ -107,7 +107,8 @@ class ChatTemplate:
         except InvalidRequest:
             raise
         except Exception as exc:
-            logger.warning("the chat template failed to render: %r", exc)
+            # Info, not a warning: a client's request made it fail (its text may be long).
+            logger.info("the chat template failed to render: %s", repr(exc)[:300])
             raise InvalidRequest(
                 f"The chat template could not render these messages: {_failure(exc)}.",
                 param="messages",

@@ -128,7 +128,7 @@ def _visit(converter: SchemaConverter, schema: Mapping[str, Any], name: str, whe
 
 def _unconvertible(where: str, exc: Exception) -> GrammarError:
     """The converter failed on the schema at ``where``: say so, keep its words for the log."""
-    logger.info("the schema converter failed on %s: %r", where, exc)
+    logger.info("the schema converter failed on %s: %s", where, repr(exc)[:300])
     return GrammarError(
         f"The JSON schema at {where} is not one llama.cpp's schema converter can turn into a "
         "grammar (a keyword with a value of the wrong type, an unresolvable $ref, or a pattern "
