@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app.api.schemas import (
@@ -31,6 +31,7 @@ from app.api.schemas import (
 )
 from app.core.admission import Admission, Ticket
 from app.core.chat_template import ChatTemplate
+from app.core.thinking import ThinkingTags, prompt_opens_thinking, requested_budget
 from app.engine import Backend, GrammarError, SamplingParams
 from app.engine.grammar import (
     ToolSpec,
@@ -72,6 +73,8 @@ class ChatSemantics:
     enable_thinking: bool = True
     tool_call_format: str = "auto"
     """``auto`` (from the chat template), ``qwen3`` or ``qwen3_coder``."""
+    reasoning_budget: int = -1
+    """Thinking budget for requests that set none (``app.core.thinking``); -1: unlimited."""
 
 
 class Preparer:
@@ -103,6 +106,7 @@ class Preparer:
         # A template that knows no thinking (Qwen3-Coder's) serves a model that does not
         # think: a forced call or JSON output is not preceded by an optional think block.
         self._template_thinks = "<think>" in source
+        self._thinking_tags = ThinkingTags(backend.tokenizer)
 
     def check_model(self, requested: str | None) -> None:
         """404 unless the request names the served model or its alias (or names none)."""
@@ -157,7 +161,12 @@ class Preparer:
             tool_call_format=self.tool_call_format,
             tool_parameters={t.function.name: t.function.parameters for t in tools},
         )
-        return self._admitted(
+        budget = requested_budget(
+            req.thinking_budget, req.reasoning_effort, self._semantics.reasoning_budget
+        )
+        if not thinking or (grammar is not None and prompt_opens_thinking(prompt)):
+            budget = None  # nothing to budget; or a grammar that expects the opening tag first
+        prepared = self._admitted(
             req,
             tokens,
             req.completion_limit(),
@@ -166,6 +175,10 @@ class Preparer:
             grammar=grammar,
             top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
+        if budget is None:
+            return prepared
+        limit = self._thinking_tags.budget(budget, max_tokens=prepared.max_tokens, prompt=prompt)
+        return replace(prepared, sampling=replace(prepared.sampling, thinking_budget=limit))
 
     async def completion(self, req: CompletionRequest) -> PreparedGeneration:
         self.check_model(req.model)

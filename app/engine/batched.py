@@ -39,6 +39,20 @@ the least recently used slot is taken instead, as ``llama-server`` does. Cells p
 prefix are removed (``llama_memory_seq_rm``) when the slot is reused; a cancelled generation's
 slot keeps what it had decoded, so a retried prompt resumes its prefill.
 
+Host-RAM prompt cache (``--cache-ram``, ``app.engine.prompt_cache``). When a new conversation
+takes a slot that holds another one's cells, the slot's KV state is first copied to host
+memory (``llama_state_seq_get_data``) with the exact tokens it holds; when no free slot holds a
+good prefix of a prompt and a saved state holds a longer one, the state is copied into the least
+recently used free slot (``llama_state_seq_set_data``) and only the rest of the prompt is
+decoded. The restored cells are kept only up to the first token where the saved list and the
+prompt differ, as for a slot's own cells, and a restore whose cells are not exactly positions
+``0..n-1`` of the slot is thrown away: the saved tokens and the cells cannot disagree. Both
+copies run on the scheduler thread between steps (a copy of host memory, against a prefill of
+the same tokens).
+
+Thinking budget (``app.engine.thinking``): a generation with one has a ``BudgetTracker``; a
+token it forces is taken instead of a sampled one and accepted by the sampler chain.
+
 Sampling mirrors ``Llama._init_sampler``: per generation a ``llama_sampler`` chain of
 penalties, grammar, then greedy or top-k/top-p/min-p/temperature/``dist(seed)``; each chain
 has its own random state, so one request's seed decides only its own tokens.
@@ -53,6 +67,7 @@ decoding), marks the sequence; the scheduler drops it at the start of its next s
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import random
 import threading
@@ -75,6 +90,7 @@ from app.engine.llama import (
     logprobs_of,
     model_info,
 )
+from app.engine.prompt_cache import PromptCache, SavedPrompt, common_prefix
 from app.engine.protocol import (
     EngineError,
     EngineFinish,
@@ -83,9 +99,11 @@ from app.engine.protocol import (
     ModelInfo,
     OnLogprobs,
     OnToken,
+    PromptCacheStats,
     SamplingParams,
     Tokenizer,
 )
+from app.engine.thinking import BudgetTracker
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +135,9 @@ class _Sequence(Requester):
     next_token: int | None = None
     """Sampled and handed off, not yet decoded (its KV cell is written next step)."""
     sampled: int = 0
+    budget: BudgetTracker | None = None
+    restore: tuple[SavedPrompt, int] | None = None
+    """A saved state to copy into the slot before its prefill (and how much of it matches)."""
 
     @property
     def parked(self) -> bool:
@@ -155,15 +176,6 @@ def choose_slot(free: Sequence[_Slot], prompt: Sequence[int]) -> _Slot:
     return min(free, key=lambda s: s.last_used)
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class BatchedLlamaBackend:
     """``parallel`` slots of one llama.cpp context, decoded together by a scheduler thread."""
 
@@ -174,7 +186,7 @@ class BatchedLlamaBackend:
     def __init__(self, config: EngineConfig, *, parallel: int) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
-        self._model = load_model(config)
+        self._model, self.placement = load_model(config)
         self._vocab = self._model.vocab
         per_slot = config.n_ctx or int(self._model.n_ctx_train())
         # Every running sequence needs one token of the batch each step.
@@ -192,6 +204,10 @@ class BatchedLlamaBackend:
         self._n_vocab = self.info.n_vocab
         self.tokenizer = LlamaTokenizer(self._model)
         self.max_concurrency = parallel
+        mib = config.prompt_cache_mib
+        self._prompt_cache = (
+            PromptCache(None if mib < 0 else mib * 1024 * 1024) if mib != 0 else None
+        )
 
         self._slots = [_Slot(seq_id) for seq_id in range(parallel)]
         self._uses = count(1)
@@ -203,16 +219,19 @@ class BatchedLlamaBackend:
         self._scheduler = threading.Thread(target=self._serve, name="batch-scheduler", daemon=True)
         self._scheduler.start()
         logger.info(
-            "loaded %s (%s, %d slots x n_ctx=%d, %s KV of %d cells, n_batch=%d, "
-            "vocab=%d, gpu_offload=%s)",
+            "loaded %s (%s, %d slots x n_ctx=%d, %s KV of %d cells (K %s, V %s), "
+            "n_batch=%d, vocab=%d, prompt cache %s, gpu_offload=%s)",
             config.model_path.name,
             self.info.architecture,
             parallel,
             per_slot,
             "unified" if config.kv_unified else "per-slot",
             int(llama_cpp.llama_n_ctx(self._ctx)),
+            config.cache_type_k,
+            config.cache_type_v,
             self._n_batch,
             self._n_vocab,
+            "off" if mib == 0 else ("unlimited" if mib < 0 else f"{mib} MiB"),
             self.info.gpu_offload,
         )
 
@@ -232,6 +251,10 @@ class BatchedLlamaBackend:
         caches that idle slots keep."""
         held = sum(len(slot.tokens) for slot in self._slots)
         return held / (self.info.n_ctx * self.max_concurrency)
+
+    def prompt_cache_stats(self) -> PromptCacheStats | None:
+        cache = self._prompt_cache
+        return cache.stats() if cache is not None else None
 
     def check_grammar(self, grammar: str) -> None:
         check_grammar(self._vocab, grammar)
@@ -375,16 +398,44 @@ class BatchedLlamaBackend:
                 break
             self._waiting.popleft()
             slot = choose_slot(free, sequence.prompt)
+            if self._prompt_cache is not None:
+                slot = self._consult_prompt_cache(sequence, slot, free)
             slot.sequence = sequence
             placed.append(slot)
         return placed
+
+    def _consult_prompt_cache(self, sequence: _Sequence, slot: _Slot, free: list[_Slot]) -> _Slot:
+        """The slot for ``sequence`` once the prompt cache is asked: the least recently used
+        free one, marked for a restore, when a saved state holds more of the prompt than
+        ``slot`` (the best free slot) does; else ``slot``."""
+        cache = self._prompt_cache
+        assert cache is not None
+        prompt = sequence.prompt
+        held = common_prefix(slot.tokens, prompt)
+        found = cache.find(prompt, better_than=held, min_share=SLOT_PROMPT_SIMILARITY)
+        if found is None:
+            if held <= SLOT_PROMPT_SIMILARITY * len(prompt):
+                cache.missed()  # no slot and no saved state holds this conversation
+            return slot
+        cache.take(found[0])  # no other placement, and no save's eviction, can have it now
+        sequence.restore = found
+        return min(free, key=lambda s: s.last_used)
 
     def _start(self, slot: _Slot) -> None:
         """Keep the slot's cells that match the prompt, drop the rest, build the sampler."""
         sequence = slot.sequence
         assert sequence is not None
         sequence.started = time.perf_counter()
+        cache = self._prompt_cache
         reuse = common_prefix(slot.tokens, sequence.prompt)
+        restore, sequence.restore = sequence.restore, None
+        if cache is not None and (
+            restore is not None or reuse <= SLOT_PROMPT_SIMILARITY * len(sequence.prompt)
+        ):
+            self._save_slot(slot, cache)  # the cells of the conversation this one displaces
+        if cache is not None and restore is not None:
+            self._restore_slot(slot, cache, *restore)
+            reuse = common_prefix(slot.tokens, sequence.prompt)
         if reuse == len(sequence.prompt):
             reuse -= 1  # the last prompt token is decoded again: its logits are the first sample
         if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
@@ -394,6 +445,52 @@ class BatchedLlamaBackend:
         slot.last_used = next(self._uses)
         sequence.cached = reuse
         sequence.sampler = self._new_sampler(sequence.sampling)
+        budget = sequence.sampling.thinking_budget
+        if budget is not None:
+            sequence.budget = BudgetTracker(budget, self.tokenizer.token_bytes)
+
+    def _save_slot(self, slot: _Slot, cache: PromptCache) -> None:
+        """Copy the slot's KV state, with the tokens it holds, into the prompt cache."""
+        if not slot.tokens or cache.covers(slot.tokens):
+            return
+        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id))
+        if not cache.fits(size):
+            return
+        state = (ctypes.c_uint8 * size)()
+        written = int(llama_cpp.llama_state_seq_get_data(self._ctx, state, size, slot.seq_id))
+        if written != size:
+            logger.warning(
+                "prompt cache: slot %d state not saved (%d of %d bytes)", slot.seq_id, written, size
+            )
+            return
+        cache.save(slot.tokens, state)
+
+    def _restore_slot(
+        self, slot: _Slot, cache: PromptCache, entry: SavedPrompt, shared: int
+    ) -> None:
+        """Replace the slot's cells with ``entry``'s; on any mismatch the slot starts empty."""
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.tokens.clear()
+        read = int(
+            llama_cpp.llama_state_seq_set_data(self._ctx, entry.state, entry.size, slot.seq_id)
+        )
+        first = llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id)
+        last = llama_cpp.llama_memory_seq_pos_max(self._memory, slot.seq_id)
+        if read != entry.size or (first, last) != (0, len(entry.tokens) - 1):
+            logger.error(
+                "prompt cache: a saved state of %d tokens restored as positions %d..%d "
+                "(%d of %d bytes read); not used",
+                len(entry.tokens),
+                first,
+                last,
+                read,
+                entry.size,
+            )
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            cache.missed()
+            return
+        slot.tokens.extend(entry.tokens)
+        cache.hit(entry, shared)
 
     def _new_sampler(self, sampling: SamplingParams) -> Any:
         """The chain ``Llama._init_sampler`` builds, with this generation's own seed."""
@@ -474,7 +571,15 @@ class BatchedLlamaBackend:
         sequence = slot.sequence
         assert sequence is not None
         sequence.next_token = None
-        token = int(llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
+        budget = sequence.budget
+        forced = budget.forced() if budget is not None else None
+        if forced is None:
+            token = int(llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
+        else:
+            token = forced  # the thinking budget is spent: the engine closes the block
+            llama_cpp.llama_sampler_accept(sequence.sampler, token)
+        if budget is not None:
+            budget.observe(token)
         top = sequence.sampling.top_logprobs
         logprobs = None
         if top is not None and sequence.on_logprobs is not None:

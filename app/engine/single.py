@@ -9,6 +9,12 @@ requester's event loop (``app.engine.handoff``), where ``on_token`` runs.
 
 Request fields reach the engine through ``SamplingParams`` only, argument by argument: nothing
 from a client is splatted into an engine call.
+
+A thinking budget (``app.engine.thinking``) is enforced through ``Llama``'s logits processors:
+while the budget forces a token, every other token's logit is -inf, so the sampler chain
+(penalties and grammar included) takes and accepts the forced one as if sampled. ``Llama`` takes
+no tensor overrides and has no slots; ``app.engine.load_backend`` sends models that need either
+(``--cpu-moe``, ``--n-cpu-moe``, ``--override-tensor``, ``--cache-ram``) to the batching engine.
 """
 
 from __future__ import annotations
@@ -26,11 +32,20 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+import numpy.typing as npt
+from llama_cpp.llama import LogitsProcessorList
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
-from app.engine.llama import EngineConfig, LlamaTokenizer, logprobs_of, model_info, quiet_llama_log
+from app.engine.llama import (
+    KV_TYPES,
+    EngineConfig,
+    LlamaTokenizer,
+    logprobs_of,
+    model_info,
+    quiet_llama_log,
+)
 from app.engine.protocol import (
     EngineError,
     EngineFinish,
@@ -39,10 +54,12 @@ from app.engine.protocol import (
     ModelInfo,
     OnLogprobs,
     OnToken,
+    PromptCacheStats,
     SamplingParams,
     Tokenizer,
     TokenLogprobs,
 )
+from app.engine.thinking import BudgetTracker
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +105,8 @@ class LlamaBackend:
             # Llama takes on/off only: auto is on, which is what llama.cpp's auto resolves to
             # on CPU and CUDA devices.
             flash_attn=config.flash_attn != "off",
+            type_k=KV_TYPES[config.cache_type_k].ggml_type,
+            type_v=KV_TYPES[config.cache_type_v].ggml_type,
             verbose=False,
         )
         model = self._llm._model  # the LlamaModel inside, as the batching backend loads it
@@ -107,6 +126,9 @@ class LlamaBackend:
 
     def kv_cache_usage(self) -> float:
         return int(self._llm.n_tokens) / self.info.n_ctx
+
+    def prompt_cache_stats(self) -> PromptCacheStats | None:
+        return None
 
     def check_grammar(self, grammar: str) -> None:
         check_grammar(self._vocab, grammar)
@@ -169,6 +191,11 @@ class LlamaBackend:
         self._llm.set_seed(seed)
         run.cached = self._cached_prefix(prompt)
         sampled = 0
+        budget = (
+            BudgetTracker(sampling.thinking_budget, self.tokenizer.token_bytes)
+            if sampling.thinking_budget is not None
+            else None
+        )
         tokens = self._llm.generate(
             prompt,
             temp=sampling.temperature,
@@ -183,9 +210,14 @@ class LlamaBackend:
                 if sampling.grammar
                 else None
             ),
+            logits_processor=(
+                LogitsProcessorList([_Forcing(budget)]) if budget is not None else None
+            ),
         )
         try:
             for token_id in tokens:
+                if budget is not None:
+                    budget.observe(token_id)
                 sampled += 1
                 logprobs = None if top_logprobs is None else self._logprobs(token_id, top_logprobs)
                 run.handoff.post((Sampled(token_id, logprobs),))
@@ -236,6 +268,23 @@ class LlamaBackend:
         self._closing = True
         self._engine.shutdown(wait=True, cancel_futures=True)
         self._llm.close()
+
+
+class _Forcing:
+    """A logits processor that leaves only the budget's forced token, when it has one."""
+
+    def __init__(self, budget: BudgetTracker) -> None:
+        self._budget = budget
+
+    def __call__(
+        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
+        forced = self._budget.forced()
+        if forced is None:
+            return scores
+        only = np.full_like(scores, -np.inf)
+        only[forced] = 0.0
+        return only
 
 
 def _never_ran(job: Any, run: _Run) -> None:
