@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
-        sys.exit(f"qwen3-moe-serve: invalid settings:\n{exc}")
+        sys.exit(f"qwen3-moe-serve: invalid settings{_flags_of(exc)}:\n{exc}")
     try:
         check_settings(settings)  # what only this llama.cpp build can say (buffer types)
     except ValueError as exc:
@@ -43,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s
         ),
     )
+
+
+def _flags_of(exc: ValidationError) -> str:
+    """`` (--n-ctx, --cache-type-k)``: the flags of the settings the errors are about."""
+    flags = sorted({f"--{str(e['loc'][0]).replace('_', '-')}" for e in exc.errors() if e["loc"]})
+    return f" ({', '.join(flags)})" if flags else ""
 
 
 def configure_logging(level: str, log_format: str) -> None:
