@@ -182,6 +182,13 @@ _DEMO_TOKEN_WEIGHT: Final = 0.95
 _DEMO_DEFAULT_WEIGHT: Final = 0.3
 _DEFAULT_LOGIT: Final = 25.0
 _SUCCESSOR_LOGIT: Final = 50.0
+# The tool-result branch (``after_tool_script``): the first piece of the second script scores
+# _BRANCH_LOGIT once a ``<tool_response>`` token is in the context, the first piece of the
+# main script loses as much, and a script token's successor (_SUCCESSOR_LOGIT) still wins.
+_BRANCH_LOGIT: Final = 40.0
+_BRANCH_ATTENTION: Final = 20.0
+"""Attention score of the branch head on a ``<tool_response>`` token (0 on every other)."""
+_TOOL_RESPONSE_TEXT: Final = "<tool_response>"
 
 ChatTemplateName = Literal["qwen3", "qwen3_coder"]
 """The chat templates packaged in ``app/``: Qwen3's and Qwen3-Coder's, byte for byte."""
@@ -440,19 +447,37 @@ def _orthonormal_rows(n: int, rng: np.random.Generator) -> npt.NDArray[np.float6
 
 
 def _demo_tensors(
-    vocab: _Vocab, script: tuple[bytes, ...], shape: _Shape
+    vocab: _Vocab,
+    script: tuple[bytes, ...],
+    shape: _Shape,
+    after_tool: tuple[bytes, ...] | None = None,
 ) -> list[tuple[str, _FloatArray]]:
-    """Embeddings and output rows that encode the script; small random layers in between."""
+    """Embeddings and output rows that encode the script; small random layers in between.
+
+    With ``after_tool``, one attention head of the first layer is built rather than random:
+    its query is the same for every token (read off the direction all embeddings share), its
+    key is zero for every token but ``<tool_response>``, and its value carries that token's
+    direction into a *branch* direction of the residual stream. So every position after a
+    tool result holds the branch direction, and the output rows let it choose the second
+    script's first piece over the main script's. The query and key live in the slowest pair
+    of rope frequencies, so positions barely rotate them.
+    """
     rng = np.random.default_rng(_DEMO_SEED)
     n_vocab, n_embd = len(vocab.tokens), shape.n_embd
     script_ids = [vocab.id_of(piece) for piece in script]
+    branch_ids = [vocab.id_of(piece) for piece in after_tool] if after_tool else []
     distinguished = [*script_ids, vocab.id_of(_PROMPT_END)]
+    if after_tool:
+        distinguished += [i for i in branch_ids if i not in distinguished]
+        distinguished.append(vocab.ids[_TOOL_RESPONSE_TEXT])
 
     basis = _orthonormal_rows(n_embd, rng)
     directions = np.zeros((n_vocab, n_embd))
     directions[distinguished] = basis[: len(distinguished)]
     default_direction = basis[len(distinguished)]
-    complement = basis[len(distinguished) + 1 :]
+    free = len(distinguished) + 1
+    branch_direction = basis[free] if after_tool else np.zeros(n_embd)
+    complement = basis[free + (1 if after_tool else 0) :]
     others = np.setdiff1d(np.arange(n_vocab), distinguished)
     mix = rng.standard_normal((len(others), len(complement)))
     mix /= np.sqrt(np.einsum("ij,ij->i", mix, mix))[:, None]
@@ -465,9 +490,16 @@ def _demo_tensors(
     )
     output = np.zeros((n_vocab, n_embd))
     successor_gain = _SUCCESSOR_LOGIT / (scale * _DEMO_TOKEN_WEIGHT)
-    for current, successor in itertools.pairwise(script_ids):
-        output[successor] = successor_gain * directions[current]
+    for ids in (script_ids, branch_ids):
+        for current, successor in itertools.pairwise(ids):
+            output[successor] += successor_gain * directions[current]
     output[script_ids[0]] += _DEFAULT_LOGIT / (scale * _DEMO_DEFAULT_WEIGHT) * default_direction
+    # The branch head writes the branch direction with the default component's size.
+    branch_size = scale * _DEMO_DEFAULT_WEIGHT
+    if after_tool:
+        branch_gain = _BRANCH_LOGIT / branch_size
+        output[branch_ids[0]] += branch_gain * branch_direction
+        output[script_ids[0]] -= branch_gain * branch_direction
 
     def small(*dims: int, std: float = _DEMO_LAYER_STD) -> _FloatArray:
         return (rng.standard_normal(dims) * std).astype(np.float32)
@@ -480,14 +512,34 @@ def _demo_tensors(
     q_dim, kv_dim = shape.n_head * shape.head_dim, shape.n_head_kv * shape.head_dim
     for layer in range(shape.n_layer):
         prefix = f"blk.{layer}."
+        attn_q, attn_k = small(q_dim, n_embd), small(kv_dim, n_embd)
+        attn_v, attn_output = small(kv_dim, n_embd), small(n_embd, q_dim)
+        q_norm = np.ones(shape.head_dim, dtype=np.float32)
+        k_norm = np.ones(shape.head_dim, dtype=np.float32)
+        if after_tool and layer == 0:
+            # Head 0 (and its key/value head 0), in the slowest rope pair (NeoX layout: the
+            # pair of dimension head_dim/2 - 1 and head_dim - 1).
+            slow = shape.head_dim // 2 - 1
+            tool = directions[vocab.ids[_TOOL_RESPONSE_TEXT]]
+            attn_q[: shape.head_dim] = 0.0
+            attn_k[: shape.head_dim] = 0.0
+            attn_v[: shape.head_dim] = 0.0
+            attn_output[:, : shape.head_dim] = 0.0
+            attn_q[slow] = default_direction
+            attn_k[slow] = tool
+            # After q/k norm each holds sqrt(head_dim) times its norm weight in that dimension;
+            # llama.cpp scales their product by 1/sqrt(head_dim).
+            q_norm[slow] = k_norm[slow] = math.sqrt(_BRANCH_ATTENTION / math.sqrt(shape.head_dim))
+            attn_v[0] = tool / (scale * _DEMO_TOKEN_WEIGHT)
+            attn_output[:, 0] = branch_size * branch_direction
         tensors += [
             (prefix + "attn_norm.weight", np.ones(n_embd, dtype=np.float32)),
-            (prefix + "attn_q.weight", small(q_dim, n_embd)),
-            (prefix + "attn_k.weight", small(kv_dim, n_embd)),
-            (prefix + "attn_v.weight", small(kv_dim, n_embd)),
-            (prefix + "attn_output.weight", small(n_embd, q_dim)),
-            (prefix + "attn_q_norm.weight", np.ones(shape.head_dim, dtype=np.float32)),
-            (prefix + "attn_k_norm.weight", np.ones(shape.head_dim, dtype=np.float32)),
+            (prefix + "attn_q.weight", attn_q.astype(np.float32)),
+            (prefix + "attn_k.weight", attn_k.astype(np.float32)),
+            (prefix + "attn_v.weight", attn_v.astype(np.float32)),
+            (prefix + "attn_output.weight", attn_output.astype(np.float32)),
+            (prefix + "attn_q_norm.weight", q_norm),
+            (prefix + "attn_k_norm.weight", k_norm),
             (prefix + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32)),
             (prefix + "ffn_gate_inp.weight", small(shape.n_expert, n_embd, std=_DEMO_ROUTER_STD)),
             (prefix + "ffn_gate_exps.weight", small(shape.n_expert, shape.n_ff_exp, n_embd)),
@@ -497,29 +549,48 @@ def _demo_tensors(
     return tensors
 
 
+def _check_scripts(
+    script: Sequence[bytes], after_tool_script: Sequence[bytes] | None
+) -> tuple[tuple[bytes, ...], tuple[bytes, ...] | None]:
+    pieces = _check_script(script)
+    if after_tool_script is None:
+        return pieces, None
+    second = _check_script(after_tool_script)
+    shared = sorted(set(pieces[:-1]) & set(second[:-1]))
+    if shared:
+        raise ValueError(f"the two scripts must not share pieces: {shared!r}")
+    return pieces, second
+
+
 def write_demo_model(
     path: Path,
     script: Sequence[bytes] = DEFAULT_SCRIPT,
     *,
     n_ctx: int = 4096,
     template: ChatTemplateName = "qwen3",
+    after_tool_script: Sequence[bytes] | None = None,
 ) -> Path:
     """Write a demo model whose greedy answer to any chat prompt is ``script``.
 
     Every piece of the script is one generated token: a single byte is that byte token (so
     multi-byte characters arrive split across tokens), an added token's text is that token,
     and any longer piece becomes a token of its own. ``template`` names the chat template the
-    GGUF carries (``qwen3_coder``: a Qwen3-Coder variant). Returns ``path``.
+    GGUF carries (``qwen3_coder``: a Qwen3-Coder variant). With ``after_tool_script`` the
+    answer is that second script instead once the conversation holds a tool result (a
+    ``<tool_response>`` token, as both templates render ``tool`` messages): a tool-calling
+    script, then the answer after the tool ran, which is what an agent's round trip needs.
+    The two scripts share no piece but their final end-of-turn. Returns ``path``.
     """
-    pieces = _check_script(script)
-    vocab = _build_vocab(pieces)
-    shape = _demo_shape(len(pieces) + 1, n_ctx)
+    pieces, second = _check_scripts(script, after_tool_script)
+    vocab = _build_vocab(pieces + (second or ()))
+    distinguished = len(set(pieces + (second or ()))) + (3 if second else 1)
+    shape = _demo_shape(distinguished, n_ctx)
     return _write_gguf(
         path,
         name="Qwen3-MoE demo (scripted)",
         shape=shape,
         vocab=vocab,
-        tensors=_demo_tensors(vocab, pieces, shape),
+        tensors=_demo_tensors(vocab, pieces, shape, second),
         file_type=gguf.LlamaFileType.ALL_F32,
         template=template,
     )
@@ -580,12 +651,19 @@ def ensure_demo_model(
     script: Sequence[bytes] = DEFAULT_SCRIPT,
     *,
     template: ChatTemplateName = "qwen3",
+    after_tool_script: Sequence[bytes] | None = None,
 ) -> Path:
-    """Return the demo model for ``script`` (and ``template``) in ``cache_dir``, building it
-    only if missing."""
-    pieces = _check_script(script)
-    name = _cache_name("demo", {"script": [piece.hex() for piece in pieces]}, template)
-    return _ensure(cache_dir / name, lambda path: write_demo_model(path, pieces, template=template))
+    """Return the demo model for ``script`` (and ``template``, and ``after_tool_script``) in
+    ``cache_dir``, building it only if missing."""
+    pieces, second = _check_scripts(script, after_tool_script)
+    payload: dict[str, object] = {"script": [piece.hex() for piece in pieces]}
+    if second is not None:
+        payload["after_tool_script"] = [piece.hex() for piece in second]
+    name = _cache_name("demo", payload, template)
+    return _ensure(
+        cache_dir / name,
+        lambda path: write_demo_model(path, pieces, template=template, after_tool_script=second),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,11 @@
-"""One error taxonomy, and the one place that turns it into OpenAI's error envelope.
+"""One error taxonomy, and the one place that turns it into each API's error envelope.
 
 Every failure a client can see is an ``ApiError`` subclass carrying status, type, param and
 code, raised wherever it is found (preparing a request, admitting it, generating) and turned
-into ``{"error": {"message", "type", "param", "code"}}`` by ``ApiError.envelope``. Anything
+into OpenAI's ``{"error": {"message", "type", "param", "code"}}`` by ``ApiError.envelope``, or
+into Anthropic's ``{"type": "error", "error": {"type", "message"}}`` by
+``ApiError.anthropic_envelope`` on the Anthropic routes (its SDK and Claude Code read only
+that shape; its error types are chosen by HTTP status, as Anthropic's own are). Anything
 else is logged with its traceback by ``as_api_error`` and reaches the client as a bare
 "internal error": no stack trace, no object address, no ``str(exc)`` of an engine error. The
 HTTP side (``app.api.errors``) maps FastAPI's and Starlette's own errors onto the same taxonomy.
@@ -29,6 +32,10 @@ class ApiError(Exception):
 
     def envelope(self) -> dict[str, Any]:
         return error_envelope(self.message, self.error_type, self.param, self.code)
+
+    def anthropic_envelope(self) -> dict[str, Any]:
+        kind = ANTHROPIC_ERROR_TYPES.get(self.status_code, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
 
 
 class InvalidRequest(ApiError):
@@ -81,6 +88,21 @@ class InternalError(ApiError):
 
     def __init__(self) -> None:
         super().__init__("The server had an internal error while processing the request.")
+
+
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+"""Anthropic's error type for each status we answer with (its ``overloaded_error`` is the
+one its clients retry later, which is what our 503s — loading, draining, timeouts — ask)."""
 
 
 def error_envelope(

@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import chat, completions, ops
+from app.api import chat, completions, messages, ops, responses
 from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.observability import RequestLogMiddleware
@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app = FastAPI(title="qwen3-moe-serve", version=__version__, lifespan=lifespan)
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    for module in (chat, completions, ops):
+    for module in (chat, completions, responses, messages, ops):
         app.include_router(module.router)
     _install_middleware(app, settings)
     return app
@@ -123,7 +123,16 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "X-Request-Id",
+                # Anthropic's clients: the key header and the version and beta headers.
+                "X-Api-Key",
+                "Anthropic-Version",
+                "Anthropic-Beta",
+                "Anthropic-Dangerous-Direct-Browser-Access",
+            ],
             expose_headers=["X-Request-Id"],
         )
     app.add_middleware(RequestLogMiddleware)
@@ -143,6 +152,7 @@ def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: P
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
         max_tokens_limit=settings.max_tokens_limit,
+        accept_any_model=settings.accept_any_model,
     )
     admission = app.state.service.admission
     metrics: Metrics = app.state.metrics

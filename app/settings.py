@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         description="Model id reported by /v1/models. Requests may name it or the served id "
         "(the GGUF file name without .gguf; qwen3-moe-demo for the demo model).",
     )
+    accept_any_model: bool = Field(
+        False,
+        description="Answer a request that names any model with the served one (as "
+        "llama-server does), for clients that insist on their own model names (Claude Code's "
+        "claude-* defaults). Unset: a model name other than the served id or --model-alias is "
+        "a 404 model_not_found. Responses always report the served model's id.",
+    )
     n_ctx: int = Field(
         0, ge=0, description="Context size in tokens; 0 uses the model's training context."
     )
@@ -127,6 +134,13 @@ class Settings(BaseSettings):
         "'qwen3_coder' (<tool_call><function=NAME><parameter=P>value</parameter>..., values "
         "typed by the tool's parameter schema), or 'auto': qwen3_coder when the chat template "
         "renders '<function=' (Qwen3-Coder's does), else qwen3.",
+    )
+
+    skip_unsupported_tools: bool = Field(
+        False,
+        description="/v1/responses and /v1/messages: leave out tools of a type this server "
+        "cannot run (hosted tools such as web_search, file_search, computer use, code "
+        "execution) and log them, instead of answering 400. Function tools are always kept.",
     )
 
     # -- streaming ------------------------------------------------------------------------

@@ -162,6 +162,18 @@ def slow_batched(slow_model_path: Path) -> Iterator[BatchedLlamaBackend]:
     backend.close()
 
 
+MODELS = ("demo-single", "demo-batched", "slow-single", "slow-batched", "real-single")
+
+
+@pytest.fixture(params=MODELS)
+def model(request: pytest.FixtureRequest) -> Backend:
+    """Every model on every engine it must stream from (the real one when it is given)."""
+    name, engine = request.param.split("-")
+    fixture = f"{name}_backend" if engine == "single" else f"{name}_batched"
+    backend: Backend = request.getfixturevalue(fixture)
+    return backend
+
+
 @pytest.fixture(params=ENGINES)
 def demo_engine(request: pytest.FixtureRequest) -> Backend:
     """The demo model on each engine in turn."""
@@ -353,6 +365,33 @@ class InjectedBackend:
 
     def close(self) -> None:
         raise AssertionError("an injected backend is never closed by the app")
+
+
+class HeldStart(InjectedBackend):
+    """The demo model, held before decoding (a long prefill or a queue) until released."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.release = threading.Event()
+
+    async def started(self, seen: Seen) -> None:
+        await asyncio.to_thread(self.release.wait, 30)
+
+
+class FailingBackend(InjectedBackend):
+    """Fault injection: the real engine, failing after ``after`` tokens."""
+
+    def __init__(self, inner: Backend, after: int) -> None:
+        super().__init__(inner)
+        self._after = after
+
+    def watch(self, seen: Seen, on_token: OnToken) -> OnToken:
+        def failing(token_id: int) -> bool:
+            if len(seen.tokens) > self._after:
+                raise RuntimeError("llama_decode returned -3 at 0xdeadbeef")
+            return on_token(token_id)
+
+        return failing
 
 
 # -- apps and transports ----------------------------------------------------------------------

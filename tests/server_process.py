@@ -62,8 +62,10 @@ class ServerProcess:
     def returncode(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
-    def log(self) -> str:
-        return self._log.read_text(errors="replace")[-4000:]
+    def log(self, tail: int | None = 4000) -> str:
+        """What the server printed (its last ``tail`` characters; None: all of it)."""
+        text = self._log.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -70,3 +70,47 @@ def read(lines: Iterable[str]) -> Stream:
 
 async def aread(lines: AsyncIterator[str]) -> Stream:
     return read([line async for line in lines])
+
+
+COMMENT = ":comment"
+"""The name ``named`` gives a comment (no event name can start with a colon)."""
+
+
+def named(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """``(event name, data)`` per event of a stream whose every event is named (the
+    Responses and Anthropic APIs), ``(COMMENT, text)`` per comment; fails on an unnamed event,
+    on an event with more than one ``event:`` or ``data:`` line, and on foreign lines."""
+    name: str | None = None
+    data: str | None = None
+    for line in lines:
+        if line == "":
+            if name is not None or data is not None:
+                assert name is not None and data is not None, f"incomplete event {name!r}"
+                yield name, data
+                name = data = None
+            continue
+        if line.startswith(":"):
+            assert name is None and data is None, "a comment inside an event"
+            yield COMMENT, line[1:].strip()
+        elif line.startswith("event: "):
+            assert name is None and data is None, f"event line out of place: {line!r}"
+            name = line[len("event: ") :]
+        elif line.startswith("data: "):
+            assert name is not None, f"unnamed event {line!r}"
+            assert data is None, "one data line per event"
+            data = line[len("data: ") :]
+        else:
+            raise AssertionError(f"unexpected SSE line {line!r}")
+    assert name is None and data is None, "stream ended inside an event"
+
+
+def typed_events(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """Every named event's JSON, checked to carry its own name as ``type``."""
+    events = []
+    for name, data in named(lines):
+        if name == COMMENT:
+            continue
+        event = json.loads(data)
+        assert event["type"] == name, (name, event)
+        events.append(event)
+    return events

@@ -412,24 +412,27 @@ def test_a_ticket_dropped_unstarted_gives_its_place_back() -> None:
 # -- the output queue and the hand-off ---------------------------------------------------
 
 
-def test_output_pauses_the_engine_when_full_and_resumes_at_half() -> None:
+def test_output_pauses_the_engine_when_full_and_hands_over_everything_waiting() -> None:
+    """Full at ``capacity`` unread items: the flow pauses. The reader then takes every item
+    waiting at once (one send for a response that fell behind), and the flow resumes."""
+
     async def scenario() -> None:
         flow = Flow()
         woken: list[bool] = []
         flow.on_resume(lambda: woken.append(True))
         output: Output[int] = Output(4, flow)
-        for item in range(4):
+        for item in range(3):
             output.put(item)
+        assert not flow.paused
+        output.put(3)
         assert flow.paused
-        assert await output.get() == 0
-        assert flow.paused, "resumes only once half of the capacity is free"
-        assert await output.get() == 1
+        assert await output.get() == [0, 1, 2, 3]
         assert not flow.paused and woken == [True]
-        assert await output.get() == 2
+        output.put(4)
         output.fail(ValueError("x"))
         assert output.closed
-        assert await output.get() == 3
-        assert isinstance(await output.get(), Failed)
+        batch = await output.get()
+        assert batch[0] == 4 and isinstance(batch[1], Failed)
 
     asyncio.run(scenario())
 

@@ -130,7 +130,9 @@ def test_bench_figures_are_consistent(bench_run: tuple[Path, dict[str, Any], str
             for key in ("ttft_ms", "itl_ms"):
                 samples = level[key.replace("_ms", "_samples_ms")]
                 assert min(samples) <= level[key]["p50"] <= level[key]["p95"] <= max(samples)
-            assert level["tokens_per_s"] == pytest.approx(level["tokens"] / level["window_s"], 0.01)
+            assert level["tokens_per_s"] == pytest.approx(
+                level["tokens"] / level["window_s"], rel=_rounding(level["window_s"])
+            )
             assert f"| {server['name']} | {level['concurrency']} |" in markdown
         overhead = server["overhead"]
         assert len(overhead["floor_per_token_samples_ms"]) == 2
@@ -280,6 +282,12 @@ def _ordered(figures: dict[str, float]) -> bool:
     return figures["min"] <= figures["p50"] <= figures["p95"] <= figures["max"]
 
 
+def _rounding(window_s: float) -> float:
+    """Relative tolerance of a rate against its window, which is recorded to 0.1 ms: 1 % plus
+    what that rounding alone moves a window of a few milliseconds."""
+    return 0.01 + 0.00005 / window_s
+
+
 @pytest.mark.slow
 def test_many_streams_measures_every_variant_or_says_why_not(
     many_streams: tuple[dict[str, Any], str],
@@ -289,12 +297,13 @@ def test_many_streams_measures_every_variant_or_says_why_not(
     results, markdown = many_streams
     variants = {v["label"]: v for v in results["variants"]}
     ours = variants["qwen3-moe-serve --parallel 64"]
-    assert not ours["skipped"] and ours["kv_layout"] == "unified"
-    split = variants["qwen3-moe-serve --parallel 64 --no-kv-unified"]
+    assert not ours["skipped"] and ours["kv_layout"] == "split"
+    unified = variants["qwen3-moe-serve --parallel 64 --kv-unified"]
     help_text = subprocess.run(
         [sys.executable, "-m", "app.cli", "--help"], cwd=ROOT, capture_output=True, text=True
     ).stdout
-    assert split["skipped"] == ("--no-kv-unified" not in help_text)
+    assert unified["skipped"] == ("--kv-unified" not in help_text)
+    assert unified["skipped"] or unified["kv_layout"] == "unified"
     binary, why_not = servers.find_llama_server(None, ROOT)
     for label in ("llama-server -np 64", "llama-server -np 64 --kv-unified"):
         assert variants[label]["skipped"] == (binary is None)
@@ -327,7 +336,9 @@ def test_many_streams_figures_are_consistent(many_streams: tuple[dict[str, Any],
             assert floor["layout"] == layout and floor["tokens"] == expected
             assert floor["steps"] == rounds * (max_tokens - 1)
             assert _ordered(floor["ttft_ms"]) and _ordered(floor["itl_ms"])
-            assert floor["tokens_per_s"] == pytest.approx(expected / floor["window_s"], rel=0.01)
+            assert floor["tokens_per_s"] == pytest.approx(
+                expected / floor["window_s"], rel=_rounding(floor["window_s"])
+            )
             assert floor["cpu_s_per_1k_tokens"] > 0
             assert f"| engine floor | {layout} | {floor['tokens_per_s']:.1f} |" in markdown
         ceiling = entry["client_ceiling"]
@@ -340,7 +351,9 @@ def test_many_streams_figures_are_consistent(many_streams: tuple[dict[str, Any],
             assert row["errors"] == row["short_streams"] == row["failed"] == 0
             assert row["tokens"] == expected
             assert _ordered(row["ttft_ms"]) and _ordered(row["itl_ms"])
-            assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["window_s"], rel=0.01)
+            assert row["tokens_per_s"] == pytest.approx(
+                row["tokens"] / row["window_s"], rel=_rounding(row["window_s"])
+            )
             assert row["cpu_s_per_1k_tokens"] > 0
             assert row["server_cpu_s"] == pytest.approx(
                 row["cpu_s_per_1k_tokens"] * row["tokens"] / 1000, rel=0.01, abs=1e-4

@@ -229,6 +229,47 @@ def test_custom_script(model_dir: Path, script: tuple[bytes, ...]) -> None:
         llm.close()
 
 
+AFTER_TOOL_SCRIPT = (b"The", b" weather", b" is", b" mild", b".", b"<|im_end|>")
+
+
+@pytest.mark.parametrize("template", ["qwen3", "qwen3_coder"])
+def test_a_second_script_answers_once_the_conversation_holds_a_tool_result(
+    model_dir: Path, template: str
+) -> None:
+    """An agent's round trip on the demo model: a tool call first; once a tool result is in
+    the conversation (however long it and the turns after it are), the second script."""
+    path = ensure_demo_model(
+        model_dir, TOOL_CALL_SCRIPT, template=template, after_tool_script=AFTER_TOOL_SCRIPT
+    )
+    llm = Llama(model_path=str(path), n_ctx=2048, verbose=False)
+    call = {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    answered = [
+        *asked,
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": '{"celsius": 21} ' * 40},
+    ]
+    later = [
+        *answered,
+        {"role": "assistant", "content": "Mild."},
+        {"role": "user", "content": "Ok " * 50},
+    ]
+    try:
+        for messages, script in ((asked, TOOL_CALL_SCRIPT), (answered, AFTER_TOOL_SCRIPT),
+                                 (later, AFTER_TOOL_SCRIPT)):  # fmt: skip
+            generated = generate(llm, render(llm, messages=messages, tools=[WEATHER_TOOL]))
+            assert [llm.detokenize([t], special=True) for t in generated] == list(script)
+    finally:
+        llm.close()
+
+
+def test_the_two_scripts_may_share_no_piece(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="share"):
+        ensure_demo_model(
+            model_dir, (b"Yes", b"<|im_end|>"), after_tool_script=(b"Yes", b"<|im_end|>")
+        )
+
+
 def test_gguf_carries_the_qwen3_chat_template_byte_for_byte(
     demo_llm: Llama, demo_path: Path
 ) -> None:

@@ -12,10 +12,10 @@ import httpx
 import openai
 import pytest
 
-from app.engine import Backend, OnToken
+from app.engine import Backend
 from app.main import create_app
 from tests import sse
-from tests.conftest import HELLO, InjectedBackend, LiveServer, Seen, asgi_client, settings_for
+from tests.conftest import HELLO, FailingBackend, LiveServer, asgi_client, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -125,25 +125,9 @@ async def test_unknown_route_and_wrong_method_use_the_envelope(client: httpx.Asy
     assert_envelope(await client.get("/v1/chat/completions"), 405)
 
 
-class _FailingBackend(InjectedBackend):
-    """Fault injection: the real engine, failing after ``after`` tokens."""
-
-    def __init__(self, inner: Backend, after: int) -> None:
-        super().__init__(inner)
-        self._after = after
-
-    def watch(self, seen: Seen, on_token: OnToken) -> OnToken:
-        def failing(token_id: int) -> bool:
-            if len(seen.tokens) > self._after:
-                raise RuntimeError("llama_decode returned -3 at 0xdeadbeef")
-            return on_token(token_id)
-
-        return failing
-
-
 @pytest.mark.falsifies("QWEN3_MOE_OPENAI_WIRE_V1_006")
 async def test_engine_failure_mid_stream_is_an_in_band_error(demo_engine: Backend) -> None:
-    app = create_app(settings_for(), backend=_FailingBackend(demo_engine, after=8))
+    app = create_app(settings_for(), backend=FailingBackend(demo_engine, after=8))
     async with asgi_client(app) as client:
         body = {"messages": HELLO, "temperature": 0, "stream": True}
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:

@@ -1,11 +1,8 @@
 """Streaming: every token its own SSE event the moment it exists, over a real socket, on both
 engines; stream == buffered; keep-alives; what a client that leaves or reads slowly does.
 
-Per-token delivery is proven at the HTTP level by holding the engine: after every token that
-completes text the engine is paused (through the generation's ``Flow``) until the client has
-*received* that token's event. A server that held events back would never be released and the
-client would wait in vain; one that ran ahead would show a token reaching ``on_token`` before
-the client had the event two tokens earlier.
+Per-token delivery is proven at the HTTP level by holding the engine after every token that
+completes text until the client has *received* that token's event (``tests/delivery.py``).
 """
 
 from __future__ import annotations
@@ -25,18 +22,22 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.formats import ChatFormat, CompletionFormat, Format
+from app.api.messages_format import MessagesWire
+from app.api.responses_format import ResponsesWire
+from app.api.responses_request import ResponsesRequest, to_chat
 from app.api.sse import frame
 from app.core.results import Event
 from app.demo_model import script_text
 from app.engine import Backend, Flow, OnToken, SamplingParams, TokenLogprobs
 from app.engine.batched import BatchedLlamaBackend
 from app.main import create_app
-from app.text import Delta, TextOptions, TextPipeline, ToolCallDelta
+from app.text import Delta, ToolCallDelta
 from tests import sse
 from tests.conftest import (
     ENGINES,
     HELLO,
     TRANSPORTS,
+    HeldStart,
     InjectedBackend,
     LiveServer,
     Seen,
@@ -46,6 +47,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.contracts_plugin import ContractThreshold, RecordFinding
+from tests.delivery import check_per_token_delivery, deliver
 
 SCRIPT = script_text()
 STREAMING = "QWEN3_MOE_STREAMING_SSE_V2"
@@ -53,16 +55,6 @@ COUNTING = "Count from 1 to 1000, one number per line, and nothing else."
 # A raw Qwen3 chat prompt, so the engine timing and the HTTP request decode the same tokens.
 RAW_PROMPT = f"<|im_start|>user\n{COUNTING}<|im_end|>\n<|im_start|>assistant\n"
 GREEDY = SamplingParams(temperature=0.0)
-MODELS = ("demo-single", "demo-batched", "slow-single", "slow-batched", "real-single")
-
-
-@pytest.fixture(params=MODELS)
-def model(request: pytest.FixtureRequest) -> Backend:
-    """Every model on every engine it must stream from (the real one when it is given)."""
-    name, engine = request.param.split("-")
-    fixture = f"{name}_backend" if engine == "single" else f"{name}_batched"
-    backend: Backend = request.getfixturevalue(fixture)
-    return backend
 
 
 def text_of(chunk: dict[str, Any]) -> str:
@@ -82,83 +74,31 @@ def content_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
 # -- per-token delivery -----------------------------------------------------------------------
 
 
-class DeliveryGate(InjectedBackend):
-    """Pauses the engine after each token that completes text until the client has its event,
-    and notes, whenever a token reaches ``on_token``, how far behind the client was."""
-
-    def __init__(self, inner: Backend) -> None:
-        super().__init__(inner)
-        self.gate = Flow()
-        self.oracle = TextPipeline(inner.tokenizer.token_bytes, TextOptions())
-        self.text = ""
-        self.text_tokens: list[bool] = []  # per token: did it complete text?
-        self.received = 0  # events the client has (written by the client's thread)
-        self.ahead: list[tuple[int, int, int]] = []  # (token, events owed, events received)
-
-    def flow(self, seen: Seen, flow: Flow | None) -> Flow:
-        return self.gate
-
-    def watch(self, seen: Seen, on_token: OnToken) -> OnToken:
-        def gated(token_id: int) -> bool:
-            # Every text token up to two before this one must have reached the client.
-            owed = sum(self.text_tokens[: max(len(self.text_tokens) - 1, 0)])
-            if self.received < owed:
-                self.ahead.append((len(self.text_tokens), owed, self.received))
-            text = "".join(d.content for d in self.oracle.push(token_id))
-            self.text += text
-            self.text_tokens.append(bool(text))
-            keep = on_token(token_id)
-            if text and self.received < sum(self.text_tokens):
-                self.gate.pause()
-            return keep
-
-        return gated
-
-    def client_received(self, seen: Seen) -> None:
-        """On the client's thread: one more event arrived."""
-        self.received += 1
-
-        def resume() -> None:
-            if self.received >= sum(self.text_tokens):
-                self.gate.resume()
-
-        seen.loop.call_soon_threadsafe(resume)
-
-
 @pytest.mark.falsifies(f"{STREAMING}_001")
 def test_each_token_is_its_own_event_sent_before_the_engine_runs_ahead(
     model: Backend, record_finding: RecordFinding
 ) -> None:
-    gated = DeliveryGate(model)
     body = {"messages": [{"role": "user", "content": COUNTING}], "temperature": 0}
     body |= {"max_tokens": 48, "stream": True}
-    with (
-        LiveServer(create_app(settings_for(), backend=gated)) as server,
-        # A server that holds an event back leaves the client waiting: a read timeout.
-        httpx.Client(base_url=server.url, timeout=10) as http,
-        http.stream("POST", "/v1/chat/completions", json=body) as response,
-    ):
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        assert response.headers["cache-control"] == "no-cache"
-        assert response.headers["x-accel-buffering"] == "no"
-        payloads, texts = [], []
-        for kind, payload in sse.events(response.iter_lines()):
+    payloads: list[str] = []
+
+    def chat_texts(lines: Iterator[str]) -> Iterator[str]:
+        for kind, payload in sse.events(lines):
             assert kind == "data"
             payloads.append(payload)
-            text = "" if payload == "[DONE]" else text_of(json.loads(payload))
-            if text:
-                texts.append(text)
-                gated.client_received(gated.seen[0])
-    assert gated.ahead == [], "a token reached on_token before the client had the one two back"
-    tail = "".join(d.content for d in gated.oracle.finish())
-    assert texts and "".join(texts) == gated.text + tail
-    assert len(texts) == sum(gated.text_tokens) + bool(tail), "one event per text token"
+            yield "" if payload == "[DONE]" else text_of(json.loads(payload))
+
+    delivered = deliver(model, "/v1/chat/completions", body, chat_texts)
+    assert delivered.headers["content-type"].startswith("text/event-stream")
+    assert delivered.headers["cache-control"] == "no-cache"
+    assert delivered.headers["x-accel-buffering"] == "no"
+    check_per_token_delivery(delivered)
     assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1
+    texts = "".join(delivered.texts)
     if "demo" in model.info.path:
-        assert "".join(texts) == SCRIPT[: len("".join(texts))]
-    record_finding("tokens", len(gated.text_tokens))
-    record_finding("content_events", len(texts))
+        assert texts == SCRIPT[: len(texts)]
+    record_finding("tokens", len(delivered.gate.text_tokens))
+    record_finding("content_events", len(delivered.texts))
 
 
 # -- stream == buffered -----------------------------------------------------------------------
@@ -266,6 +206,34 @@ def test_text_chunks_render_as_pydantic_does_for_every_character() -> None:
                 _same_as_pydantic(fmt, Event(Delta(reasoning=text)))
 
 
+def _agent_wires() -> Iterator[tuple[Any, Any]]:
+    """A Responses and a Messages wire, each with a block of every kind open: (wire, block)."""
+    request = ResponsesRequest.model_validate({"input": "x"})
+    responses = ResponsesWire("m", request, to_chat(request, skip_unsupported_tools=False))
+    messages = MessagesWire("m", prompt_tokens=1)
+    call = ToolCallDelta(index=0, id="call_1", name="get_weather", arguments="")
+    for wire in (responses, messages):
+        for delta in (Delta(reasoning="a"), Delta(content="b"), Delta(tool_call=call)):
+            wire.event(Event(delta))
+        yield from ((wire, block) for block in wire.blocks)
+
+
+def test_agent_api_deltas_render_as_pydantic_does_for_every_character() -> None:
+    """The same guard for the output_text / reasoning_text / function_call_arguments deltas
+    of /v1/responses (their sequence_number a second hole) and the text / thinking /
+    input_json deltas of /v1/messages."""
+    for wire, block in _agent_wires():
+        for n, text in enumerate(_every_character()):
+            if isinstance(wire, ResponsesWire):
+                number = n * 7919
+                expected = wire.delta_event(block, text, number)
+                rendered = wire.delta_json(block, text, number)
+            else:
+                expected = wire.delta_event(block, text)
+                rendered = wire.delta_json(block, text)
+            assert rendered == expected.model_dump_json(exclude_unset=True, by_alias=True)
+
+
 def test_other_chunks_keep_the_pydantic_path() -> None:
     """Logprobs, tool calls, and a model id that contains the template's marker."""
     with_logprobs = ChatFormat(
@@ -289,17 +257,6 @@ def test_frame_writes_one_data_line_per_payload_line() -> None:
 
 
 # -- keep-alive -------------------------------------------------------------------------------
-
-
-class HeldStart(InjectedBackend):
-    """The demo model, held before decoding (a long prefill or a queue) until released."""
-
-    def __init__(self, inner: Backend) -> None:
-        super().__init__(inner)
-        self.release = threading.Event()
-
-    async def started(self, seen: Seen) -> None:
-        await asyncio.to_thread(self.release.wait, 30)
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])

@@ -11,6 +11,7 @@ from app.api.deps import ServiceDep, SettingsDep
 from app.api.formats import ChatFormat
 from app.api.generation import read_body, respond
 from app.api.schemas import ChatCompletionRequest
+from app.api.wire import ChunkWire
 
 router = APIRouter()
 
@@ -22,23 +23,25 @@ async def chat_completions(
     arrived = time.perf_counter()
     body = await read_body(request, ChatCompletionRequest)
     job = await service.prepare_chat(body)
-    fmt = ChatFormat(
-        service.model_id,
-        reasoning_field=(
-            "reasoning"
-            if service.semantics.reasoning_format == "reasoning"
-            else "reasoning_content"
+    wire = ChunkWire(
+        ChatFormat(
+            service.model_id,
+            reasoning_field=(
+                "reasoning"
+                if service.semantics.reasoning_format == "reasoning"
+                else "reasoning_content"
+            ),
+            token_bytes=service.backend.tokenizer.token_bytes,
+            logprobs=body.logprobs,
         ),
-        token_bytes=service.backend.tokenizer.token_bytes,
-        logprobs=body.logprobs,
+        include_usage=body.include_usage,
     )
     return await respond(
         request,
         service,
         settings,
         job,
-        fmt,
+        wire,
         stream=body.stream,
-        include_usage=body.include_usage,
         arrived=arrived,
     )

@@ -11,6 +11,7 @@ from app.api.deps import ServiceDep, SettingsDep
 from app.api.formats import CompletionFormat
 from app.api.generation import read_body, respond
 from app.api.schemas import CompletionRequest
+from app.api.wire import ChunkWire
 
 router = APIRouter()
 
@@ -25,8 +26,7 @@ async def completions(request: Request, service: ServiceDep, settings: SettingsD
         service,
         settings,
         job,
-        CompletionFormat(service.model_id),
+        ChunkWire(CompletionFormat(service.model_id), include_usage=body.include_usage),
         stream=body.stream,
-        include_usage=body.include_usage,
         arrived=arrived,
     )

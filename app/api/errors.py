@@ -1,11 +1,15 @@
-"""HTTP errors: every failure answered in OpenAI's envelope, counted in the metrics.
+"""HTTP errors: every failure answered in its API's envelope, counted in the metrics.
 
 ``install_error_handlers`` maps the taxonomy (``app.errors``), FastAPI's validation errors,
 Starlette's HTTP errors (unknown route, wrong method) and anything unexpected to the envelope,
-so no route ever answers FastAPI's ``{"detail": ...}`` or a stack trace.
+so no route ever answers FastAPI's ``{"detail": ...}`` or a stack trace. The envelope is
+chosen by path (``error_body``), not by route, so that refusals made before any route runs
+(an API key, a body too large, an unknown path under ``/v1/messages``) have it too.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +28,16 @@ from app.errors import (
     validation_error,
 )
 
+ANTHROPIC_PATH = "/v1/messages"
+
+
+def error_body(path: str, error: ApiError) -> dict[str, Any]:
+    """The error as the API at ``path`` reports errors: Anthropic's shape on its routes,
+    OpenAI's everywhere else."""
+    if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        return error.anthropic_envelope()
+    return error.envelope()
+
 
 def record_error(request: Request, error: ApiError) -> None:
     """Count the error in the app's metrics, when it has them."""
@@ -35,7 +49,8 @@ def record_error(request: Request, error: ApiError) -> None:
 def _response(request: Request, error: ApiError) -> JSONResponse:
     record_error(request, error)
     headers = {"Retry-After": "1"} if isinstance(error, Overloaded) else None
-    return JSONResponse(error.envelope(), status_code=error.status_code, headers=headers)
+    body = error_body(request.url.path, error)
+    return JSONResponse(body, status_code=error.status_code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,20 +1,17 @@
 """OpenAI object shapes for one request: its stream chunks and its buffered response.
 
 Chat and text completions differ only in shape, so each has a format class with the same
-four methods; the routes stream or collect through any of them. A buffered response is built
-from the very events a stream would have sent (``Answer`` collects them), so the two cannot
-disagree.
+methods, which one adapter (``app.api.wire.ChunkWire``) puts on the wire. A buffered
+response is built from the very events a stream would have sent (``Answer`` collects them),
+so the two cannot disagree.
 
-A token's chunk is on the hot path of every stream, and building and serializing a pydantic
-object per token was the largest piece of our own per-token cost. So ``event_json`` renders
-the common chunk (one piece of text, no logprobs, no tool call) from a ``_TextTemplate``: the
-chunk serialized once per request by pydantic with a marker for the text, split around it;
-only the text is encoded per token. Every other chunk goes through pydantic as before.
+A token's chunk is on the hot path of every stream, so ``event_json`` renders the common chunk
+(one piece of text, no logprobs, no tool call) from a per-request ``JsonTemplate``
+(``app.api.templates``); every other chunk goes through pydantic.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -43,6 +40,7 @@ from app.api.schemas import (
     TopLogprob,
     Usage,
 )
+from app.api.templates import JsonTemplate
 from app.core.results import Event, Finished
 from app.engine import TokenLogprobs
 from app.text import ParsedToolCall
@@ -119,32 +117,6 @@ def _logprob_entries(
     return entries
 
 
-class _TextTemplate:
-    """A chunk's JSON with one text field left open (see the module docstring)."""
-
-    _MARK = "<<qwen3-moe-serve text>>"
-
-    def __init__(self, head: str, tail: str) -> None:
-        self._head = head
-        self._tail = tail
-
-    @classmethod
-    def around(cls, chunk: Callable[[str], BaseModel]) -> _TextTemplate | None:
-        """The template of ``chunk(text)``; None when the marker is not found exactly once
-        (say, a model id that contains it): such a request keeps the pydantic path."""
-        sample = chunk(cls._MARK).model_dump_json()
-        marker = json.dumps(cls._MARK)
-        if sample.count(marker) != 1:
-            return None
-        head, _, tail = sample.partition(marker)
-        return cls(head, tail)
-
-    def fill(self, text: str) -> str:
-        # pydantic and json.dumps(ensure_ascii=False) escape strings identically (quote,
-        # backslash, control characters); tests/test_sse_fast_path.py holds them to it.
-        return self._head + json.dumps(text, ensure_ascii=False) + self._tail
-
-
 class Format(Protocol):
     id: str
 
@@ -174,9 +146,11 @@ class ChatFormat:
         self._reasoning_field = reasoning_field
         self._token_bytes = token_bytes
         self._logprobs = logprobs
-        self._content_json = _TextTemplate.around(lambda text: self._text_chunk(content=text))
-        self._reasoning_json = _TextTemplate.around(
-            lambda text: self._text_chunk(**{reasoning_field: text})
+        self._content_json = JsonTemplate.around(
+            lambda text, _: self._text_chunk(content=text).model_dump_json()
+        )
+        self._reasoning_json = JsonTemplate.around(
+            lambda text, _: self._text_chunk(**{reasoning_field: text}).model_dump_json()
         )
 
     def _text_chunk(self, **delta: str) -> BaseModel:
@@ -273,8 +247,10 @@ class CompletionFormat:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
-        self._text_json = _TextTemplate.around(
-            lambda text: self._chunk([CompletionChoice(text=text, finish_reason=None)])
+        self._text_json = JsonTemplate.around(
+            lambda text, _: self._chunk(
+                [CompletionChoice(text=text, finish_reason=None)]
+            ).model_dump_json()
         )
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> BaseModel:

@@ -120,26 +120,28 @@ class Metrics:
         self.errors.labels(type=error_type, status=str(status)).inc()
 
     async def observe(
-        self, items: AsyncIterator[Event | Finished], arrived: float
-    ) -> AsyncIterator[Event | Finished]:
-        """Pass a generation through, recording its latencies and counts."""
+        self, batches: AsyncIterator[list[Event | Finished]], arrived: float
+    ) -> AsyncIterator[list[Event | Finished]]:
+        """Pass a generation through, recording its latencies and counts (the deltas of one
+        batch reach the response at the same moment)."""
         last: float | None = None
-        async for item in items:
+        async for batch in batches:
             now = time.perf_counter()
-            if isinstance(item, Event):
-                if last is None:
-                    self.ttft.observe(now - arrived)
+            for item in batch:
+                if isinstance(item, Event):
+                    if last is None:
+                        self.ttft.observe(now - arrived)
+                    else:
+                        self.itl.observe(now - last)
+                    last = now
                 else:
-                    self.itl.observe(now - last)
-                last = now
-            else:
-                self.e2e.observe(now - arrived)
-                self.queue.observe(item.times.queue_ms / 1000)
-                self.prompt_tokens.inc(item.prompt_tokens)
-                self.cached_prompt_tokens.inc(item.cached_tokens)
-                self.generation_tokens.inc(item.completion_tokens)
-                self.success.labels(finished_reason=item.finish_reason).inc()
-            yield item
+                    self.e2e.observe(now - arrived)
+                    self.queue.observe(item.times.queue_ms / 1000)
+                    self.prompt_tokens.inc(item.prompt_tokens)
+                    self.cached_prompt_tokens.inc(item.cached_tokens)
+                    self.generation_tokens.inc(item.completion_tokens)
+                    self.success.labels(finished_reason=item.finish_reason).inc()
+            yield batch
 
     def exposition(self) -> bytes:
         data: bytes = generate_latest(self.registry)

@@ -1,9 +1,10 @@
 """API keys and request-size limits, as ASGI middleware in front of every route.
 
 Both run before a body is parsed or a route is chosen, so an unauthorised or oversized request
-costs nothing and never reaches the model. Their refusals use the same OpenAI envelope as
-every other error (llama-cpp-python's server answers auth failures with FastAPI's
-``{"detail"}``, which OpenAI clients cannot read).
+costs nothing and never reaches the model. Their refusals use the same envelope as every
+other error on that path (``app.api.errors.error_body``: OpenAI's, or Anthropic's under
+``/v1/messages``); llama-cpp-python's server answers auth failures with FastAPI's
+``{"detail"}``, which no client can read.
 
 Keys are compared with ``hmac.compare_digest`` against every configured key, without stopping
 at the first match, so the response time does not tell an attacker which prefix was right or
@@ -20,7 +21,7 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import record_error
+from app.api.errors import error_body, record_error
 from app.errors import ApiError, PayloadTooLarge, Unauthorized
 
 
@@ -37,9 +38,9 @@ def load_api_keys(inline: str | None, key_file: Path | None) -> list[str]:
 
 
 async def send_error(
-    send: Send, error: ApiError, headers: Iterable[tuple[bytes, bytes]] = ()
+    send: Send, error: ApiError, headers: Iterable[tuple[bytes, bytes]] = (), *, path: str = ""
 ) -> None:
-    body = json.dumps(error.envelope()).encode()
+    body = json.dumps(error_body(path, error)).encode()
     await send(
         {
             "type": "http.response.start",
@@ -57,11 +58,14 @@ async def send_error(
 async def refuse(scope: Scope, send: Send, error: ApiError, *extra: tuple[bytes, bytes]) -> None:
     """Answer with ``error`` before any route runs, counted like every other error."""
     record_error(Request(scope), error)
-    await send_error(send, error, extra)
+    await send_error(send, error, extra, path=scope["path"])
 
 
 class ApiKeyMiddleware:
-    """``Authorization: Bearer <key>`` on every route but the open ones."""
+    """``Authorization: Bearer <key>`` or ``x-api-key: <key>`` on every route but the open
+    ones. ``x-api-key`` is how Anthropic's clients send a key (Claude Code's
+    ``ANTHROPIC_API_KEY``); ``ANTHROPIC_AUTH_TOKEN`` sends a Bearer token. Either is accepted on
+    every route: a key is a key, whichever header carries it."""
 
     def __init__(self, app: ASGIApp, *, keys: Sequence[str], open_paths: Sequence[str]) -> None:
         self.app = app
@@ -69,14 +73,15 @@ class ApiKeyMiddleware:
         self._open = frozenset(open_paths)
 
     def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
+        headers = dict(scope["headers"])
+        scheme, _, bearer = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() != b"bearer":
-            token = b""
-        token = token.strip()
+            bearer = b""
+        offered = (bearer.strip(), headers.get(b"x-api-key", b"").strip())
         matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(token, key)
+        for token in offered:
+            for key in self._keys:
+                matched |= hmac.compare_digest(token, key)
         return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -84,7 +89,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         error = Unauthorized(
-            "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+            "Missing or invalid API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
             code="invalid_api_key",
         )
         await refuse(scope, send, error, (b"www-authenticate", b"Bearer"))

@@ -4,8 +4,8 @@
 takes them. Both ends live on the loop, so there is no lock and no thread. The bound is kept
 by backpressure rather than by blocking: once ``capacity`` items wait unread (a client that
 reads slowly), the generation's ``Flow`` is paused and the engine decodes it no further; it
-resumes when the reader has taken half of them (hysteresis, so a reader just at the engine's
-pace does not pause and resume it every token).
+resumes once the reader has taken what waits (it takes everything waiting at once, so a
+reader just at the engine's pace does not pause and resume it every token).
 """
 
 from __future__ import annotations
@@ -53,14 +53,17 @@ class Output(Generic[Item]):
         self.closed = True
         self._flow.resume()  # a paused engine must see that nobody waits for it any more
 
-    async def get(self) -> Item | Failed:
+    async def get(self) -> list[Item | Failed]:
+        """Every item waiting, in order (at least one: it waits for the first). A response
+        that falls behind takes several at once and writes them in one send, each still its
+        own event."""
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        item = self._items.popleft()
-        if self._flow.paused and len(self._items) <= self._capacity // 2:
-            self._flow.resume()
-        return item
+        items = list(self._items)
+        self._items.clear()
+        self._flow.resume()  # nothing waits unread any more
+        return items

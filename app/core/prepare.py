@@ -66,6 +66,20 @@ class PreparedGeneration:
 
 
 @dataclass(frozen=True)
+class _ChatPrompt:
+    """A chat request rendered and tokenized, with what its text pipeline must do."""
+
+    tokens: list[int]
+    text: TextOptions
+    thinking_possible: bool
+    """The template leaves the model free to think (a grammar must allow a ``<think>``)."""
+    thinks: bool = False
+    """The request thinks (``thinking_possible`` and no ``/no_think``): a budget applies."""
+    opens_thinking: bool = False
+    """The rendered prompt ends inside an open ``<think>`` block."""
+
+
+@dataclass(frozen=True)
 class ChatSemantics:
     """How the server treats Qwen3's thinking (from the settings)."""
 
@@ -86,8 +100,10 @@ class Preparer:
         model_names: Sequence[str],
         semantics: ChatSemantics,
         max_tokens_limit: int | None,
+        accept_any_model: bool = False,
     ) -> None:
         self._backend = backend
+        self._accept_any_model = accept_any_model
         self._admission = admission
         self.model_id = model_names[0]
         self._model_names = frozenset(model_names)
@@ -109,15 +125,54 @@ class Preparer:
         self._thinking_tags = ThinkingTags(backend.tokenizer)
 
     def check_model(self, requested: str | None) -> None:
-        """404 unless the request names the served model or its alias (or names none)."""
-        if requested and requested not in self._model_names:
+        """404 unless the request names the served model or its alias (or names none), or the
+        server accepts any name (``--accept-any-model``)."""
+        if requested and not self._accept_any_model and requested not in self._model_names:
             raise NotFound(
-                f"The model '{requested}' does not exist; this server serves '{self.model_id}'.",
+                f"The model '{requested}' does not exist; this server serves '{self.model_id}' "
+                "(start it with --accept-any-model to answer any model name with it).",
                 param="model",
                 code="model_not_found",
             )
 
-    async def chat(self, req: ChatCompletionRequest) -> PreparedGeneration:
+    async def chat(
+        self, req: ChatCompletionRequest, *, fit_max_tokens: bool = False
+    ) -> PreparedGeneration:
+        """``fit_max_tokens``: a ``max_tokens`` above what the context (or ``--max-tokens-limit``)
+        leaves is lowered to it instead of refused (Anthropic's required ``max_tokens`` is a
+        ceiling, and agents send their own model's, e.g. 64000)."""
+        prompt = await self._chat_prompt(req)
+        grammar = chat_grammar(
+            req,
+            allow_thinking=prompt.thinking_possible and self._template_thinks,
+            check=self._backend.check_grammar,
+            tool_call_format=self.tool_call_format,
+        )
+        prepared = self._admitted(
+            req,
+            prompt.tokens,
+            req.completion_limit(),
+            prompt.text,
+            param="messages",
+            grammar=grammar,
+            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            fit_max_tokens=fit_max_tokens,
+        )
+        budget = requested_budget(
+            req.thinking_budget, req.reasoning_effort, self._semantics.reasoning_budget
+        )
+        if budget is None or not prompt.thinks or (grammar is not None and prompt.opens_thinking):
+            return prepared  # nothing to budget; or a grammar that expects the opening tag first
+        limit = self._thinking_tags.budget(
+            budget, max_tokens=prepared.max_tokens, inside=prompt.opens_thinking
+        )
+        return replace(prepared, sampling=replace(prepared.sampling, thinking_budget=limit))
+
+    async def count_chat(self, req: ChatCompletionRequest) -> int:
+        """The prompt tokens ``chat(req)`` would decode, without admitting a generation."""
+        return len((await self._chat_prompt(req)).tokens)
+
+    async def _chat_prompt(self, req: ChatCompletionRequest) -> _ChatPrompt:
         self.check_model(req.model)
         if self._template is None:
             raise InvalidRequest(
@@ -141,12 +196,6 @@ class Preparer:
             add_generation_prompt=True,
             extra=kwargs,
         )
-        grammar = chat_grammar(
-            req,
-            allow_thinking=thinking_possible and self._template_thinks,
-            check=self._backend.check_grammar,
-            tool_call_format=self.tool_call_format,
-        )
         tokens = await self._tokenize(prompt)
         reasoning: Mode = (
             "raw"
@@ -161,24 +210,7 @@ class Preparer:
             tool_call_format=self.tool_call_format,
             tool_parameters={t.function.name: t.function.parameters for t in tools},
         )
-        budget = requested_budget(
-            req.thinking_budget, req.reasoning_effort, self._semantics.reasoning_budget
-        )
-        if not thinking or (grammar is not None and prompt_opens_thinking(prompt)):
-            budget = None  # nothing to budget; or a grammar that expects the opening tag first
-        prepared = self._admitted(
-            req,
-            tokens,
-            req.completion_limit(),
-            text,
-            param="messages",
-            grammar=grammar,
-            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        )
-        if budget is None:
-            return prepared
-        limit = self._thinking_tags.budget(budget, max_tokens=prepared.max_tokens, prompt=prompt)
-        return replace(prepared, sampling=replace(prepared.sampling, thinking_budget=limit))
+        return _ChatPrompt(tokens, text, thinking_possible, thinking, prompt_opens_thinking(prompt))
 
     async def completion(self, req: CompletionRequest) -> PreparedGeneration:
         self.check_model(req.model)
@@ -212,18 +244,21 @@ class Preparer:
         param: str,
         grammar: str | None = None,
         top_logprobs: int | None = None,
+        fit_max_tokens: bool = False,
     ) -> PreparedGeneration:
         if not tokens:
             raise InvalidRequest("The prompt is empty after tokenization.", param=param)
         limit = self._max_tokens_limit
+        n_ctx = self._backend.info.n_ctx
+        room = n_ctx - len(tokens)
+        if fit_max_tokens and requested_max is not None and room >= 1:
+            requested_max = min(requested_max, room, limit or room)
         if limit is not None and requested_max is not None and requested_max > limit:
             raise InvalidRequest(
                 f"max_tokens is {requested_max}, above this server's limit of {limit}.",
                 param="max_tokens",
                 code="max_tokens_above_limit",
             )
-        n_ctx = self._backend.info.n_ctx
-        room = n_ctx - len(tokens)
         if room < 1 or (requested_max is not None and requested_max > room):
             raise ContextLengthExceeded(
                 n_ctx=n_ctx,

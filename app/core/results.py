@@ -44,3 +44,8 @@ class Finished:
     completion_tokens: int
     cached_tokens: int
     times: PhaseTimes = field(default=PhaseTimes(0.0, 0.0, 0.0))
+    stop_sequence: str | None = None
+    """The stop string that ended the generation (``finish_reason`` ``stop``), if one did:
+    Anthropic's ``stop_reason`` tells it apart from the end of the model's turn."""
+    reasoning_tokens: int = 0
+    """Completion tokens spent in the ``<think>`` block (``TextPipeline.reasoning_tokens``)."""

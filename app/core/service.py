@@ -40,6 +40,7 @@ class GenerationService:
         max_queue: int | None = None,
         request_timeout_s: float | None = None,
         max_tokens_limit: int | None = None,
+        accept_any_model: bool = False,
     ) -> None:
         self.backend = backend
         self.semantics = semantics or ChatSemantics()
@@ -52,6 +53,7 @@ class GenerationService:
             model_names=model_names,
             semantics=self.semantics,
             max_tokens_limit=max_tokens_limit,
+            accept_any_model=accept_any_model,
         )
         self.model_id = self._preparer.model_id
         self._buffer = stream_buffer_tokens
@@ -60,8 +62,14 @@ class GenerationService:
     def check_model(self, requested: str | None) -> None:
         self._preparer.check_model(requested)
 
-    async def prepare_chat(self, req: ChatCompletionRequest) -> PreparedGeneration:
-        return await self._preparer.chat(req)
+    async def prepare_chat(
+        self, req: ChatCompletionRequest, *, fit_max_tokens: bool = False
+    ) -> PreparedGeneration:
+        return await self._preparer.chat(req, fit_max_tokens=fit_max_tokens)
+
+    async def count_chat_tokens(self, req: ChatCompletionRequest) -> int:
+        """The prompt tokens the request would decode (nothing is admitted or generated)."""
+        return await self._preparer.count_chat(req)
 
     async def prepare_completion(self, req: CompletionRequest) -> PreparedGeneration:
         return await self._preparer.completion(req)
@@ -73,8 +81,10 @@ class GenerationService:
         if self._running:
             await asyncio.wait(list(self._running))
 
-    async def generate(self, job: PreparedGeneration) -> AsyncIterator[Event | Finished]:
-        """Answer deltas as the engine produces them, then exactly one ``Finished``.
+    async def generate(self, job: PreparedGeneration) -> AsyncIterator[list[Event | Finished]]:
+        """Answer deltas as the engine produces them, then exactly one ``Finished``, in
+        batches: each batch is everything decoded since the consumer last asked (one item
+        while it keeps up with the engine).
 
         Leaving the iteration early (client gone) cancels the generation: a queued one never
         starts, a running one stops within one decode step.
@@ -92,11 +102,14 @@ class GenerationService:
         job.ticket.start(abort)
         try:
             while True:
-                item = await output.get()
-                if isinstance(item, Failed):
-                    raise as_api_error(item.error) from item.error
-                yield item
-                if isinstance(item, Finished):
+                batch = await output.get()
+                items = [item for item in batch if not isinstance(item, Failed)]
+                if items:
+                    yield items
+                if len(items) < len(batch):
+                    failure = next(item for item in batch if isinstance(item, Failed))
+                    raise as_api_error(failure.error) from failure.error
+                if isinstance(items[-1], Finished):
                     return
         finally:
             job.ticket.release()
@@ -156,5 +169,7 @@ class GenerationService:
                     prompt_ms=(first - result.started) * 1000,
                     decode_ms=(ended - first) * 1000,
                 ),
+                stop_sequence=pipeline.stop_sequence,
+                reasoning_tokens=min(pipeline.reasoning_tokens, result.completion_tokens),
             )
         )

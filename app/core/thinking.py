@@ -59,7 +59,7 @@ class ThinkingTags:
         self.end = ids(CLOSE)
         self.forced = ids(FORCED_CLOSE)
 
-    def budget(self, tokens: int, *, max_tokens: int, prompt: str) -> ThinkingBudget:
+    def budget(self, tokens: int, *, max_tokens: int, inside: bool) -> ThinkingBudget:
         """``tokens`` of thinking, at most what ``max_tokens`` leaves after the closing tag
         and the answer's share."""
         room = max_tokens - len(self.forced) - max_tokens // ANSWER_SHARE
@@ -68,7 +68,7 @@ class ThinkingTags:
             start=self.start,
             end=self.end,
             forced=self.forced,
-            inside=prompt_opens_thinking(prompt),
+            inside=inside,
         )
 
 

@@ -67,6 +67,9 @@ class TextPipeline:
                 else ToolCallParser()
             )
         self._single_call = options.single_tool_call
+        self._pushed = 0  # tokens pushed so far
+        self._thought_until = 0  # tokens pushed when the last reasoning delta came out
+        self._answer_from: int | None = None  # tokens pushed before the answer's first delta
 
     @property
     def finished(self) -> bool:
@@ -76,10 +79,25 @@ class TextPipeline:
         return self._single_call and self._tools is not None and self._tools.completed > 0
 
     @property
+    def reasoning_tokens(self) -> int:
+        """Tokens spent thinking: those before the answer's first delta (all of them up to
+        the last piece of reasoning when no answer follows); 0 without reasoning. A token
+        that ends the thought and starts the answer counts as the answer's."""
+        if not self._thought_until:
+            return 0
+        return self._thought_until if self._answer_from is None else self._answer_from
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended the generation, if one did."""
+        return self._stop.matched
+
+    @property
     def tool_calls(self) -> list[ParsedToolCall]:
         return self._tools.calls if self._tools is not None else []
 
     def push(self, token_id: int) -> list[Delta]:
+        self._pushed += 1
         text = self._stop.push(self._utf8.push(token_id))
         return self._route(self._reasoning.push(text), final=False) if text else []
 
@@ -93,8 +111,12 @@ class TextPipeline:
         deltas: list[Delta] = []
         for kind, text in segments:
             if kind == "reasoning":
+                self._thought_until = self._pushed
                 deltas.append(Delta(reasoning=text))
-            elif self._tools is None:
+                continue
+            if self._answer_from is None:
+                self._answer_from = self._pushed - 1
+            if self._tools is None:
                 deltas.append(Delta(content=text))
             else:
                 deltas += _answer(self._tools.push(text))

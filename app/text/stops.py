@@ -20,6 +20,8 @@ class StopMatcher:
         self._stop = tuple(s for s in stop if s)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that ended the text (the earliest one found), once it has."""
 
     def push(self, text: str) -> str:
         """Text now safe to send. After a stop string is found, always ``""``."""
@@ -30,10 +32,11 @@ class StopMatcher:
         # Only the held text plus the new text can contain a stop string that was not there
         # before, and only one starting in the held part or the new one.
         self._held += text
-        found = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
+        found = [(i, s) for s in self._stop if (i := self._held.find(s)) >= 0]
         if found:
+            at, self.matched = min(found, key=lambda hit: hit[0])
             self.stopped = True
-            released, self._held = self._held[: min(found)], ""
+            released, self._held = self._held[:at], ""
             return released
         cut = len(self._held) - partial_tag_suffix(self._held, self._stop)
         released, self._held = self._held[:cut], self._held[cut:]

@@ -1,0 +1,313 @@
+"""``POST /v1/messages`` requests (Anthropic Messages), and their translation into a chat
+completion request.
+
+A Messages request becomes one ``ChatCompletionRequest`` and runs through the same
+preparation, engine and text pipeline as ``/v1/chat/completions``. What the translation does:
+
+- ``system`` (a string or a list of text blocks; ``cache_control`` is ignored) becomes the
+  first system message, its blocks joined by blank lines. A ``system`` message inside
+  ``messages`` (Claude Code sends them) stays where it is.
+- A user message's ``tool_result`` blocks become tool messages (in order, before the message's
+  text), its ``text`` blocks one user message. An assistant message's ``text`` blocks are its
+  content, its ``tool_use`` blocks its tool calls, its ``thinking`` blocks its
+  ``reasoning_content`` (the signature, often empty, is ignored; ``redacted_thinking`` is
+  dropped). Images, documents and the server tools' blocks are a 400 naming them: the model
+  reads text only.
+- ``tools`` (client tools: ``name``, ``description``, ``input_schema``) are function tools.
+  Server tools (a ``type`` such as ``web_search_20250305`` or ``bash_20250124``) are a 400
+  that names them, unless the server runs with ``--skip-unsupported-tools``, which leaves them
+  out (logged). ``tool_choice`` ``auto``/``any``/``tool``/``none`` map to the chat API's
+  ``auto``/``required``/a named function/``none``; ``disable_parallel_tool_use`` to
+  ``parallel_tool_calls: false``.
+- ``thinking`` ``enabled`` and ``adaptive`` turn Qwen3's thinking on, ``disabled`` off
+  (``budget_tokens`` is not enforced); without it the server's default holds.
+- ``max_tokens`` is required, as Anthropic requires it. It is a ceiling, and agents send their
+  own model's (Claude Code: 32000 or 64000), so one above what the context leaves after the
+  prompt is lowered to that room rather than refused.
+
+A final assistant message (Anthropic's "prefill") is a 400: the chat template always opens a
+new assistant turn, so the answer would not continue the given text. Accepted and ignored:
+``metadata``, ``context_management``, ``output_config``, ``service_tier``, ``cache_control``,
+the ``anthropic-beta`` and ``anthropic-version`` headers and the ``?beta=true`` query.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag, ValidationError
+
+from app.api.schemas import ChatCompletionRequest, RequestModel
+from app.errors import InvalidRequest, validation_error
+
+logger = logging.getLogger(__name__)
+
+
+class TextBlock(RequestModel):
+    type: Literal["text"]
+    text: str
+
+
+class OtherBlock(RequestModel):
+    """A content block this server cannot read (an image, a document, a server tool's)."""
+
+    type: str
+
+
+def _nested_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else value.type
+    return "text" if kind == "text" else "other"
+
+
+ResultContent = list[
+    Annotated[
+        Annotated[TextBlock, Tag("text")] | Annotated[OtherBlock, Tag("other")],
+        Discriminator(_nested_kind),
+    ]
+]
+
+
+class ToolUseBlock(RequestModel):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(RequestModel):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | ResultContent | None = None
+    is_error: bool | None = None
+
+
+class ThinkingBlock(RequestModel):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(RequestModel):
+    type: Literal["redacted_thinking"]
+
+
+_BLOCK_TYPES = frozenset({"text", "tool_use", "tool_result", "thinking", "redacted_thinking"})
+
+
+def _block_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else value.type
+    return kind if kind in _BLOCK_TYPES else "other"
+
+
+ContentBlock = Annotated[
+    Annotated[TextBlock, Tag("text")]
+    | Annotated[ToolUseBlock, Tag("tool_use")]
+    | Annotated[ToolResultBlock, Tag("tool_result")]
+    | Annotated[ThinkingBlock, Tag("thinking")]
+    | Annotated[RedactedThinkingBlock, Tag("redacted_thinking")]
+    | Annotated[OtherBlock, Tag("other")],
+    Discriminator(_block_kind),
+]
+
+
+class Message(RequestModel):
+    role: Literal["user", "assistant", "system"]
+    content: str | list[ContentBlock]
+
+
+class ClientTool(RequestModel):
+    type: Literal["custom"] | None = None
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+
+class ServerTool(RequestModel):
+    type: str
+    name: str | None = None
+
+
+def _tool_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else value.type
+    return "client" if kind in (None, "custom") else "server"
+
+
+Tool = Annotated[
+    Annotated[ClientTool, Tag("client")] | Annotated[ServerTool, Tag("server")],
+    Discriminator(_tool_kind),
+]
+
+
+class ToolChoice(RequestModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class Thinking(RequestModel):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+
+
+class CountTokensRequest(RequestModel):
+    """``POST /v1/messages/count_tokens``: a Messages request without the generation."""
+
+    model: str | None = None
+    system: str | list[TextBlock] | None = None
+    messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(None, ge=0.0, le=1.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    stream: bool = False
+
+
+def to_chat(req: CountTokensRequest, *, skip_unsupported_tools: bool) -> ChatCompletionRequest:
+    body: dict[str, Any] = {"model": req.model, "messages": _messages(req)}
+    tools = _tools(req.tools or [], skip_unsupported_tools)
+    if tools:
+        body["tools"] = tools
+    choice = req.tool_choice
+    if choice is not None:
+        if choice.type == "tool":
+            if not choice.name:
+                raise InvalidRequest(
+                    "tool_choice of type 'tool' needs a 'name'", param="tool_choice.name"
+                )
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        else:
+            body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+        if choice.disable_parallel_tool_use:
+            body["parallel_tool_calls"] = False
+    if req.thinking is not None:
+        body["chat_template_kwargs"] = {"enable_thinking": req.thinking.type != "disabled"}
+    if isinstance(req, MessagesRequest):
+        body |= {
+            "max_tokens": req.max_tokens,
+            "stop": req.stop_sequences,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "top_k": req.top_k,
+            "stream": req.stream,
+        }
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+
+
+def _tools(tools: list[ClientTool | ServerTool], skip: bool) -> list[dict[str, Any]]:
+    offered = []
+    for n, tool in enumerate(tools):
+        if isinstance(tool, ClientTool):
+            function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
+            if tool.description is not None:
+                function["description"] = tool.description
+            offered.append({"type": "function", "function": function})
+        elif skip:
+            logger.info("leaving out tools[%d]: a '%s' server tool", n, tool.type)
+        else:
+            raise InvalidRequest(
+                f"tools[{n}] is a '{tool.type}' server tool, which this server cannot run (it "
+                "runs client tools: name, description, input_schema). Leave it out, or start "
+                "the server with --skip-unsupported-tools to have such tools ignored.",
+                param=f"tools[{n}]",
+                code="unsupported_tool",
+            )
+    return offered
+
+
+def _unreadable(where: str, kind: str, role: str | None = None) -> InvalidRequest:
+    found = f"a '{kind}' block" + (f" in a '{role}' message" if role else "")
+    return InvalidRequest(
+        f"{where} is {found}; this server reads text blocks, tool_result blocks from the user "
+        "and tool_use and thinking blocks from the assistant.",
+        param=where,
+        code="unsupported_content",
+    )
+
+
+def _text(blocks: str | Sequence[TextBlock | OtherBlock] | None, where: str) -> str:
+    """Text blocks joined by blank lines (Claude Code's own blocks end where a new line of
+    thought starts: its system prompt's header, its reminders)."""
+    if blocks is None or isinstance(blocks, str):
+        return blocks or ""
+    texts = []
+    for n, block in enumerate(blocks):
+        if not isinstance(block, TextBlock):
+            raise _unreadable(f"{where}[{n}]", block.type)
+        texts.append(block.text)
+    return "\n\n".join(texts)
+
+
+def _messages(req: CountTokensRequest) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    system = _text(req.system, "system")
+    if system:
+        messages.append({"role": "system", "content": system})
+    for n, message in enumerate(req.messages):
+        if isinstance(message.content, str):
+            messages.append({"role": message.role, "content": message.content})
+        elif message.role == "assistant":
+            messages.append(_assistant_turn(message.content, f"messages[{n}].content"))
+        else:
+            messages += _user_turn(message.role, message.content, f"messages[{n}].content")
+    if req.messages[-1].role == "assistant":
+        raise InvalidRequest(
+            "The last message is the assistant's (a prefill); this server always starts a new "
+            "assistant turn, so end with a user message.",
+            param="messages",
+            code="unsupported_prefill",
+        )
+    return messages
+
+
+def _assistant_turn(content: list[ContentBlock], where: str) -> dict[str, Any]:
+    texts: list[TextBlock] = []
+    calls: list[dict[str, Any]] = []
+    thoughts: list[str] = []
+    for m, block in enumerate(content):
+        if isinstance(block, TextBlock):
+            texts.append(block)
+        elif isinstance(block, ToolUseBlock):
+            arguments = json.dumps(block.input, ensure_ascii=False)
+            function = {"name": block.name, "arguments": arguments}
+            calls.append({"id": block.id, "type": "function", "function": function})
+        elif isinstance(block, ThinkingBlock):
+            thoughts.append(block.thinking)
+        elif not isinstance(block, RedactedThinkingBlock):
+            raise _unreadable(f"{where}[{m}]", block.type, "assistant")
+    text = _text(texts, where)
+    turn: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        turn["tool_calls"] = calls
+    if thoughts:
+        turn["reasoning_content"] = "".join(thoughts)
+    return turn
+
+
+def _user_turn(role: str, content: list[ContentBlock], where: str) -> list[dict[str, Any]]:
+    """Tool results first (they answer the assistant turn before), then the text, if any."""
+    turns: list[dict[str, Any]] = []
+    texts: list[TextBlock] = []
+    for m, block in enumerate(content):
+        if isinstance(block, TextBlock):
+            texts.append(block)
+        elif isinstance(block, ToolResultBlock) and role == "user":
+            result = _text(block.content, f"{where}[{m}].content")
+            turns.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": result})
+        else:
+            raise _unreadable(f"{where}[{m}]", block.type, role)
+    if texts or not turns:
+        turns.append({"role": role, "content": _text(texts, where)})
+    return turns

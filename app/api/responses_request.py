@@ -1,0 +1,369 @@
+"""``POST /v1/responses`` requests, and their translation into a chat completion request.
+
+The Responses API is served statelessly, the way Codex uses it (``store: false``): every
+request carries its whole conversation in ``input``, so it becomes one
+``ChatCompletionRequest`` and runs through the same preparation, engine and text pipeline as
+``/v1/chat/completions``. What the translation does, item by item:
+
+- ``instructions`` and ``developer``/``system`` messages become system messages (Codex sends
+  its system prompt as ``developer`` messages); ``input_text`` and ``output_text`` parts are
+  text.
+- ``function_call`` items become the assistant's tool calls, ``function_call_output`` items
+  tool messages, and a ``reasoning`` item the ``reasoning_content`` of the assistant turn
+  after it (Qwen3's template keeps it for the turn in progress). ``encrypted_content`` is
+  never produced here and is ignored.
+- ``function`` tools are offered as they are. A ``namespace`` tool (Codex's sub-agent tools)
+  is flattened: its functions are offered as ``<namespace>.<name>`` and a call of one comes
+  back as ``name`` plus ``namespace``, as Codex expects. Any other tool type — hosted tools
+  such as ``web_search``, ``file_search``, ``custom`` (freeform grammar) tools, ``tool_search``
+  — is a 400 that names it, unless the server runs with ``--skip-unsupported-tools``, which
+  leaves them out (logged) so that a client whose config offers them still works.
+- ``reasoning.effort`` ``none`` turns Qwen3's thinking off, any other effort turns it on;
+  without an effort the server's default holds. ``text.format`` is the chat API's
+  ``response_format``.
+
+Fields that need server-side state are refused (400): ``previous_response_id``,
+``conversation``, a stored ``prompt``, ``background: true``. Fields that ask nothing of a
+stateless server are accepted and ignored: ``store`` (nothing is ever stored), ``include``,
+``prompt_cache_key`` (the KV cache reuses a shared prefix by itself), ``client_metadata``,
+``metadata``, ``user``, ``safety_identifier``, ``service_tier``, ``truncation``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag, ValidationError
+
+from app.api.schemas import ChatCompletionRequest, RequestModel
+from app.errors import InvalidRequest, validation_error
+
+logger = logging.getLogger(__name__)
+
+TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
+
+
+class ContentPart(RequestModel):
+    type: str
+    text: str | None = None
+    refusal: str | None = None
+
+
+Content = str | list[ContentPart]
+
+
+def content_text(content: Content | None, where: str) -> str:
+    """The text of a message's content; a part that is not text (an image, a file, audio)
+    is a 400, since the model reads text only."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for n, part in enumerate(content):
+        if part.type in TEXT_PARTS and part.text is not None:
+            texts.append(part.text)
+        elif part.type == "refusal" and part.refusal is not None:
+            texts.append(part.refusal)
+        else:
+            raise InvalidRequest(
+                f"{where}.content[{n}] is of type '{part.type}'; this server reads text only.",
+                param=f"{where}.content[{n}]",
+                code="unsupported_content",
+            )
+    return "".join(texts)
+
+
+class MessageItem(RequestModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Content
+
+
+class FunctionCallItem(RequestModel):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    namespace: str | None = None
+
+
+class FunctionCallOutputItem(RequestModel):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Content
+
+
+class ReasoningItem(RequestModel):
+    type: Literal["reasoning"]
+    content: list[ContentPart] | None = None
+
+
+class OtherItem(RequestModel):
+    """An item type this server does not take (it says which, as a 400)."""
+
+    type: str
+
+
+_ITEM_TYPES = frozenset({"message", "function_call", "function_call_output", "reasoning"})
+
+
+def _item_kind(value: Any) -> str:
+    kind = value.get("type", "message") if isinstance(value, dict) else value.type
+    return kind if kind in _ITEM_TYPES else "other"
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")]
+    | Annotated[OtherItem, Tag("other")],
+    Discriminator(_item_kind),
+]
+
+
+class FunctionTool(RequestModel):
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class OtherTool(RequestModel):
+    type: str
+    name: str | None = None
+
+
+def _tool_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else value.type
+    return kind if kind in ("function", "namespace") else "other"
+
+
+class NamespaceTool(RequestModel):
+    type: Literal["namespace"]
+    name: str
+    description: str | None = None
+    tools: list[
+        Annotated[
+            Annotated[FunctionTool, Tag("function")] | Annotated[OtherTool, Tag("other")],
+            Discriminator(lambda v: "function" if _tool_kind(v) == "function" else "other"),
+        ]
+    ]
+
+
+ToolIn = Annotated[
+    Annotated[FunctionTool, Tag("function")]
+    | Annotated[NamespaceTool, Tag("namespace")]
+    | Annotated[OtherTool, Tag("other")],
+    Discriminator(_tool_kind),
+]
+
+
+class FunctionChoice(RequestModel):
+    type: Literal["function"]
+    name: str
+
+
+class ReasoningConfig(RequestModel):
+    effort: str | None = None
+
+
+class TextFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(RequestModel):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(RequestModel):
+    model: str | None = None
+    input: str | list[InputItem]
+    instructions: str | None = None
+    tools: list[ToolIn] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    reasoning: ReasoningConfig | None = None
+    text: TextConfig | None = None
+    stream: bool = False
+    previous_response_id: str | None = None
+    conversation: Any = None
+    prompt: Any = None
+    background: bool | None = None
+
+
+_STATEFUL = {
+    "previous_response_id": "this server stores no responses: send the whole conversation "
+    "in 'input' instead of 'previous_response_id'",
+    "conversation": "this server keeps no conversations: send the whole conversation in 'input'",
+    "prompt": "this server has no stored prompts: send 'instructions' instead",
+    "background": "background responses must be stored and fetched later; this server stores "
+    "nothing",
+}
+
+
+def _refuse_stateful(req: ResponsesRequest) -> None:
+    for field, why in _STATEFUL.items():
+        if getattr(req, field):
+            raise InvalidRequest(
+                f"'{field}' is not supported: {why}.", param=field, code="unsupported_parameter"
+            )
+    if not req.input:
+        raise InvalidRequest("'input' must not be empty.", param="input", code="invalid_value")
+
+
+@dataclass(frozen=True)
+class ChatTranslation:
+    """A Responses request as a chat request, with what the response needs to undo."""
+
+    chat: ChatCompletionRequest
+    namespaces: dict[str, tuple[str, str]]
+    """Offered tool name -> (namespace, function name), for each flattened namespace tool."""
+    tools: list[dict[str, Any]]
+    """The function tools offered, as chat tools (flattened names)."""
+
+
+def to_chat(req: ResponsesRequest, *, skip_unsupported_tools: bool) -> ChatTranslation:
+    _refuse_stateful(req)
+    tools, namespaces = _tools(req.tools or [], skip_unsupported_tools)
+    body: dict[str, Any] = {
+        "model": req.model,
+        "messages": _messages(req),
+        "stream": req.stream,
+        "max_tokens": req.max_output_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "parallel_tool_calls": req.parallel_tool_calls,
+    }
+    if tools:
+        body["tools"] = tools
+    choice = req.tool_choice
+    if isinstance(choice, FunctionChoice):
+        body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+    elif choice is not None:
+        body["tool_choice"] = choice
+    effort = req.reasoning.effort if req.reasoning is not None else None
+    if effort is not None:
+        body["chat_template_kwargs"] = {"enable_thinking": effort != "none"}
+    fmt = req.text.format if req.text is not None else None
+    if fmt is not None and fmt.type != "text":
+        body["response_format"] = {"type": fmt.type}
+        if fmt.type == "json_schema":
+            body["response_format"]["json_schema"] = {
+                "name": fmt.name,
+                "description": fmt.description,
+                "schema": fmt.schema_,
+                "strict": fmt.strict,
+            }
+    try:
+        chat = ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+    return ChatTranslation(chat, namespaces, tools)
+
+
+def _unsupported_tool(where: str, kind: str, skip: bool) -> None:
+    if skip:
+        logger.info("leaving out %s: a '%s' tool, which this server cannot run", where, kind)
+        return
+    raise InvalidRequest(
+        f"{where} is a '{kind}' tool, which this server cannot run (it runs function tools "
+        'only). Leave it out of the request (Codex: web_search = "disabled"), or start the '
+        "server with --skip-unsupported-tools to have such tools ignored.",
+        param=where,
+        code="unsupported_tool",
+    )
+
+
+def _function(tool: FunctionTool, name: str) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": name, "parameters": tool.parameters}
+    if tool.description is not None:
+        function["description"] = tool.description
+    if tool.strict is not None:
+        function["strict"] = tool.strict
+    return {"type": "function", "function": function}
+
+
+def _tools(
+    tools: list[FunctionTool | NamespaceTool | OtherTool], skip: bool
+) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
+    offered: list[dict[str, Any]] = []
+    namespaces: dict[str, tuple[str, str]] = {}
+    for n, tool in enumerate(tools):
+        where = f"tools[{n}]"
+        if isinstance(tool, FunctionTool):
+            offered.append(_function(tool, tool.name))
+        elif isinstance(tool, NamespaceTool):
+            for m, inner in enumerate(tool.tools):
+                if isinstance(inner, FunctionTool):
+                    flat = f"{tool.name}.{inner.name}"
+                    namespaces[flat] = (tool.name, inner.name)
+                    offered.append(_function(inner, flat))
+                else:
+                    _unsupported_tool(f"{where}.tools[{m}]", inner.type, skip)
+        else:
+            _unsupported_tool(where, tool.type, skip)
+    return offered, namespaces
+
+
+def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    if req.instructions:
+        messages.append({"role": "system", "content": req.instructions})
+    if isinstance(req.input, str):
+        messages.append({"role": "user", "content": req.input})
+        return messages
+    reasoning: str | None = None  # a reasoning item, waiting for its assistant turn
+    for n, item in enumerate(req.input):
+        where = f"input[{n}]"
+        if isinstance(item, MessageItem):
+            message: dict[str, Any] = {
+                "role": item.role,
+                "content": content_text(item.content, where),
+            }
+            if item.role == "assistant" and reasoning is not None:
+                message["reasoning_content"], reasoning = reasoning, None
+            messages.append(message)
+        elif isinstance(item, FunctionCallItem):
+            name = f"{item.namespace}.{item.name}" if item.namespace else item.name
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": name, "arguments": item.arguments},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                if reasoning is not None:
+                    messages[-1]["reasoning_content"], reasoning = reasoning, None
+        elif isinstance(item, FunctionCallOutputItem):
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item.call_id,
+                    "content": content_text(item.output, f"{where}.output"),
+                }
+            )
+        elif isinstance(item, ReasoningItem):
+            reasoning = content_text(item.content, where) or None
+        else:
+            raise InvalidRequest(
+                f"{where} is a '{item.type}' item, which this server does not take (it takes "
+                "message, function_call, function_call_output and reasoning items).",
+                param=where,
+                code="unsupported_item",
+            )
+    return messages
