@@ -24,6 +24,8 @@ _SWITCH_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off
 KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 """The KV cache data types ``llama-server --cache-type-k/-v`` accepts (ggml's type names)."""
 UNQUANTIZED_KV_TYPES = ("f32", "f16", "bf16")
+_NOT_ECMASCRIPT = re.compile(r"\(\?(<[=!]|P|#|>|[aiLmsux-])|(?<!\\)\\[AZz]|(?<!\\)[*+?}]\+")
+"""Python regex syntax that llama.cpp's ``std::regex`` (ECMAScript) rejects or reads otherwise."""
 
 
 def _default_cache_dir() -> Path:
@@ -223,6 +225,12 @@ class Settings(BaseSettings):
                         f"--override-tensor {rule!r}: {pattern!r} is not a regular "
                         f"expression ({exc})"
                     ) from exc
+                if _NOT_ECMASCRIPT.search(pattern):
+                    raise ValueError(
+                        f"--override-tensor {rule!r}: llama.cpp matches with ECMAScript "
+                        "regular expressions (std::regex), which have no lookbehind, named "
+                        "groups, inline flags, possessive quantifiers or \\A/\\Z"
+                    )
                 rules.append(f"{pattern}={buffer_type.strip()}")
         return rules
 

@@ -122,12 +122,23 @@ def test_every_knob_is_a_flag_and_a_variable(monkeypatch: pytest.MonkeyPatch) ->
         (["--cache-type-k", "q9_9"], "--cache-type-k"),
         (["--override-tensor", "no-buffer-type"], "--override-tensor 'no-buffer-type'"),
         (["--override-tensor", "(unclosed=CPU"], "--override-tensor '(unclosed=CPU'"),
+        (["--override-tensor", r"(?<=blk)\.0=CPU"], "ECMAScript"),
         (["--override-tensor", "ffn_.*_exps=NOSUCH0"], "--override-tensor ffn_.*_exps=NOSUCH0"),
         (["--n-cpu-moe", "-1"], "--n-cpu-moe"),
         (["--cache-ram", "-2"], "--cache-ram"),
         (["--reasoning-budget", "-2"], "--reasoning-budget"),
     ],
-    ids=["v-without-fa", "k-type", "rule", "regex", "buffer-type", "ncmoe", "ram", "budget"],
+    ids=[
+        "v-without-fa",
+        "k-type",
+        "rule",
+        "regex",
+        "lookbehind",
+        "buffer-type",
+        "ncmoe",
+        "ram",
+        "budget",
+    ],
 )
 def test_an_invalid_knob_stops_the_start_naming_its_flag(argv: list[str], flag: str) -> None:
     with pytest.raises(SystemExit) as stopped:
@@ -206,6 +217,19 @@ def test_cpu_moe_and_override_tensor_rules_reach_llama_cpp(
     )
     backend.close()
     assert "llama.cpp reported no tensor matched" in caplog.text
+
+
+@pytest.mark.falsifies("QWEN3_MOE_LLAMA_KNOBS_V1_006")
+def test_a_rule_llama_cpp_cannot_apply_fails_the_load_naming_the_flags(
+    demo_model_path: Path,
+) -> None:
+    """A regex past the settings' checks that llama.cpp's std::regex still rejects: the load
+    fails with llama.cpp's own words and the flags, not a bare "failed to load"."""
+    config = engine_config(demo_model_path, n_ctx=256, tensor_overrides=((r"(?<=blk)\.0", "CPU"),))
+    with pytest.raises(
+        ValueError, match=r"--override-tensor.*llama.cpp said: .*regular expression"
+    ):
+        BatchedLlamaBackend(config, parallel=1)
 
 
 def test_without_knobs_parallel_1_stays_on_the_one_slot_engine(demo_model_path: Path) -> None:
@@ -305,9 +329,13 @@ def metric(text: str, name: str) -> float:
 
 
 @pytest.mark.falsifies("QWEN3_MOE_LLAMA_KNOBS_V1_003")
-@pytest.mark.parametrize("parallel", [1, 2])
+@pytest.mark.parametrize(
+    ("parallel", "kv_unified"),
+    [(1, False), (2, False), (2, True)],
+    ids=["one-slot", "two-slots", "two-slots-unified-kv"],
+)
 async def test_a_conversation_whose_slot_was_taken_is_restored_from_host_memory(
-    slow_model_path: Path, cold: BatchedLlamaBackend, parallel: int
+    slow_model_path: Path, cold: BatchedLlamaBackend, parallel: int, kv_unified: bool
 ) -> None:
     """Conversations A, B, C on fewer slots: A's second turn restores A's saved state, decodes
     only its new turn (and the one token re-decoded for its logits), and answers exactly as a

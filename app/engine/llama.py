@@ -175,11 +175,22 @@ def load_model(config: EngineConfig) -> tuple[Any, Placement]:
     llama_cpp.llama_backend_init()
     placement = Placement(config.tensor_overrides)
     with captured_llama_log() as log:
-        model = _internals.LlamaModel(
-            path_model=str(config.model_path),
-            params=config.model_params(placement),
-            verbose=False,
-        )
+        try:
+            model = _internals.LlamaModel(
+                path_model=str(config.model_path),
+                params=config.model_params(placement),
+                verbose=False,
+            )
+        except ValueError as exc:
+            if not config.tensor_overrides:
+                raise
+            # A rule llama.cpp could not apply (a regex its std::regex rejects, say): say so.
+            said = " ".join(line.strip() for line in log if "error" in line.lower())
+            raise ValueError(
+                f"{config.model_path.name} did not load with the tensor overrides "
+                f"(--override-tensor, --cpu-moe, --n-cpu-moe) {list(config.tensor_overrides)}; "
+                f"llama.cpp said: {said or 'nothing'}"
+            ) from exc
     placement.record(log)
     check_kv_cache_types(model, config)
     return model, placement

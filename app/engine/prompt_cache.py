@@ -6,8 +6,10 @@ Without it, a conversation whose slot was taken re-decodes its whole history on 
 with it, that history's KV state is copied back into a slot (``llama_state_seq_set_data``),
 which costs a memory copy instead of a prefill.
 
-This module is the bookkeeping only, and the scheduler thread is its one user (no locks). Its
-rules are llama-server's (``server_prompt_cache``, tools/server/server-task.cpp):
+This module is the bookkeeping only, and the scheduler thread is its one user (no locks; the
+counters that ``stats()`` reads from the event loop are plain integers, never an iteration
+over the entries). Its rules are llama-server's (``server_prompt_cache``,
+tools/server/server-task.cpp):
 
 - An entry is the exact token list whose KV cells the state holds, and the state's bytes; the
   two are saved together and never change (a tuple and a buffer nobody writes again).
@@ -68,6 +70,7 @@ class PromptCache:
         """``limit_bytes``: the budget; ``None``: no limit."""
         self.limit_bytes = limit_bytes
         self._entries: deque[SavedPrompt] = deque()  # least recently saved first
+        self._held = 0  # bytes of the entries
         self.hits = 0
         self.misses = 0
         self.saved_bytes = 0
@@ -77,7 +80,7 @@ class PromptCache:
 
     @property
     def bytes(self) -> int:
-        return sum(entry.size for entry in self._entries)
+        return self._held
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -107,17 +110,25 @@ class PromptCache:
         if not tokens or self.covers(tokens) or not self.fits(len(state)):
             return False
         saved = SavedPrompt(tuple(tokens), state)
-        self._entries = deque(
-            e for e in self._entries if common_prefix(e.tokens, saved.tokens) < len(e.tokens)
-        )
-        if self.limit_bytes is not None:
-            held = self.bytes
-            while self._entries and held + saved.size > self.limit_bytes:
-                held -= self._entries.popleft().size
-                self.evictions += 1
+        for covered in [
+            e for e in self._entries if common_prefix(e.tokens, tokens) == len(e.tokens)
+        ]:
+            self._remove(covered)
+        while (
+            self.limit_bytes is not None
+            and self._entries
+            and (self._held + saved.size > self.limit_bytes)
+        ):
+            self._remove(self._entries[0])
+            self.evictions += 1
         self._entries.append(saved)
+        self._held += saved.size
         self.saved_bytes += saved.size
         return True
+
+    def _remove(self, entry: SavedPrompt) -> None:
+        self._entries.remove(entry)
+        self._held -= entry.size
 
     def find(
         self, prompt: Sequence[int], *, better_than: int, min_share: float
@@ -138,7 +149,7 @@ class PromptCache:
     def take(self, entry: SavedPrompt) -> None:
         """``entry`` is being restored into a slot: it leaves the cache (the slot holds it
         now, and saves it again when another conversation takes the slot)."""
-        self._entries.remove(entry)
+        self._remove(entry)
 
     def hit(self, entry: SavedPrompt, tokens: int) -> None:
         """``entry`` was restored and ``tokens`` of it kept."""
