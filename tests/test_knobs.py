@@ -643,3 +643,27 @@ async def test_models_and_health_are_503_until_the_model_is_loaded(
             await asyncio.sleep(0.05)
         card = (await client.get("/v1/models")).json()["data"][0]
     assert card["context_length"] == 512
+
+
+@pytest.mark.falsifies("QWEN3_MOE_LLAMA_KNOBS_V1_005")
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_the_agent_apis_carry_their_thinking_budgets(
+    scripted: Callable[..., Backend], engine: str
+) -> None:
+    """Anthropic's ``thinking.budget_tokens`` is the thinking budget on /v1/messages (the
+    thinking block is cut there and the answer follows); the Responses API's
+    ``reasoning.effort`` is ``reasoning_effort`` (``none`` pre-fills an empty block)."""
+    async with chat_client(scripted(LONG_THINK_SCRIPT, engine)) as client:
+        body = {"model": "qwen3-moe-demo", "max_tokens": 200, "messages": HELLO, "temperature": 0}
+        body["thinking"] = {"type": "enabled", "budget_tokens": 3}
+        message = (await client.post("/v1/messages", json=body)).json()
+        responses = {"model": "qwen3-moe-demo", "input": "Hello!", "temperature": 0}
+        none = await client.post(
+            "/v1/responses", json={**responses, "reasoning": {"effort": "none"}}
+        )
+        low = await client.post("/v1/responses", json={**responses, "reasoning": {"effort": "low"}})
+    blocks = {block["type"]: block for block in message["content"]}
+    assert blocks["thinking"]["thinking"] == thought_of(3)
+    assert blocks["text"]["text"] == b"".join(LONG_ANSWER).decode()
+    assert none.status_code == low.status_code == 200, (none.text, low.text)
+    assert none.json()["usage"]["input_tokens"] > low.json()["usage"]["input_tokens"]
