@@ -80,6 +80,7 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+import numpy.typing as npt
 
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
@@ -377,10 +378,25 @@ class BatchedLlamaBackend:
         for slot, tokens in fed.items():
             slot.tokens.extend(tokens)
         updates = ended
-        for index, slot in outputs:
-            updates += self._sample(slot, index)
+        greedy = self._greedy_tokens(outputs)
+        for row, (index, slot) in enumerate(outputs):
+            updates += self._sample(slot, index, None if greedy is None else int(greedy[row]))
         self._post(updates)
         return True
+
+    def _greedy_tokens(self, outputs: list[tuple[int, _Slot]]) -> npt.NDArray[np.intp] | None:
+        """The most likely token of every output row, in one numpy pass over the step's logits,
+        when any sequence samples plain greedy (else None). llama.cpp's own greedy sampler
+        builds a candidate array of the whole vocabulary per sequence: ~0.3 ms each for Qwen's
+        151,936 tokens, 20 ms a step at 64 streams, against ~5 ms for one argmax over all."""
+        if not any(
+            slot.sequence is not None and slot.sequence.sampler is None for _, slot in outputs
+        ):
+            return None
+        logits = llama_cpp.llama_get_logits(self._ctx)
+        rows = np.ctypeslib.as_array(logits, shape=(len(outputs), self._n_vocab))
+        best: npt.NDArray[np.intp] = np.argmax(rows, axis=1)
+        return best
 
     def _has_running(self) -> bool:
         return any(slot.sequence is not None for slot in self._slots)
@@ -444,7 +460,10 @@ class BatchedLlamaBackend:
         del slot.tokens[reuse:]
         slot.last_used = next(self._uses)
         sequence.cached = reuse
-        sequence.sampler = self._new_sampler(sequence.sampling)
+        # Plain greedy needs no sampler: its token is an argmax over the step's logits.
+        sequence.sampler = (
+            None if sequence.sampling.argmax else self._new_sampler(sequence.sampling)
+        )
         budget = sequence.sampling.thinking_budget
         if budget is not None:
             sequence.budget = BudgetTracker(budget, self.tokenizer.token_bytes)
@@ -528,24 +547,12 @@ class BatchedLlamaBackend:
     def _fill_batch(
         self, running: list[_Slot]
     ) -> tuple[dict[_Slot, list[int]], list[tuple[int, _Slot]]]:
-        """Next tokens of decoding sequences first, then prompt chunks in placement order."""
-        batch = self._batch
+        """The step's tokens: the next token of every decoding sequence first, then prompt
+        chunks in placement order, up to ``n_batch`` in all; written in sequence-id order
+        (each sequence's tokens together), so that a split KV cache decodes one micro-batch
+        per run of consecutive ids and no more."""
         fed: dict[_Slot, list[int]] = {}
-        outputs: list[tuple[int, _Slot]] = []
-        n = 0
-
-        def add(slot: _Slot, token: int, logits: bool) -> None:
-            nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = len(slot.tokens) + len(fed.setdefault(slot, []))
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot.seq_id
-            batch.logits[n] = logits
-            fed[slot].append(token)
-            if logits:
-                outputs.append((n, slot))
-            n += 1
-
+        budget = self._n_batch
         prefilling = []
         for slot in running:
             sequence = slot.sequence
@@ -553,31 +560,59 @@ class BatchedLlamaBackend:
             if sequence.next_token is None:
                 prefilling.append(slot)
             elif not sequence.parked:
-                add(slot, sequence.next_token, logits=True)
+                fed[slot] = [sequence.next_token]
+                budget -= 1
         prefilling.sort(key=lambda s: s.last_used)
         for slot in prefilling:
+            if budget == 0:
+                break
             sequence = slot.sequence
             assert sequence is not None
             start = len(slot.tokens)
-            chunk = sequence.prompt[start : start + self._n_batch - n]
-            for offset, token in enumerate(chunk):
-                add(slot, token, logits=start + offset == len(sequence.prompt) - 1)
-            if n == self._n_batch:
-                break
+            fed[slot] = sequence.prompt[start : start + budget]
+            budget -= len(fed[slot])
+
+        batch = self._batch
+        outputs: list[tuple[int, _Slot]] = []
+        n = 0
+        for slot in sorted(fed, key=lambda s: s.seq_id):
+            sequence = slot.sequence
+            assert sequence is not None
+            position = len(slot.tokens)
+            prompt_end = len(sequence.prompt) if sequence.next_token is None else -1
+            for token in fed[slot]:
+                logits = sequence.next_token is not None or position == prompt_end - 1
+                batch.token[n] = token
+                batch.pos[n] = position
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq_id
+                batch.logits[n] = logits
+                if logits:
+                    outputs.append((n, slot))
+                position += 1
+                n += 1
         batch.n_tokens = n
         return fed, outputs
 
-    def _sample(self, slot: _Slot, index: int) -> list[tuple[_Sequence, Update]]:
+    def _sample(
+        self, slot: _Slot, index: int, most_likely: int | None
+    ) -> list[tuple[_Sequence, Update]]:
+        """Sample the sequence's token from batch row ``index`` (``most_likely``: the row's
+        argmax, which a sequence without a sampler takes)."""
         sequence = slot.sequence
         assert sequence is not None
         sequence.next_token = None
         budget = sequence.budget
         forced = budget.forced() if budget is not None else None
-        if forced is None:
-            token = int(llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
-        else:
+        if forced is not None:
             token = forced  # the thinking budget is spent: the engine closes the block
-            llama_cpp.llama_sampler_accept(sequence.sampler, token)
+            if sequence.sampler is not None:
+                llama_cpp.llama_sampler_accept(sequence.sampler, token)
+        elif sequence.sampler is None:
+            assert most_likely is not None
+            token = most_likely
+        else:
+            token = int(llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
         if budget is not None:
             budget.observe(token)
         top = sequence.sampling.top_logprobs

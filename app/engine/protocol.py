@@ -102,6 +102,18 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def argmax(self) -> bool:
+        """Greedy with nothing else between the logits and the choice (no grammar, neutral
+        penalties): the most likely token, which an engine may take from the logits itself."""
+        return (
+            self.greedy
+            and not self.grammar
+            and self.repeat_penalty == 1.0
+            and self.frequency_penalty == 0.0
+            and self.presence_penalty == 0.0
+        )
+
 
 @dataclass(frozen=True)
 class GenerationResult:
