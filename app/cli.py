@@ -12,6 +12,7 @@ from pydantic_settings import CliApp
 
 from app.api.connections import timed_http_protocol
 from app.api.observability import JsonFormatter
+from app.engine import check_settings
 from app.main import create_app
 from app.settings import Settings
 
@@ -24,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
+        sys.exit(f"qwen3-moe-serve: invalid settings{_flags_of(exc)}:\n{exc}")
+    try:
+        check_settings(settings)  # what only this llama.cpp build can say (buffer types)
+    except ValueError as exc:
         sys.exit(f"qwen3-moe-serve: invalid settings:\n{exc}")
     configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
@@ -38,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s
         ),
     )
+
+
+def _flags_of(exc: ValidationError) -> str:
+    """`` (--n-ctx, --cache-type-k)``: the flags of the settings the errors are about."""
+    flags = sorted({f"--{str(e['loc'][0]).replace('_', '-')}" for e in exc.errors() if e["loc"]})
+    return f" ({', '.join(flags)})" if flags else ""
 
 
 def configure_logging(level: str, log_format: str) -> None:

@@ -148,6 +148,7 @@ def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: P
             reasoning_format=settings.reasoning_format,
             enable_thinking=settings.enable_thinking,
             tool_call_format=settings.tool_call_format,
+            reasoning_budget=settings.reasoning_budget,
         ),
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
@@ -163,6 +164,7 @@ def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: P
         waiting=lambda: max(admission.in_flight - admission.concurrency, 0),
         kv_cache_usage=backend.kv_cache_usage,
     )
+    metrics.track_prompt_cache(backend.prompt_cache_stats)
     app.state.load_status = "ok"
 
 

@@ -8,17 +8,24 @@ the field descriptions below. Flags win over the environment, which wins over th
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "QWEN3_MOE_SERVE_"
 
 FlashAttn = Literal["auto", "on", "off"]
 """llama.cpp's flash attention switch; ``auto`` lets llama.cpp decide per device."""
 _SWITCH_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
+
+KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+"""The KV cache data types ``llama-server --cache-type-k/-v`` accepts (ggml's type names)."""
+UNQUANTIZED_KV_TYPES = ("f32", "f16", "bf16")
+_NOT_ECMASCRIPT = re.compile(r"\(\?(<[=!]|P|#|>|[aiLmsux-])|(?<!\\)\\[AZz]|(?<!\\)[*+?}]\+")
+"""Python regex syntax that llama.cpp's ``std::regex`` (ECMAScript) rejects or reads otherwise."""
 
 
 def _default_cache_dir() -> Path:
@@ -112,6 +119,16 @@ class Settings(BaseSettings):
         description="Server-wide default for Qwen3 thinking; a request overrides it with "
         'chat_template_kwargs {"enable_thinking": ...} or /think and /no_think.',
     )
+    # Thinking budget (llama-server's --reasoning-budget); docs/llama-knobs.md.
+    reasoning_budget: int = Field(
+        -1,
+        ge=-1,
+        description="Default thinking budget in tokens: once a chat answer has thought this "
+        "long inside <think>, the server closes the block itself and the model answers. "
+        "-1 = unlimited, 0 = close it at once. A request sets its own with thinking_budget "
+        "or reasoning_effort; any budget is also kept below max_tokens, so thinking never "
+        "leaves the answer empty.",
+    )
     # Tool-call format (Qwen3's JSON calls or Qwen3-Coder's XML ones); docs/tool-calls.md.
     tool_call_format: Literal["auto", "qwen3", "qwen3_coder"] = Field(
         "auto",
@@ -138,6 +155,93 @@ class Settings(BaseSettings):
         description="Bounded channel between the engine thread and a response: the engine "
         "waits when a slow client lets this many text deltas pile up.",
     )
+
+    # -- llama.cpp knobs: expert placement, KV cache types, host-RAM prompt cache -----------
+    # Each is llama-server's flag of the same name and meaning (docs/llama-knobs.md says when
+    # to use which). Values that need the loaded llama.cpp build to check (buffer type names,
+    # block sizes against the model's head size) are checked when the model loads.
+    cpu_moe: bool = Field(
+        False,
+        description="Keep every layer's MoE expert tensors (ffn_up/down/gate_exps) in host "
+        "memory, the rest on the GPU (llama-server's --cpu-moe): Qwen3-30B-A3B on an 8-16 GB "
+        "GPU. Runs --parallel 1 on the batching engine (one slot). Harmless on a CPU build.",
+    )
+    n_cpu_moe: int = Field(
+        0,
+        ge=0,
+        description="Keep the MoE expert tensors of the first N layers in host memory "
+        "(llama-server's --n-cpu-moe): lower N until the GPU is full. 0 = none.",
+    )
+    override_tensor: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Put the tensors whose name matches a regex in a buffer type, as "
+        "PATTERN=BUFFER_TYPE[,PATTERN=BUFFER_TYPE...] (llama-server's -ot; repeatable; the "
+        "first matching rule wins, these before --cpu-moe/--n-cpu-moe's). Buffer types are "
+        "this build's devices' (CPU, CUDA0, ...); e.g. 'blk\\.(1[0-9])\\.ffn_.*_exps=CPU'.",
+    )
+    cache_type_k: KvCacheType = Field(
+        "f16",
+        description="KV cache data type for K (llama-server's --cache-type-k): f16, bf16, f32, "
+        "q8_0 (half the memory of f16, near-lossless), q4_0 / q4_1 / iq4_nl / q5_0 / q5_1.",
+    )
+    cache_type_v: KvCacheType = Field(
+        "f16",
+        description="KV cache data type for V (--cache-type-v), the same types; a quantized V "
+        "cache needs flash attention (--flash-attn auto or on).",
+    )
+    cache_ram: int = Field(
+        0,
+        ge=-1,
+        description="Host-RAM prompt cache in MiB (llama-server's --cache-ram): a slot's KV "
+        "state is saved there when another conversation takes the slot, and restored for a "
+        "prompt that continues it instead of decoding it again. -1 = no limit, 0 = off "
+        "(llama-server's default is 8192). Runs --parallel 1 on the batching engine.",
+    )
+
+    @field_validator("override_tensor", mode="before")
+    @classmethod
+    def _override_rules(cls, value: object) -> object:
+        """``PATTERN=TYPE`` rules, from a comma-separated string or a list of them."""
+        parts = [value] if isinstance(value, str) else value
+        if not isinstance(parts, list):
+            return value
+        rules: list[str] = []
+        for part in parts:
+            if not isinstance(part, str):
+                return value  # pydantic reports the type error
+            for rule in (r.strip() for r in part.split(",")):
+                if not rule:
+                    continue
+                pattern, equals, buffer_type = rule.rpartition("=")
+                if not equals or not pattern or not buffer_type.strip():
+                    raise ValueError(
+                        f"--override-tensor {rule!r} is not PATTERN=BUFFER_TYPE "
+                        "(e.g. 'ffn_.*_exps=CPU')"
+                    )
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(
+                        f"--override-tensor {rule!r}: {pattern!r} is not a regular "
+                        f"expression ({exc})"
+                    ) from exc
+                if _NOT_ECMASCRIPT.search(pattern):
+                    raise ValueError(
+                        f"--override-tensor {rule!r}: llama.cpp matches with ECMAScript "
+                        "regular expressions (std::regex), which have no lookbehind, named "
+                        "groups, inline flags, possessive quantifiers or \\A/\\Z"
+                    )
+                rules.append(f"{pattern}={buffer_type.strip()}")
+        return rules
+
+    @model_validator(mode="after")
+    def _quantized_v_needs_flash_attention(self) -> Settings:
+        if self.cache_type_v not in UNQUANTIZED_KV_TYPES and self.flash_attn == "off":
+            raise ValueError(
+                f"--cache-type-v {self.cache_type_v} needs flash attention, which "
+                "--flash-attn off turns off: use --flash-attn auto or on, or --cache-type-v f16"
+            )
+        return self
 
     @field_validator("flash_attn", mode="before")
     @classmethod
@@ -304,7 +408,9 @@ TABLE_END = "<!-- end of the settings table -->"
 def _default_text(name: str) -> str:
     field = Settings.model_fields[name]
     if field.default_factory is not None:
-        return "`~/.cache/qwen3-moe-serve`" if name == "cache_dir" else "computed"
+        if name == "cache_dir":
+            return "`~/.cache/qwen3-moe-serve`"
+        return "none" if field.default_factory is list else "computed"
     value = field.default
     if value is None:
         return "unset"

@@ -43,6 +43,7 @@ from app.engine import (
     GenerationResult,
     OnLogprobs,
     OnToken,
+    PromptCacheStats,
     SamplingParams,
 )
 from app.engine.batched import BatchedLlamaBackend
@@ -105,7 +106,10 @@ def slow_model_path(model_cache: Path) -> Path:
     return ensure_bench_model(model_cache, **SLOW_MODEL)
 
 
-def engine_config(path: Path, *, n_ctx: int = 2048, n_batch: int = 256) -> EngineConfig:
+def engine_config(
+    path: Path, *, n_ctx: int = 2048, n_batch: int = 256, **knobs: Any
+) -> EngineConfig:
+    """The tests' engine settings; ``knobs`` sets any other ``EngineConfig`` field."""
     return EngineConfig(
         model_path=path,
         n_ctx=n_ctx,
@@ -113,7 +117,8 @@ def engine_config(path: Path, *, n_ctx: int = 2048, n_batch: int = 256) -> Engin
         n_threads=1,
         n_threads_batch=1,
         n_batch=n_batch,
-        flash_attn="off",
+        flash_attn=knobs.pop("flash_attn", "off"),
+        **knobs,
     )
 
 
@@ -305,6 +310,9 @@ class InjectedBackend:
 
     def kv_cache_usage(self) -> float:
         return self.inner.kv_cache_usage()
+
+    def prompt_cache_stats(self) -> PromptCacheStats | None:
+        return self.inner.prompt_cache_stats()
 
     def check_grammar(self, grammar: str) -> None:
         self.inner.check_grammar(grammar)

@@ -138,12 +138,16 @@ class FirstTokenGate(InjectedBackend):
 @pytest.fixture
 def batch_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of distinct sequences in every batch llama.cpp decodes (observed, not
-    changed: the real ``llama_decode`` runs)."""
+    changed: the real ``llama_decode`` runs). Every batch must hold its tokens in
+    sequence-id order, each sequence's together: a split KV cache decodes a batch in one
+    micro-batch per run of consecutive ids in batch order."""
     widths: list[int] = []
     real = llama_cpp.llama_decode
 
     def observed(ctx: Any, batch: Any) -> int:
-        widths.append(len({batch.seq_id[i][0] for i in range(batch.n_tokens)}))
+        ids = [batch.seq_id[i][0] for i in range(batch.n_tokens)]
+        assert ids == sorted(ids), f"a batch out of sequence-id order: {ids}"
+        widths.append(len(set(ids)))
         status: int = real(ctx, batch)
         return status
 

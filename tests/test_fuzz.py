@@ -251,6 +251,8 @@ CHAT_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "tool_choice": TOOL_CHOICE | JSON,
     "parallel_tool_calls": st.booleans() | JSON,
     "response_format": RESPONSE_FORMAT | JSON,
+    "thinking_budget": st.integers(-2, 50) | NUMBERS,
+    "reasoning_effort": st.sampled_from(["none", "minimal", "low", "high", "max"]) | TEXT,
 }
 COMPLETION_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     **SAMPLING,

@@ -19,8 +19,9 @@ preparation, engine and text pipeline as ``/v1/chat/completions``. What the tran
   out (logged). ``tool_choice`` ``auto``/``any``/``tool``/``none`` map to the chat API's
   ``auto``/``required``/a named function/``none``; ``disable_parallel_tool_use`` to
   ``parallel_tool_calls: false``.
-- ``thinking`` ``enabled`` and ``adaptive`` turn Qwen3's thinking on, ``disabled`` off
-  (``budget_tokens`` is not enforced); without it the server's default holds.
+- ``thinking`` ``enabled`` and ``adaptive`` turn Qwen3's thinking on, ``disabled`` off;
+  ``enabled``'s ``budget_tokens`` is the thinking budget (the server closes the ``<think>``
+  block when it is spent); without ``thinking`` the server's default holds.
 - ``max_tokens`` is required, as Anthropic requires it. It is a ceiling, and agents send their
   own model's (Claude Code: 32000 or 64000), so one above what the context leaves after the
   prompt is lowered to that room rather than refused.
@@ -191,6 +192,8 @@ def to_chat(req: CountTokensRequest, *, skip_unsupported_tools: bool) -> ChatCom
             body["parallel_tool_calls"] = False
     if req.thinking is not None:
         body["chat_template_kwargs"] = {"enable_thinking": req.thinking.type != "disabled"}
+        if req.thinking.type == "enabled" and req.thinking.budget_tokens is not None:
+            body["thinking_budget"] = req.thinking.budget_tokens
     if isinstance(req, MessagesRequest):
         body |= {
             "max_tokens": req.max_tokens,

@@ -11,7 +11,7 @@ the engine. Queue time and the request's own timings come from the generation it
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,8 +21,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from app.core.results import Event, Finished
+from app.engine.protocol import PromptCacheStats
 
 PREFIX = "qwen3_moe_serve:"
 
@@ -109,6 +112,10 @@ class Metrics:
         self.waiting.set_function(waiting)
         self.kv_cache_usage.set_function(kv_cache_usage)
 
+    def track_prompt_cache(self, stats: Callable[[], PromptCacheStats | None]) -> None:
+        """The host-RAM prompt cache's counters (``--cache-ram``), read at scrape time."""
+        self.registry.register(_PromptCacheCollector(stats))
+
     def error(self, error_type: str, status: int) -> None:
         self.errors.labels(type=error_type, status=str(status)).inc()
 
@@ -139,3 +146,44 @@ class Metrics:
     def exposition(self) -> bytes:
         data: bytes = generate_latest(self.registry)
         return data
+
+
+class _PromptCacheCollector(Collector):
+    """``prompt_cache_*``: the backend's own counters, exported as they are (nothing to drift);
+    absent when the backend has no prompt cache."""
+
+    def __init__(self, stats: Callable[[], PromptCacheStats | None]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []  # families appear only when there is a cache
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:
+            return
+        name = f"{PREFIX}prompt_cache"
+        counters = (
+            ("hits", "Prompts that restored a saved KV state instead of decoding it.", stats.hits),
+            (
+                "misses",
+                "Prompts no slot and no saved state held a prefix of.",
+                stats.misses,
+            ),
+            ("saved_bytes", "Bytes of slot KV state saved to host memory.", stats.saved_bytes),
+            (
+                "restored_bytes",
+                "Bytes of saved KV state restored into slots.",
+                stats.restored_bytes,
+            ),
+            (
+                "restored_tokens",
+                "Prompt tokens restored from saved states instead of decoded.",
+                stats.restored_tokens,
+            ),
+            ("evictions", "Saved states dropped to stay within --cache-ram.", stats.evictions),
+        )
+        for suffix, documentation, value in counters:
+            yield CounterMetricFamily(f"{name}_{suffix}", documentation, value=value)
+        yield GaugeMetricFamily(f"{name}_bytes", "Bytes of saved KV state held.", stats.bytes)
+        yield GaugeMetricFamily(f"{name}_entries", "Saved KV states held.", stats.entries)

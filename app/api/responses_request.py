@@ -18,8 +18,9 @@ request carries its whole conversation in ``input``, so it becomes one
   such as ``web_search``, ``file_search``, ``custom`` (freeform grammar) tools, ``tool_search``
   — is a 400 that names it, unless the server runs with ``--skip-unsupported-tools``, which
   leaves them out (logged) so that a client whose config offers them still works.
-- ``reasoning.effort`` ``none`` turns Qwen3's thinking off, any other effort turns it on;
-  without an effort the server's default holds. ``text.format`` is the chat API's
+- ``reasoning.effort`` ``none`` turns Qwen3's thinking off, any other effort turns it on with
+  that effort's thinking budget (``reasoning_effort`` of the chat API); without an effort the
+  server's default holds. ``text.format`` is the chat API's
   ``response_format``.
 
 Fields that need server-side state are refused (400): ``previous_response_id``,
@@ -33,11 +34,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Discriminator, Field, Tag, ValidationError
 
-from app.api.schemas import ChatCompletionRequest, RequestModel
+from app.api.schemas import ChatCompletionRequest, ReasoningEffort, RequestModel
 from app.errors import InvalidRequest, validation_error
 
 logger = logging.getLogger(__name__)
@@ -256,6 +257,8 @@ def to_chat(req: ResponsesRequest, *, skip_unsupported_tools: bool) -> ChatTrans
     effort = req.reasoning.effort if req.reasoning is not None else None
     if effort is not None:
         body["chat_template_kwargs"] = {"enable_thinking": effort != "none"}
+        if effort in get_args(ReasoningEffort):
+            body["reasoning_effort"] = effort  # its thinking budget (docs/llama-knobs.md)
     fmt = req.text.format if req.text is not None else None
     if fmt is not None and fmt.type != "text":
         body["response_format"] = {"type": fmt.type}

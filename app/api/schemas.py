@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 class RequestModel(BaseModel):
@@ -173,6 +174,15 @@ class ChatCompletionRequest(GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    thinking_budget: int | None = Field(
+        None,
+        ge=-1,
+        description="Tokens the model may think before the server closes its <think> block "
+        "(-1: unlimited); wins over reasoning_effort and the server's --reasoning-budget.",
+    )
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="OpenAI's effort levels as thinking budgets (docs/llama-knobs.md)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -383,6 +393,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "qwen3-moe-serve"
+    context_length: int
+    """Tokens one request may use, prompt and completion together (the per-slot --n-ctx)."""
+    max_model_len: int
+    """The same, under vLLM's name, which some clients read instead."""
 
 
 class ModelList(BaseModel):

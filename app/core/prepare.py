@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ParamSpec, TypeVar
 
 from app.api.schemas import (
@@ -39,6 +39,7 @@ from app.core.admission import Admission, Ticket
 from app.core.chat_template import ChatTemplate
 from app.core.limits import Limits, check_json, lone_surrogate_at
 from app.core.prompt import ClientText
+from app.core.thinking import ThinkingTags, prompt_opens_thinking, requested_budget
 from app.engine import Backend, GrammarError, PromptPart, SamplingParams
 from app.engine.grammar import (
     ToolSpec,
@@ -99,6 +100,10 @@ class _ChatPrompt:
     text: TextOptions
     thinking_possible: bool
     """The template leaves the model free to think (a grammar must allow a ``<think>``)."""
+    thinks: bool = False
+    """The request thinks (``thinking_possible`` and no ``/no_think``): a budget applies."""
+    opens_thinking: bool = False
+    """The rendered prompt ends inside an open ``<think>`` block."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,8 @@ class ChatSemantics:
     enable_thinking: bool = True
     tool_call_format: str = "auto"
     """``auto`` (from the chat template), ``qwen3`` or ``qwen3_coder``."""
+    reasoning_budget: int = -1
+    """Thinking budget for requests that set none (``app.core.thinking``); -1: unlimited."""
 
 
 class Preparer:
@@ -146,6 +153,7 @@ class Preparer:
         # A template that knows no thinking (Qwen3-Coder's) serves a model that does not
         # think: a forced call or JSON output is not preceded by an optional think block.
         self._template_thinks = "<think>" in source
+        self._thinking_tags = ThinkingTags(backend.tokenizer)
 
     def check_model(self, requested: str | None) -> None:
         """404 unless the request names the served model or its alias (or names none), or the
@@ -182,7 +190,7 @@ class Preparer:
         prompt = await self._chat_prompt(
             req, kwargs, completion=1 if fit_max_tokens else (requested_max or 1)
         )
-        return self._admitted(
+        prepared = self._admitted(
             req,
             prompt.tokens,
             requested_max,
@@ -192,6 +200,15 @@ class Preparer:
             top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             fit_max_tokens=fit_max_tokens,
         )
+        budget = requested_budget(
+            req.thinking_budget, req.reasoning_effort, self._semantics.reasoning_budget
+        )
+        if budget is None or not prompt.thinks or (grammar is not None and prompt.opens_thinking):
+            return prepared  # nothing to budget; or a grammar that expects the opening tag first
+        limit = self._thinking_tags.budget(
+            budget, max_tokens=prepared.max_tokens, inside=prompt.opens_thinking
+        )
+        return replace(prepared, sampling=replace(prepared.sampling, thinking_budget=limit))
 
     async def count_chat(self, req: ChatCompletionRequest) -> int:
         """The prompt tokens ``chat(req)`` would decode, without admitting a generation."""
@@ -228,7 +245,7 @@ class Preparer:
         thinking = thinking_possible and soft is not False
         tools = req.offered_tools
         text_chars = sum(len(m.text()) for m in req.messages) + TOOL_WEIGHT_CHARS * len(tools)
-        tokens = await _offloaded(
+        tokens, opens_thinking = await _offloaded(
             text_chars > INLINE_TOKENIZE_CHARS,
             self._chat_tokens,
             req,
@@ -249,7 +266,7 @@ class Preparer:
             tool_call_format=self.tool_call_format,
             tool_parameters={t.function.name: t.function.parameters for t in tools},
         )
-        return _ChatPrompt(tokens, text, thinking_possible)
+        return _ChatPrompt(tokens, text, thinking_possible, thinking, opens_thinking)
 
     def _check_chat_limits(self, req: ChatCompletionRequest) -> int:
         """The request's counts and untyped values within the limits; returns the size of its
@@ -292,9 +309,10 @@ class Preparer:
         tools: list[dict[str, Any]],
         kwargs: dict[str, Any],
         completion: int | None,
-    ) -> list[int]:
+    ) -> tuple[list[int], bool]:
         """The chat prompt rendered with every client string escaped, then tokenized with the
-        template's markup as control tokens and the client's text as text."""
+        template's markup as control tokens and the client's text as text; and whether it ends
+        inside an open ``<think>`` block."""
         assert self._template is not None
         client = ClientText(self._backend.tokenizer)
         messages = [
@@ -307,7 +325,8 @@ class Preparer:
             add_generation_prompt=True,
             extra=client.escape(kwargs),
         )
-        return self._prompt_tokens(client.prompt_parts(prompt), completion, param="messages")
+        tokens = self._prompt_tokens(client.prompt_parts(prompt), completion, param="messages")
+        return tokens, prompt_opens_thinking(prompt)
 
     async def completion(self, req: CompletionRequest) -> PreparedGeneration:
         self.check_model(req.model)

@@ -159,9 +159,15 @@ def tool_call_grammar(tools: Sequence[ToolSpec], *, parallel: bool, allow_thinki
         head = json.dumps(f'<tool_call>\n{{"name": {json.dumps(tool.name)}, "arguments": ')
         alternatives.append(f'{head} {args} "}}\\n</tool_call>"')
     rules = [converter.format_grammar(), "call ::= " + " | ".join(alternatives)]
+    return _calls_root(rules, parallel=parallel, allow_thinking=allow_thinking)
+
+
+def _calls_root(rules: list[str], *, parallel: bool, allow_thinking: bool) -> str:
+    """The grammar of ``rules`` whose root is one call (or several, with ``parallel``),
+    after an optional thinking block."""
     calls = 'call ( "\\n" call )*' if parallel else "call"
     prefix = "think? " if allow_thinking else ""
-    rules.append(f"root ::= {prefix}{calls}")
+    rules = [*rules, f"root ::= {prefix}{calls}"]
     if allow_thinking:
         rules.append(_THINK_RULE)
     return "\n".join(rules)
@@ -196,12 +202,7 @@ def coder_tool_call_grammar(
         _CODER_TEXT_RULE,
         _CODER_ANY_PARAMETER_RULE,
     ]
-    calls = 'call ( "\\n" call )*' if parallel else "call"
-    prefix = "think? " if allow_thinking else ""
-    rules.append(f"root ::= {prefix}{calls}")
-    if allow_thinking:
-        rules.append(_THINK_RULE)
-    return "\n".join(rules)
+    return _calls_root(rules, parallel=parallel, allow_thinking=allow_thinking)
 
 
 def _coder_parameters(

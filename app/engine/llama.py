@@ -13,15 +13,16 @@ import logging
 import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
 from llama_cpp import _internals
 
+from app.engine.placement import OverrideRule, Placement, captured_llama_log, override_rules
 from app.engine.protocol import ModelInfo, TokenLogprobs
-from app.settings import FlashAttn, Settings
+from app.settings import UNQUANTIZED_KV_TYPES, FlashAttn, KvCacheType, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,46 @@ _FLASH_ATTN_TYPES = {
     "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
+
+
+class KvType(NamedTuple):
+    """A KV cache data type: ggml's id, and its storage (``block`` values in ``block_bytes``)."""
+
+    ggml_type: int
+    block: int
+    block_bytes: int
+
+
+KV_TYPES: dict[KvCacheType, KvType] = {
+    "f32": KvType(llama_cpp.GGML_TYPE_F32, 1, 4),
+    "f16": KvType(llama_cpp.GGML_TYPE_F16, 1, 2),
+    "bf16": KvType(30, 1, 2),  # GGML_TYPE_BF16, which llama_cpp does not export
+    "q8_0": KvType(llama_cpp.GGML_TYPE_Q8_0, 32, 34),
+    "q4_0": KvType(llama_cpp.GGML_TYPE_Q4_0, 32, 18),
+    "q4_1": KvType(llama_cpp.GGML_TYPE_Q4_1, 32, 20),
+    "iq4_nl": KvType(llama_cpp.GGML_TYPE_IQ4_NL, 32, 18),
+    "q5_0": KvType(llama_cpp.GGML_TYPE_Q5_0, 32, 22),
+    "q5_1": KvType(llama_cpp.GGML_TYPE_Q5_1, 32, 24),
+}
+"""ggml's sizes (``ggml_blck_size``, ``ggml_type_size``) of the types --cache-type-k/-v take."""
+
+
+def kv_cache_bytes(
+    *,
+    n_layer: int,
+    n_head_kv: int,
+    head_dim: int,
+    cells: int,
+    type_k: KvCacheType = "f16",
+    type_v: KvCacheType = "f16",
+) -> int:
+    """Bytes of a KV cache of ``cells`` tokens: K and V, one row of ``n_head_kv * head_dim``
+    values per token and layer, each row stored in the type's blocks."""
+    row = n_head_kv * head_dim
+    per_token = sum(
+        row // KV_TYPES[name].block * KV_TYPES[name].block_bytes for name in (type_k, type_v)
+    )
+    return n_layer * cells * per_token
 
 
 @dataclass(frozen=True)
@@ -52,6 +93,12 @@ class EngineConfig:
     """One KV buffer for every sequence (else one stream per sequence)."""
     chat_template: str | None = None
     """Replaces the GGUF's ``tokenizer.chat_template`` when set."""
+    tensor_overrides: tuple[OverrideRule, ...] = ()
+    """Buffer types for the tensors whose names match (``app.engine.placement``)."""
+    cache_type_k: KvCacheType = "f16"
+    cache_type_v: KvCacheType = "f16"
+    prompt_cache_mib: int = 0
+    """Host-RAM prompt cache (``--cache-ram``): MiB, -1 unlimited, 0 off."""
 
     @classmethod
     def from_settings(cls, settings: Settings, model_path: Path) -> EngineConfig:
@@ -73,17 +120,33 @@ class EngineConfig:
             flash_attn=settings.flash_attn,
             kv_unified=settings.kv_unified,
             chat_template=template,
+            tensor_overrides=override_rules(
+                override_tensor=settings.override_tensor,
+                cpu_moe=settings.cpu_moe,
+                n_cpu_moe=settings.n_cpu_moe,
+            ),
+            cache_type_k=settings.cache_type_k,
+            cache_type_v=settings.cache_type_v,
+            prompt_cache_mib=settings.cache_ram,
         )
+
+    @property
+    def needs_batching_engine(self) -> bool:
+        """Knobs only the batching engine has: model parameters ``Llama`` cannot take
+        (tensor overrides), and the host-RAM prompt cache, which lives in its slot placement."""
+        return bool(self.tensor_overrides) or self.prompt_cache_mib != 0
 
     @property
     def gpu_offload(self) -> bool:
         """Layers go to a GPU (or RPC device): the build has one and they are not kept off it."""
         return bool(llama_cpp.llama_supports_gpu_offload()) and self.n_gpu_layers != 0
 
-    def model_params(self) -> Any:
+    def model_params(self, placement: Placement | None = None) -> Any:
+        """The one place model parameters are built; ``placement`` (which the caller keeps
+        alive for the model's life) adds the tensor overrides."""
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0x7FFFFFFF if self.n_gpu_layers == -1 else self.n_gpu_layers
-        return params
+        return placement.apply(params) if placement is not None else params
 
     def context_params(self, *, n_ctx: int, n_batch: int, n_seq_max: int) -> Any:
         params = llama_cpp.llama_context_default_params()
@@ -95,6 +158,8 @@ class EngineConfig:
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads_batch
         params.flash_attn_type = _FLASH_ATTN_TYPES[self.flash_attn]
+        params.type_k = KV_TYPES[self.cache_type_k].ggml_type
+        params.type_v = KV_TYPES[self.cache_type_v].ggml_type
         return params
 
 
@@ -103,13 +168,80 @@ def quiet_llama_log() -> None:
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
-def load_model(config: EngineConfig) -> Any:
-    """The model weights (``_internals.LlamaModel``), placed as ``config`` says."""
+def load_model(config: EngineConfig) -> tuple[Any, Placement]:
+    """The model weights (``_internals.LlamaModel``), placed as ``config`` says, and the
+    ``Placement`` to keep with it (what llama.cpp reported doing with the tensor overrides)."""
     quiet_llama_log()
     llama_cpp.llama_backend_init()
-    return _internals.LlamaModel(
-        path_model=str(config.model_path), params=config.model_params(), verbose=False
+    placement = Placement(config.tensor_overrides)
+    with captured_llama_log() as log:
+        try:
+            model = _internals.LlamaModel(
+                path_model=str(config.model_path),
+                params=config.model_params(placement),
+                verbose=False,
+            )
+        except ValueError as exc:
+            if not config.tensor_overrides:
+                raise
+            # A rule llama.cpp could not apply (a regex its std::regex rejects, say): say so.
+            said = " ".join(line.strip() for line in log if "error" in line.lower())
+            raise ValueError(
+                f"{config.model_path.name} did not load with the tensor overrides "
+                f"(--override-tensor, --cpu-moe, --n-cpu-moe) {list(config.tensor_overrides)}; "
+                f"llama.cpp said: {said or 'nothing'}"
+            ) from exc
+    placement.record(log)
+    check_kv_cache_types(model, config)
+    return model, placement
+
+
+def head_dims(model: Any) -> tuple[int, int]:
+    """The model's K and V head sizes, from its GGUF metadata (``attention.key_length`` and
+    ``value_length``, else ``embedding_length / attention.head_count``, as llama.cpp defaults
+    them): readable from a model loaded with ``vocab_only``, whose hyperparameters are not."""
+    metadata: dict[str, str] = model.metadata()
+    arch = metadata.get("general.architecture", "")
+    n_head = max(int(metadata.get(f"{arch}.attention.head_count", 1)), 1)
+    default = int(metadata.get(f"{arch}.embedding_length", 0)) // n_head
+    k = int(metadata.get(f"{arch}.attention.key_length", default))
+    v = int(metadata.get(f"{arch}.attention.value_length", default))
+    return k, v
+
+
+def check_kv_cache_types(model: Any, config: EngineConfig) -> None:
+    """A quantized KV type stores a head's values in blocks that must divide the head size;
+    llama.cpp would refuse the context without saying which flag to change."""
+    for flag, name, dim in zip(
+        ("--cache-type-k", "--cache-type-v"),
+        (config.cache_type_k, config.cache_type_v),
+        head_dims(model),
+        strict=True,
+    ):
+        block = KV_TYPES[name].block
+        if dim % block:
+            raise ValueError(
+                f"{flag} {name}: its blocks of {block} values do not divide this model's "
+                f"head size {dim}; use f16, bf16 or f32"
+            )
+
+
+def check_kv_cache_types_of_file(config: EngineConfig) -> None:
+    """``check_kv_cache_types`` from the GGUF's vocabulary and hyperparameters alone (no
+    tensors read), for the engine that loads the model through ``Llama``."""
+    if {config.cache_type_k, config.cache_type_v} <= set(UNQUANTIZED_KV_TYPES):
+        return
+    quiet_llama_log()
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    probe: Any = _internals.LlamaModel(
+        path_model=str(config.model_path), params=params, verbose=False
     )
+    try:
+        check_kv_cache_types(probe, config)
+    finally:
+        probe.close()
 
 
 def model_info(model: Any, config: EngineConfig, *, n_ctx: int) -> ModelInfo:

@@ -59,6 +59,27 @@ OnLogprobs = Callable[[TokenLogprobs], None]
 
 
 @dataclass(frozen=True)
+class ThinkingBudget:
+    """At most ``tokens`` tokens inside the thinking block, then the engine closes it itself.
+
+    The engine counts the tokens it samples after ``start`` (or from the first one when the
+    prompt already opened the block: ``inside``); when the count reaches ``tokens`` before
+    ``end`` was sampled, it samples ``forced`` next, token by token, whatever the model's
+    logits say (``app.engine.thinking``). The ids come from the model's own tokenizer.
+    """
+
+    tokens: int
+    start: tuple[int, ...]
+    """The opening tag's token ids (Qwen3: ``<think>``, one token)."""
+    end: tuple[int, ...]
+    """The closing tag's token ids: the model ended its thinking itself."""
+    forced: tuple[int, ...]
+    """What closes a block whose budget is spent (Qwen3: ``"\\n</think>"``)."""
+    inside: bool = False
+    """The prompt ends inside an open block (a template that opens it for the model)."""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Engine sampling arguments, mapped explicitly from the request by the service."""
 
@@ -76,10 +97,26 @@ class SamplingParams:
     """Report logprobs with this many alternatives per token (``None``: no logprobs)."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs: each bias is added to its token's logit before sampling."""
+    thinking_budget: ThinkingBudget | None = None
+    """Close the thinking block after this many tokens (``None``: no budget)."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def argmax(self) -> bool:
+        """Greedy with nothing else between the logits and the choice (no grammar, no logit
+        biases, neutral penalties): the most likely token, which an engine may take from the
+        logits itself."""
+        return (
+            self.greedy
+            and not self.grammar
+            and not self.logit_bias
+            and self.repeat_penalty == 1.0
+            and self.frequency_penalty == 0.0
+            and self.presence_penalty == 0.0
+        )
 
 
 @dataclass(frozen=True)
@@ -93,6 +130,24 @@ class GenerationResult:
     started: float
     """``time.perf_counter()`` when the engine took the generation up (the end of its wait
     for the engine, the start of its prefill)."""
+
+
+@dataclass(frozen=True)
+class PromptCacheStats:
+    """The host-RAM prompt cache's counters (``--cache-ram``), since the backend loaded."""
+
+    hits: int
+    """Placements that restored a saved state."""
+    misses: int
+    """Placements that found no saved state worth restoring (and no slot holding a prefix)."""
+    saved_bytes: int
+    restored_bytes: int
+    restored_tokens: int
+    evictions: int
+    bytes: int
+    """Held now."""
+    entries: int
+    limit_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -199,6 +254,10 @@ class Backend(Protocol):
 
     def kv_cache_usage(self) -> float:
         """Share of the KV cache's cells that hold tokens (0 to 1)."""
+        ...
+
+    def prompt_cache_stats(self) -> PromptCacheStats | None:
+        """The host-RAM prompt cache's counters; None when there is none."""
         ...
 
     def check_grammar(self, grammar: str) -> None:

@@ -9,6 +9,12 @@ requester's event loop (``app.engine.handoff``), where ``on_token`` runs.
 
 Request fields reach the engine through ``SamplingParams`` only, argument by argument: nothing
 from a client is splatted into an engine call.
+
+A thinking budget (``app.engine.thinking``) is enforced through ``Llama``'s logits processors:
+while the budget forces a token, every other token's logit is -inf, so the sampler chain
+(penalties and grammar included) takes and accepts the forced one as if sampled. ``Llama`` takes
+no tensor overrides and has no slots; ``app.engine.load_backend`` sends models that need either
+(``--cpu-moe``, ``--n-cpu-moe``, ``--override-tensor``, ``--cache-ram``) to the batching engine.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp import LogitsProcessorList
+import numpy.typing as npt
+from llama_cpp.llama import LogitsProcessorList
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
-from app.engine.llama import EngineConfig, logprobs_of, model_info, quiet_llama_log
+from app.engine.llama import KV_TYPES, EngineConfig, logprobs_of, model_info, quiet_llama_log
 from app.engine.protocol import (
     EngineError,
     EngineFinish,
@@ -40,10 +47,12 @@ from app.engine.protocol import (
     ModelInfo,
     OnLogprobs,
     OnToken,
+    PromptCacheStats,
     SamplingParams,
     Tokenizer,
     TokenLogprobs,
 )
+from app.engine.thinking import BudgetTracker
 from app.engine.tokenizer import LlamaTokenizer
 
 logger = logging.getLogger(__name__)
@@ -90,6 +99,8 @@ class LlamaBackend:
             # Llama takes on/off only: auto is on, which is what llama.cpp's auto resolves to
             # on CPU and CUDA devices.
             flash_attn=config.flash_attn != "off",
+            type_k=KV_TYPES[config.cache_type_k].ggml_type,
+            type_v=KV_TYPES[config.cache_type_v].ggml_type,
             verbose=False,
         )
         model = self._llm._model  # the LlamaModel inside, as the batching backend loads it
@@ -109,6 +120,9 @@ class LlamaBackend:
 
     def kv_cache_usage(self) -> float:
         return int(self._llm.n_tokens) / self.info.n_ctx
+
+    def prompt_cache_stats(self) -> PromptCacheStats | None:
+        return None
 
     def check_grammar(self, grammar: str) -> None:
         check_grammar(self._vocab, grammar)
@@ -171,6 +185,11 @@ class LlamaBackend:
         self._llm.set_seed(seed & 0xFFFFFFFF)  # llama.cpp's seeds are 32-bit, as batched takes them
         run.cached = self._cached_prefix(prompt)
         sampled = 0
+        budget = (
+            BudgetTracker(sampling.thinking_budget, self.tokenizer.token_bytes)
+            if sampling.thinking_budget is not None
+            else None
+        )
         tokens = self._llm.generate(
             prompt,
             temp=sampling.temperature,
@@ -185,10 +204,12 @@ class LlamaBackend:
                 if sampling.grammar
                 else None
             ),
-            logits_processor=_biased(sampling.logit_bias),
+            logits_processor=_processors(sampling.logit_bias, budget),
         )
         try:
             for token_id in tokens:
+                if budget is not None:
+                    budget.observe(token_id)
                 sampled += 1
                 logprobs = None if top_logprobs is None else self._logprobs(token_id, top_logprobs)
                 run.handoff.post((Sampled(token_id, logprobs),))
@@ -241,19 +262,49 @@ class LlamaBackend:
         self._llm.close()
 
 
-def _biased(logit_bias: tuple[tuple[int, float], ...]) -> LogitsProcessorList | None:
-    """``Llama``'s way to add the request's logit biases: a processor run before its sampler
-    chain (the batching backend puts llama.cpp's logit-bias sampler first in its chain)."""
-    if not logit_bias:
-        return None
-    ids = np.array([token_id for token_id, _ in logit_bias], dtype=np.intp)
-    biases = np.array([bias for _, bias in logit_bias], dtype=np.float32)
+def _processors(
+    logit_bias: tuple[tuple[int, float], ...], budget: BudgetTracker | None
+) -> LogitsProcessorList | None:
+    """What ``Llama`` runs on the logits before its sampler chain: the request's logit biases
+    (the batching backend puts llama.cpp's logit-bias sampler first in its chain), then a
+    thinking budget's forced token."""
+    processors: list[Any] = []
+    if logit_bias:
+        processors.append(_Biases(logit_bias))
+    if budget is not None:
+        processors.append(_Forcing(budget))
+    return LogitsProcessorList(processors) if processors else None
 
-    def add_biases(input_ids: Any, scores: Any) -> Any:
-        scores[ids] += biases
+
+class _Biases:
+    """A logits processor that adds the request's logit biases."""
+
+    def __init__(self, logit_bias: tuple[tuple[int, float], ...]) -> None:
+        self._ids = np.array([token_id for token_id, _ in logit_bias], dtype=np.intp)
+        self._biases = np.array([bias for _, bias in logit_bias], dtype=np.float32)
+
+    def __call__(
+        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
+        scores[self._ids] += self._biases
         return scores
 
-    return LogitsProcessorList([add_biases])
+
+class _Forcing:
+    """A logits processor that leaves only the budget's forced token, when it has one."""
+
+    def __init__(self, budget: BudgetTracker) -> None:
+        self._budget = budget
+
+    def __call__(
+        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
+        forced = self._budget.forced()
+        if forced is None:
+            return scores
+        only = np.full_like(scores, -np.inf)
+        only[forced] = 0.0
+        return only
 
 
 def _never_ran(job: Any, run: _Run) -> None:

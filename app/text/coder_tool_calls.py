@@ -57,6 +57,7 @@ from app.text.tool_calls import (
     CLOSE,
     OPEN,
     AnswerPart,
+    CallParser,
     ParsedToolCall,
     ToolCallDelta,
     emit_text,
@@ -80,32 +81,17 @@ parameters; ``value``: inside a parameter; ``between``: after ``</function>``, b
 ``</tool_call>`` (or another function in the same block)."""
 
 
-class CoderToolCallParser:
+class CoderToolCallParser(CallParser):
     def __init__(self, tools: Mapping[str, Mapping[str, Any] | None]) -> None:
-        """``tools``: each offered tool's ``parameters`` schema, by tool name."""
+        """``tools``: each offered tool's ``parameters`` schema, by tool name. A call is
+        complete once its ``</function>`` is read."""
+        super().__init__()
         self._types = {name: ParameterTypes(schema) for name, schema in tools.items()}
         self._untyped = ParameterTypes(None)
         self._state: State = "text"
-        self._held = ""
-        self.calls: list[ParsedToolCall] = []
-        self.completed = 0
-        """Calls whose arguments are complete (``</function>`` read)."""
         self._call_types = self._untyped
         self._parameters = 0  # parameters written into the current call's arguments
         self._current = _Value(frozenset())
-
-    @property
-    def called(self) -> bool:
-        return bool(self.calls)
-
-    def push(self, text: str) -> list[AnswerPart]:
-        self._held += text
-        parts: list[AnswerPart] = []
-        while True:
-            before = (self._state, len(self._held))
-            getattr(self, f"_{self._state}")(parts)
-            if (self._state, len(self._held)) == before:
-                return parts
 
     def finish(self) -> list[AnswerPart]:
         parts = self.push("")

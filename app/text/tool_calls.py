@@ -119,14 +119,20 @@ class _JsonValueEnd:
         return len(text)
 
 
-class ToolCallParser:
+class CallParser:
+    """What both tool-call formats' parsers share: a state machine over the held text.
+
+    Each state is a method ``_<state>(parts)`` that consumes what it can decide of the held
+    text; ``push`` runs states until one decides nothing more, so a delta leaves as soon as
+    it is decided and text that could still be a tag stays held.
+    """
+
     def __init__(self) -> None:
-        self._state: Literal["text", "head", "arguments", "tail"] = "text"
+        self._state = "text"
         self._held = ""
-        self._value: _JsonValueEnd | None = None
         self.calls: list[ParsedToolCall] = []
         self.completed = 0
-        """Calls whose closing tag has been read."""
+        """Calls that are complete (their closing tag has been read)."""
 
     @property
     def called(self) -> bool:
@@ -140,6 +146,15 @@ class ToolCallParser:
             getattr(self, f"_{self._state}")(parts)
             if (self._state, len(self._held)) == before:
                 return parts
+
+
+class ToolCallParser(CallParser):
+    """Qwen3's JSON format: ``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state: Literal["text", "head", "arguments", "tail"] = "text"
+        self._value: _JsonValueEnd | None = None
 
     def finish(self) -> list[AnswerPart]:
         parts = self.push("")

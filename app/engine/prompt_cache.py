@@ -1,0 +1,161 @@
+"""The host-RAM prompt cache (``--cache-ram``): KV states of slots that another conversation
+took, kept in host memory until a prompt continues one of them.
+
+The case it serves: more conversations than slots (agents, each coming back every few seconds).
+Without it, a conversation whose slot was taken re-decodes its whole history on its next turn;
+with it, that history's KV state is copied back into a slot (``llama_state_seq_set_data``),
+which costs a memory copy instead of a prefill.
+
+This module is the bookkeeping only, and the scheduler thread is its one user (no locks; the
+counters that ``stats()`` reads from the event loop are plain integers, never an iteration
+over the entries). Its rules are llama-server's (``server_prompt_cache``,
+tools/server/server-task.cpp):
+
+- An entry is the exact token list whose KV cells the state holds, and the state's bytes; the
+  two are saved together and never change (a tuple and a buffer nobody writes again).
+- A lookup returns the entry that shares the longest common token prefix with the prompt, if
+  that prefix is worth a restore: longer than the slot the prompt would otherwise get already
+  has, more than ``min_share`` of the prompt, and at least ``MIN_KEEP`` of the entry (a short
+  match does not trash a long saved state). The caller keeps only the matching prefix of what
+  it restores: a saved state is never used past the first token where it and the prompt differ.
+- A restored entry leaves the cache (its slot holds it now, and saves it again when it is
+  taken); saving a state that an entry already covers is skipped, and entries the new state
+  covers are dropped.
+- The byte budget is kept by evicting the least recently saved entries; a state larger than
+  the whole budget is not saved.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.engine.protocol import PromptCacheStats
+
+MIN_KEEP = 0.25
+"""Share of a saved state a restore must use (llama-server's ``f_keep`` threshold)."""
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists (numpy for long ones: a
+    32k-token comparison in Python would hold the scheduler for milliseconds)."""
+    n = min(len(a), len(b))
+    if n < 256:
+        for i in range(n):
+            if a[i] != b[i]:
+                return i
+        return n
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
+@dataclass(frozen=True, eq=False)
+class SavedPrompt:
+    tokens: tuple[int, ...]
+    """The tokens whose KV cells ``state`` holds, position by position."""
+    state: ctypes.Array[ctypes.c_uint8]
+    """``llama_state_seq_get_data`` of the slot that held them (written once, when saved)."""
+
+    @property
+    def size(self) -> int:
+        return len(self.state)
+
+
+class PromptCache:
+    def __init__(self, limit_bytes: int | None) -> None:
+        """``limit_bytes``: the budget; ``None``: no limit."""
+        self.limit_bytes = limit_bytes
+        self._entries: deque[SavedPrompt] = deque()  # least recently saved first
+        self._held = 0  # bytes of the entries
+        self.hits = 0
+        self.misses = 0
+        self.saved_bytes = 0
+        self.restored_bytes = 0
+        self.restored_tokens = 0
+        self.evictions = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._held
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> PromptCacheStats:
+        return PromptCacheStats(
+            hits=self.hits,
+            misses=self.misses,
+            saved_bytes=self.saved_bytes,
+            restored_bytes=self.restored_bytes,
+            restored_tokens=self.restored_tokens,
+            evictions=self.evictions,
+            bytes=self.bytes,
+            entries=len(self._entries),
+            limit_bytes=self.limit_bytes,
+        )
+
+    def covers(self, tokens: Sequence[int]) -> bool:
+        """An entry already holds all of ``tokens`` (a prefix of it or the same)."""
+        return any(common_prefix(e.tokens, tokens) == len(tokens) for e in self._entries)
+
+    def fits(self, size: int) -> bool:
+        return self.limit_bytes is None or size <= self.limit_bytes
+
+    def save(self, tokens: Sequence[int], state: ctypes.Array[ctypes.c_uint8]) -> bool:
+        """Keep ``state`` (the KV cells of ``tokens``); False if it is not kept."""
+        if not tokens or self.covers(tokens) or not self.fits(len(state)):
+            return False
+        saved = SavedPrompt(tuple(tokens), state)
+        for covered in [
+            e for e in self._entries if common_prefix(e.tokens, tokens) == len(e.tokens)
+        ]:
+            self._remove(covered)
+        while (
+            self.limit_bytes is not None
+            and self._entries
+            and (self._held + saved.size > self.limit_bytes)
+        ):
+            self._remove(self._entries[0])
+            self.evictions += 1
+        self._entries.append(saved)
+        self._held += saved.size
+        self.saved_bytes += saved.size
+        return True
+
+    def _remove(self, entry: SavedPrompt) -> None:
+        self._entries.remove(entry)
+        self._held -= entry.size
+
+    def find(
+        self, prompt: Sequence[int], *, better_than: int, min_share: float
+    ) -> tuple[SavedPrompt, int] | None:
+        """The entry worth restoring for ``prompt``, and how many of its tokens match it; None
+        if none is. ``better_than``: what the prompt's slot already holds of it."""
+        best: tuple[SavedPrompt, int] | None = None
+        for entry in self._entries:
+            shared = common_prefix(entry.tokens, prompt)
+            if shared <= better_than or shared <= min_share * len(prompt):
+                continue
+            if shared < MIN_KEEP * len(entry.tokens):
+                continue
+            if best is None or shared > best[1]:
+                best = (entry, shared)
+        return best
+
+    def take(self, entry: SavedPrompt) -> None:
+        """``entry`` is being restored into a slot: it leaves the cache (the slot holds it
+        now, and saves it again when another conversation takes the slot)."""
+        self._remove(entry)
+
+    def hit(self, entry: SavedPrompt, tokens: int) -> None:
+        """``entry`` was restored and ``tokens`` of it kept."""
+        self.hits += 1
+        self.restored_bytes += entry.size
+        self.restored_tokens += tokens
+
+    def missed(self) -> None:
+        self.misses += 1
