@@ -44,13 +44,37 @@ class InvalidRequest(ApiError):
 
 
 class ContextLengthExceeded(InvalidRequest):
-    def __init__(self, *, n_ctx: int, prompt_tokens: int, max_tokens: int, param: str) -> None:
+    def __init__(
+        self,
+        *,
+        n_ctx: int,
+        prompt_tokens: int,
+        max_tokens: int,
+        param: str,
+        at_least: bool = False,
+    ) -> None:
+        """``at_least``: the prompt was refused before it was tokenized, on a lower bound of its
+        token count (its UTF-8 length over the longest token's)."""
+        counted = "at least " if at_least else ""
         super().__init__(
             f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
-            f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+            f"{counted}{prompt_tokens + max_tokens} tokens ({counted}{prompt_tokens} in the "
+            f"prompt, {max_tokens} for the completion). Please reduce the prompt or max_tokens.",
             param=param,
             code="context_length_exceeded",
+        )
+
+
+class LimitExceeded(InvalidRequest):
+    """A request over one of the server's documented limits (docs/api.md, Limits): the message
+    names the field, the limit and the setting that raises it."""
+
+    def __init__(self, what: str, limit: str, *, param: str, setting: str | None = None) -> None:
+        raised_by = f" (--{setting.replace('_', '-')})" if setting else ""
+        super().__init__(
+            f"{what} is over this server's limit of {limit}{raised_by}.",
+            param=param,
+            code="limit_exceeded",
         )
 
 
@@ -125,7 +149,8 @@ def validation_error(errors: Sequence[Any]) -> InvalidRequest:
         return InvalidRequest("Invalid request body.")
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-    param = ".".join(loc) or None
-    message = str(first.get("msg", "invalid value"))
+    # A location or a message may quote client text (a key, a name): never at any length.
+    param = ".".join(loc)[:200] or None
+    message = str(first.get("msg", "invalid value"))[:500]
     text = f"Invalid value for '{param}': {message}" if param else message
     return InvalidRequest(text, param=param, code="invalid_value")

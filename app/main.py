@@ -33,6 +33,7 @@ from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.observability import RequestLogMiddleware
 from app.api.security import ApiKeyMiddleware, BodyLimitMiddleware, load_api_keys
+from app.core.limits import Limits
 from app.core.prepare import ChatSemantics
 from app.core.service import GenerationService
 from app.engine import Backend, load_backend
@@ -152,6 +153,8 @@ def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: P
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
         max_tokens_limit=settings.max_tokens_limit,
+        limits=Limits.from_settings(settings),
+        completions_parse_special=settings.completions_parse_special,
         accept_any_model=settings.accept_any_model,
     )
     admission = app.state.service.admission

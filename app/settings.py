@@ -350,6 +350,52 @@ class Settings(BaseSettings):
         "json", description="Log lines as JSON objects (one per line) or plain text."
     )
 
+    # -- request limits: what one request may cost before any engine work (docs/api.md,
+    # Limits). Each refusal is a 400 with code limit_exceeded naming the field and the limit;
+    # the defaults are far above what agents send (100+ messages, 50+ tools, 20k-token
+    # prompts) and below what would hold the engine or the event loop.
+    max_messages: int = Field(
+        4096, ge=1, description="Most messages one chat request may carry; more is a 400."
+    )
+    max_prompt_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest prompt in UTF-8 bytes: the rendered chat template, or a "
+        "completion's prompt text; larger is a 400 before it is tokenized (tokenizing costs "
+        "about 0.4 s of a worker thread per MiB).",
+    )
+    max_stop_strings: int = Field(
+        64,
+        ge=0,
+        description="Most stop strings one request may carry (each is matched on the event "
+        "loop against every token's text).",
+    )
+    max_stop_chars: int = Field(512, ge=1, description="Longest stop string, in characters.")
+    max_tools: int = Field(
+        512, ge=0, description="Most tools one chat request may offer; more is a 400."
+    )
+    max_schema_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        description="Largest JSON schema of one tool's parameters or of response_format, as "
+        "compact JSON; larger is a 400 before a grammar is built from it.",
+    )
+    max_grammar_bytes: int = Field(
+        128 * 1024,
+        ge=1024,
+        description="Largest GBNF grammar a forced tool call or a JSON response_format may "
+        "need; larger is a 400 before llama.cpp parses it. llama.cpp's grammar costs every "
+        "decode step time in proportion to the alternatives alive (an enum of 10,000 values, "
+        "205 KiB, cost 0.2 s per token on the demo model's vocabulary and 6 s on a "
+        "151k-token one); 50 agent tools forced are 39 KiB.",
+    )
+    completions_parse_special: bool = Field(
+        True,
+        description="In /v1/completions prompts, the text of a control token (<|im_start|>) "
+        "is that token, as raw-prompt clients expect; off: it is plain text. In chat requests "
+        "client text is always text.",
+    )
+
 
 # -- the settings reference ---------------------------------------------------------------
 

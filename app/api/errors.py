@@ -4,18 +4,22 @@
 Starlette's HTTP errors (unknown route, wrong method) and anything unexpected to the envelope,
 so no route ever answers FastAPI's ``{"detail": ...}`` or a stack trace. The envelope is
 chosen by path (``error_body``), not by route, so that refusals made before any route runs
-(an API key, a body too large, an unknown path under ``/v1/messages``) have it too.
+(an API key, a body too large, an unknown path under ``/v1/messages``) have it too. A client
+that leaves before it has sent its whole body is no error of the server's: an info line, and
+no answer (the access log says 499, as nginx does).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.errors import (
     ApiError,
@@ -27,6 +31,11 @@ from app.errors import (
     as_api_error,
     validation_error,
 )
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a request whose client left before the answer (for the access log)."""
 
 ANTHROPIC_PATH = "/v1/messages"
 
@@ -74,7 +83,16 @@ def install_error_handlers(app: FastAPI) -> None:
             error = InternalError()
         return _response(request, error)
 
+    async def on_client_disconnect(request: Request, exc: Exception) -> Response:
+        logger.info(
+            "the client of %s %s left before it sent its whole body",
+            request.method,
+            request.url.path,
+        )
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(ClientDisconnect, on_client_disconnect)
     app.add_exception_handler(RequestValidationError, on_request_validation)
     app.add_exception_handler(ValidationError, on_request_validation)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from contextlib import suppress
 from typing import Any, TypeVar
@@ -21,11 +23,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from app.api.errors import record_error
+from app.api.errors import CLIENT_CLOSED_REQUEST, record_error
 from app.api.metrics import Metrics
 from app.api.observability import request_facts
 from app.api.sse import event_stream
 from app.api.wire import Wire
+from app.core.limits import lone_surrogate_at
 from app.core.prepare import PreparedGeneration
 from app.core.results import Event, Finished
 from app.core.service import GenerationService
@@ -35,22 +38,82 @@ from app.settings import Settings
 Body = TypeVar("Body", bound=BaseModel)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-CLIENT_CLOSED_REQUEST = 499
-"""nginx's status for a request whose client left before the answer (for the access log)."""
 
 
 async def read_body(request: Request, model: type[Body]) -> Body:
+    """The body parsed into ``model``; every way a body can be unreadable is a 400 here.
+
+    Beyond malformed JSON: numbers Python will not parse (an integer of more than 4,300
+    digits), ``NaN`` and infinities, nesting past the parser's stack, and strings that are
+    not Unicode text (a lone UTF-16 surrogate escape, ``"\\ud800"``, which nothing can encode
+    as UTF-8 later: not the tokenizer, not the error message that would quote it).
+    """
     raw = await request.body()
+    if len(raw) > INLINE_BODY_BYTES:  # ~0.5 s for 7 MiB of tiny messages: off the event loop
+        return await asyncio.to_thread(_parsed, raw, model)
+    return _parsed(raw, model)
+
+
+INLINE_BODY_BYTES = 256 * 1024
+"""Bodies up to this large are parsed on the event loop (a few milliseconds); larger ones on a
+worker thread, so the streams the loop serves go on meanwhile."""
+
+
+def _parsed(raw: bytes, model: type[Body]) -> Body:
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from exc
+        data = json.loads(raw, parse_constant=_non_finite, parse_float=_finite_float)
+    except RecursionError as exc:
+        raise InvalidRequest(
+            "The request body is nested too deeply to parse.", code="invalid_json"
+        ) from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise InvalidRequest(_unparsable(exc), code="invalid_json") from exc
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw):  # else no string in it can hold a surrogate
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise InvalidRequest(
+                f"The string at '{where[:200]}' holds a lone UTF-16 surrogate escape; strings "
+                "must be valid Unicode.",
+                param=where[:200],
+                code="invalid_text",
+            )
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from exc
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+"""A UTF-16 surrogate's escape in JSON (a pair encodes one character; one alone, nothing), or
+a surrogate encoded as if it were a character (which Python's JSON decoder lets through)."""
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _non_finite(constant: str) -> Any:
+    raise _NotJson(f"{constant} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"the number {text[:40]} is too large")
+    return value
+
+
+def _unparsable(exc: ValueError | UnicodeDecodeError) -> str:
+    """What is wrong with a body that does not parse, without the parser's own wording."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "The request body is not valid UTF-8."
+    if isinstance(exc, json.JSONDecodeError):
+        return f"The request body is not valid JSON (line {exc.lineno}, column {exc.colno})."
+    if isinstance(exc, _NotJson):
+        return f"The request body is not valid JSON: {exc}."
+    return "The request body holds a number too large to read (more than 4,300 digits)."
 
 
 async def observed(

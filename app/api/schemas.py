@@ -2,7 +2,8 @@
 
 Request models ignore fields they do not know (clients and UIs send vendor extensions such as
 ``user`` or ``cache_prompt``), but a field we know and cannot honour is a 400, never a silent
-drop: ``n > 1``, ``echo``, ``suffix``, ``logprobs`` on text completions.
+drop: ``n > 1``, ``echo``, ``suffix``, ``logprobs`` on text completions. No number may be NaN
+or infinite.
 Defaults for unset sampling fields are llama.cpp's (``temperature`` 0.8, ``top_p`` 0.95,
 ``top_k`` 40, ``min_p`` 0.05); ``temperature: 0`` means greedy decoding.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
@@ -20,7 +21,7 @@ ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "
 class RequestModel(BaseModel):
     """A request body or part of one: unknown fields are ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(RequestModel):
@@ -69,6 +70,8 @@ class StreamOptions(RequestModel):
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+LogitBias = Annotated[float, Field(ge=-100.0, le=100.0)]
+INT32_MAX = 2**31 - 1
 
 
 class GenerationRequest(RequestModel):
@@ -78,13 +81,15 @@ class GenerationRequest(RequestModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
     min_p: Probability | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repeat_penalty: float | None = Field(None, gt=0.0)
+    logit_bias: dict[str, LogitBias] | None = None
+    """OpenAI's: token id (as a string) -> a bias added to its logit, -100 (never) to 100."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
@@ -95,6 +100,14 @@ class GenerationRequest(RequestModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only allowed when 'stream' is true")
         return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"keys must be token ids (decimal integers), got '{key[:40]}'")
+        return bias
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

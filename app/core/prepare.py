@@ -1,10 +1,16 @@
 """Preparing a request: from the wire request to a generation in engine terms.
 
 Everything that can refuse a request happens here, before any response byte is sent and before
-any engine work: the model name, the chat template's rendering, the grammar a forced tool call
-or a JSON response format needs (built, then parsed by the engine itself), tokenization, the
-context and ``max_tokens`` limits, and admission (a 429 when the server is full). So every 4xx
-is a real HTTP status, never an error in the middle of a stream.
+any engine work: the model name, the request limits (``app.core.limits``: counts and sizes,
+checked before anything is built from them), the chat template's rendering, the prompt's size
+(over ``--max-prompt-bytes``, or longer than the context even at the longest token's bytes per
+token: refused before it is tokenized), the grammar a forced tool call or a JSON response
+format needs (built, held to ``--max-grammar-bytes``, then parsed by the engine itself),
+tokenization (``app.core.prompt``: client text is tokenized as text), the context and
+``max_tokens`` limits, and admission (a 429 when the server is full). So every 4xx is a real
+HTTP status, never an error in the middle of a stream. Work that grows with the request
+(rendering, a grammar, tokenizing) runs on a worker thread once the request is large enough to
+hold up the event loop.
 
 The tool-call format is decided here too, once per model, from the chat template the model
 was trained with: a template that renders ``<function=`` teaches Qwen3-Coder's XML calls, any
@@ -21,7 +27,7 @@ import asyncio
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from app.api.schemas import (
     ChatCompletionRequest,
@@ -31,8 +37,10 @@ from app.api.schemas import (
 )
 from app.core.admission import Admission, Ticket
 from app.core.chat_template import ChatTemplate
+from app.core.limits import Limits, check_json, lone_surrogate_at
+from app.core.prompt import ClientText
 from app.core.thinking import ThinkingTags, prompt_opens_thinking, requested_budget
-from app.engine import Backend, GrammarError, SamplingParams
+from app.engine import Backend, GrammarError, PromptPart, SamplingParams
 from app.engine.grammar import (
     ToolSpec,
     coder_tool_call_grammar,
@@ -44,8 +52,27 @@ from app.text import Mode, TextOptions, ToolCallFormat
 
 DEFAULT_SAMPLING = SamplingParams()
 INLINE_TOKENIZE_CHARS = 4096
-"""Prompts up to this long are tokenized on the event loop (well under a millisecond); longer
-ones on a worker thread, so they do not hold up other requests."""
+"""Prompts up to this long are rendered and tokenized on the event loop (well under a
+millisecond); longer ones on a worker thread, so they do not hold up other requests."""
+INLINE_SCHEMA_BYTES = 16 * 1024
+"""Schemas up to this large (all of a request's together) become a grammar on the event loop;
+larger ones on a worker thread."""
+TOOL_WEIGHT_CHARS = 512
+"""What one tool counts for, in prompt characters, when deciding where to render a prompt."""
+
+Args = ParamSpec("Args")
+Result = TypeVar("Result")
+
+
+async def _offloaded(
+    offload: bool, work: Callable[Args, Result], *args: Args.args, **kwargs: Args.kwargs
+) -> Result:
+    """``work`` on a worker thread when ``offload``, else right here: a thread hop costs more
+    than small work (~0.3 ms of time to first token on a 2-core host)."""
+    if offload:
+        return await asyncio.to_thread(work, *args, **kwargs)
+    return work(*args, **kwargs)
+
 
 SOFT_SWITCHES = {"/think": True, "/no_think": False}
 CODER_TEMPLATE_MARKER = "<function="
@@ -101,9 +128,13 @@ class Preparer:
         semantics: ChatSemantics,
         max_tokens_limit: int | None,
         accept_any_model: bool = False,
+        limits: Limits | None = None,
+        completions_parse_special: bool = True,
     ) -> None:
         self._backend = backend
         self._accept_any_model = accept_any_model
+        self._limits = limits or Limits()
+        self._completions_parse_special = completions_parse_special
         self._admission = admission
         self.model_id = model_names[0]
         self._model_names = frozenset(model_names)
@@ -141,17 +172,28 @@ class Preparer:
         """``fit_max_tokens``: a ``max_tokens`` above what the context (or ``--max-tokens-limit``)
         leaves is lowered to it instead of refused (Anthropic's required ``max_tokens`` is a
         ceiling, and agents send their own model's, e.g. 64000)."""
-        prompt = await self._chat_prompt(req)
-        grammar = chat_grammar(
+        schema_bytes = self._checked_chat(req)
+        requested_max = req.completion_limit()
+        if not fit_max_tokens:
+            self._check_max_tokens(requested_max)
+        kwargs = self._template_kwargs(req)
+        thinking_possible = kwargs.get("enable_thinking", True) is not False
+        grammar = await _offloaded(
+            schema_bytes > INLINE_SCHEMA_BYTES,
+            chat_grammar,
             req,
-            allow_thinking=prompt.thinking_possible and self._template_thinks,
+            allow_thinking=thinking_possible and self._template_thinks,
             check=self._backend.check_grammar,
             tool_call_format=self.tool_call_format,
+            limits=self._limits,
+        )
+        prompt = await self._chat_prompt(
+            req, kwargs, completion=1 if fit_max_tokens else (requested_max or 1)
         )
         prepared = self._admitted(
             req,
             prompt.tokens,
-            req.completion_limit(),
+            requested_max,
             prompt.text,
             param="messages",
             grammar=grammar,
@@ -170,33 +212,47 @@ class Preparer:
 
     async def count_chat(self, req: ChatCompletionRequest) -> int:
         """The prompt tokens ``chat(req)`` would decode, without admitting a generation."""
-        return len((await self._chat_prompt(req)).tokens)
+        self._checked_chat(req)
+        # Counted whatever its length (an agent may count to learn that it must compact).
+        prompt = await self._chat_prompt(req, self._template_kwargs(req), completion=None)
+        return len(prompt.tokens)
 
-    async def _chat_prompt(self, req: ChatCompletionRequest) -> _ChatPrompt:
+    def _checked_chat(self, req: ChatCompletionRequest) -> int:
+        """The model, the template and the limits; returns the size of the request's schemas."""
         self.check_model(req.model)
         if self._template is None:
             raise InvalidRequest(
                 "This model has no chat template; use /v1/completions or start the server "
                 "with --chat-template-file."
             )
+        return self._check_chat_limits(req)
+
+    def _template_kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
         kwargs = dict(req.chat_template_kwargs or {})
         if not self._semantics.enable_thinking:
             kwargs.setdefault("enable_thinking", False)
+        return kwargs
+
+    async def _chat_prompt(
+        self, req: ChatCompletionRequest, kwargs: dict[str, Any], *, completion: int | None
+    ) -> _ChatPrompt:
+        """The prompt's tokens (refused early when even its size says that it cannot fit with
+        ``completion`` tokens after it; None: no context check) and what its text pipeline
+        must do."""
         # With thinking off in the template, Qwen3 ignores the soft switches.
         thinking_possible = kwargs.get("enable_thinking", True) is not False
         soft = soft_switch(req.messages)
         thinking = thinking_possible and soft is not False
         tools = req.offered_tools
-        prompt = self._template.render(
-            [
-                template_message(m, arguments_as_object=self._arguments_as_object)
-                for m in req.messages
-            ],
-            tools=[tool.model_dump(exclude_none=True) for tool in tools],
-            add_generation_prompt=True,
-            extra=kwargs,
+        text_chars = sum(len(m.text()) for m in req.messages) + TOOL_WEIGHT_CHARS * len(tools)
+        tokens, opens_thinking = await _offloaded(
+            text_chars > INLINE_TOKENIZE_CHARS,
+            self._chat_tokens,
+            req,
+            [tool.model_dump(exclude_none=True) for tool in tools],
+            kwargs,
+            completion,
         )
-        tokens = await self._tokenize(prompt)
         reasoning: Mode = (
             "raw"
             if self._semantics.reasoning_format == "none"
@@ -210,10 +266,72 @@ class Preparer:
             tool_call_format=self.tool_call_format,
             tool_parameters={t.function.name: t.function.parameters for t in tools},
         )
-        return _ChatPrompt(tokens, text, thinking_possible, thinking, prompt_opens_thinking(prompt))
+        return _ChatPrompt(tokens, text, thinking_possible, thinking, opens_thinking)
+
+    def _check_chat_limits(self, req: ChatCompletionRequest) -> int:
+        """The request's counts and untyped values within the limits; returns the size of its
+        schemas (as compact JSON, about)."""
+        limits = self._limits
+        limits.check_count(
+            "The number of messages",
+            len(req.messages),
+            limits.max_messages,
+            param="messages",
+            setting="max_messages",
+        )
+        limits.check_count(
+            "The number of tools",
+            len(req.tools or []),
+            limits.max_tools,
+            param="tools",
+            setting="max_tools",
+        )
+        limits.check_stop(req.stop_list())
+        schema_bytes = 0
+        for i, tool in enumerate(req.tools or []):
+            parameters = tool.function.parameters
+            if parameters is not None:
+                schema_bytes += limits.check_schema(
+                    parameters, param=f"tools.{i}.function.parameters"
+                )
+        fmt = req.response_format
+        if fmt is not None and fmt.json_schema is not None and fmt.json_schema.schema_:
+            schema_bytes += limits.check_schema(
+                fmt.json_schema.schema_, param="response_format.json_schema.schema"
+            )
+        if req.chat_template_kwargs:
+            check_json(req.chat_template_kwargs, param="chat_template_kwargs")
+        return schema_bytes
+
+    def _chat_tokens(
+        self,
+        req: ChatCompletionRequest,
+        tools: list[dict[str, Any]],
+        kwargs: dict[str, Any],
+        completion: int | None,
+    ) -> tuple[list[int], bool]:
+        """The chat prompt rendered with every client string escaped, then tokenized with the
+        template's markup as control tokens and the client's text as text; and whether it ends
+        inside an open ``<think>`` block."""
+        assert self._template is not None
+        client = ClientText(self._backend.tokenizer)
+        messages = [
+            client.escape(template_message(m, arguments_as_object=self._arguments_as_object))
+            for m in req.messages
+        ]
+        prompt = self._template.render(
+            messages,
+            tools=client.escape(tools),
+            add_generation_prompt=True,
+            extra=client.escape(kwargs),
+        )
+        tokens = self._prompt_tokens(client.prompt_parts(prompt), completion, param="messages")
+        return tokens, prompt_opens_thinking(prompt)
 
     async def completion(self, req: CompletionRequest) -> PreparedGeneration:
         self.check_model(req.model)
+        self._limits.check_stop(req.stop_list())
+        self._check_max_tokens(req.max_tokens)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             tokens = [int(t) for t in prompt]
@@ -222,17 +340,59 @@ class Preparer:
                 raise InvalidRequest(f"prompt token ids must be in [0, {n_vocab})", param="prompt")
         else:
             text = prompt if isinstance(prompt, str) else str(prompt[0])
-            tokens = await self._tokenize(text)
+            tokens = await _offloaded(
+                len(text) > INLINE_TOKENIZE_CHARS,
+                self._completion_tokens,
+                text,
+                req.max_tokens or 1,
+            )
         options = TextOptions(stop=tuple(req.stop_list()))
         return self._admitted(req, tokens, req.max_tokens, options, param="prompt")
 
-    async def _tokenize(self, text: str) -> list[int]:
-        # A thread hop costs more than tokenizing a few KB (~0.3 ms of time to first token on
-        # a 2-core host), so short prompts are tokenized right here.
+    def _completion_tokens(self, text: str, completion: int) -> list[int]:
+        """A raw prompt: control token texts are those tokens (``--completions-parse-special``,
+        the default) or text."""
         tokenizer = self._backend.tokenizer
-        if len(text) <= INLINE_TOKENIZE_CHARS:
-            return tokenizer.tokenize(text)
-        return await asyncio.to_thread(tokenizer.tokenize, text)
+        parts = tokenizer.split_control(text) if self._completions_parse_special else [text]
+        return self._prompt_tokens(parts, completion, param="prompt")
+
+    def _prompt_tokens(
+        self, parts: Sequence[PromptPart], completion: int | None, *, param: str
+    ) -> list[int]:
+        """The prompt's token ids, unless its size refuses it first: over ``max_prompt_bytes``,
+        or (with ``completion``, the tokens to generate after it) longer than the context even
+        if every token stood for the most bytes one can."""
+        tokenizer = self._backend.tokenizer
+        per_token = tokenizer.max_token_bytes
+        size = at_least = 0
+        for part in parts:
+            if isinstance(part, int):
+                size += len(tokenizer.control_texts.get(part, "").encode("utf-8"))
+                at_least += 1
+            else:
+                n = len(part.encode("utf-8"))
+                size += n
+                at_least += -(-n // per_token)
+        self._limits.check_prompt_bytes(size, param=param)
+        n_ctx = self._backend.info.n_ctx
+        if completion is not None and at_least + completion > n_ctx:
+            raise ContextLengthExceeded(
+                n_ctx=n_ctx,
+                prompt_tokens=at_least,
+                max_tokens=completion,
+                param=param,
+                at_least=True,
+            )
+        return tokenizer.tokenize_parts(parts)
+
+    def _check_max_tokens(self, requested_max: int | None) -> None:
+        limit = self._max_tokens_limit
+        if limit is not None and requested_max is not None and requested_max > limit:
+            raise InvalidRequest(
+                f"max_tokens is {requested_max}, above this server's limit of {limit}.",
+                param="max_tokens",
+                code="max_tokens_above_limit",
+            )
 
     def _admitted(
         self,
@@ -253,12 +413,7 @@ class Preparer:
         room = n_ctx - len(tokens)
         if fit_max_tokens and requested_max is not None and room >= 1:
             requested_max = min(requested_max, room, limit or room)
-        if limit is not None and requested_max is not None and requested_max > limit:
-            raise InvalidRequest(
-                f"max_tokens is {requested_max}, above this server's limit of {limit}.",
-                param="max_tokens",
-                code="max_tokens_above_limit",
-            )
+        self._check_max_tokens(requested_max)
         if room < 1 or (requested_max is not None and requested_max > room):
             raise ContextLengthExceeded(
                 n_ctx=n_ctx,
@@ -268,15 +423,37 @@ class Preparer:
             )
         return PreparedGeneration(
             prompt_tokens=list(tokens),
-            sampling=sampling(req, grammar=grammar, top_logprobs=top_logprobs),
+            sampling=sampling(
+                req,
+                grammar=grammar,
+                top_logprobs=top_logprobs,
+                logit_bias=logit_bias(req, self._backend.info.n_vocab),
+            ),
             max_tokens=requested_max if requested_max is not None else min(room, limit or room),
             text=text,
             ticket=self._admission.admit(),
         )
 
 
+def logit_bias(req: GenerationRequest, n_vocab: int) -> tuple[tuple[int, float], ...]:
+    """The request's ``logit_bias`` as (token id, bias) pairs, every id in the vocabulary."""
+    pairs = tuple((int(key), bias) for key, bias in (req.logit_bias or {}).items())
+    for token_id, _ in pairs:
+        if token_id >= n_vocab:
+            raise InvalidRequest(
+                f"logit_bias names token {token_id}; token ids are in [0, {n_vocab}).",
+                param=f"logit_bias.{token_id}",
+                code="invalid_value",
+            )
+    return pairs
+
+
 def sampling(
-    req: GenerationRequest, *, grammar: str | None = None, top_logprobs: int | None = None
+    req: GenerationRequest,
+    *,
+    grammar: str | None = None,
+    top_logprobs: int | None = None,
+    logit_bias: tuple[tuple[int, float], ...] = (),
 ) -> SamplingParams:
     """The request's sampling fields, each one mapped; unset ones take llama.cpp's defaults."""
     d = DEFAULT_SAMPLING
@@ -295,6 +472,7 @@ def sampling(
         seed=req.seed,
         grammar=grammar,
         top_logprobs=top_logprobs,
+        logit_bias=logit_bias,
     )
 
 
@@ -342,13 +520,21 @@ def template_message(message: ChatMessage, *, arguments_as_object: bool = False)
 def _arguments_object(function: dict[str, Any]) -> dict[str, Any]:
     try:
         arguments = json.loads(function["arguments"])
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's stack
         arguments = None
     if not isinstance(arguments, dict):
         raise InvalidRequest(
             f"The arguments of the history tool call to '{function['name']}' must be a JSON "
             "object.",
             param="messages",
+        )
+    check_json(arguments, param="messages")
+    if lone_surrogate_at(arguments) is not None:
+        raise InvalidRequest(
+            f"The arguments of the history tool call to '{function['name']}' hold a lone UTF-16 "
+            "surrogate escape; strings must be valid Unicode.",
+            param="messages",
+            code="invalid_text",
         )
     return arguments
 
@@ -359,9 +545,10 @@ def chat_grammar(
     allow_thinking: bool,
     check: Callable[[str], None],
     tool_call_format: ToolCallFormat = "qwen3",
+    limits: Limits | None = None,
 ) -> str | None:
     """The grammar a forced tool call (in the model's format) or a JSON response format needs,
-    checked by the engine (400 if impossible)."""
+    held to the grammar size limit and checked by the engine (400 if impossible)."""
     param = "tools" if req.forced_tools else "response_format"
     try:
         if req.forced_tools:
@@ -382,6 +569,7 @@ def chat_grammar(
             return None
     except GrammarError as exc:
         raise InvalidRequest(str(exc), param=param, code="unsupported_schema") from exc
+    (limits or Limits()).check_grammar(grammar, param=param)
     try:
         check(grammar)
     except GrammarError as exc:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.core.admission import Admission
+from app.core.limits import Limits
 from app.core.output import Failed, Output
 from app.core.prepare import ChatSemantics, PreparedGeneration, Preparer
 from app.core.results import Event, Finished, FinishReason, PhaseTimes
@@ -40,6 +41,8 @@ class GenerationService:
         max_queue: int | None = None,
         request_timeout_s: float | None = None,
         max_tokens_limit: int | None = None,
+        limits: Limits | None = None,
+        completions_parse_special: bool = True,
         accept_any_model: bool = False,
     ) -> None:
         self.backend = backend
@@ -53,6 +56,8 @@ class GenerationService:
             model_names=model_names,
             semantics=self.semantics,
             max_tokens_limit=max_tokens_limit,
+            limits=limits,
+            completions_parse_special=completions_parse_special,
             accept_any_model=accept_any_model,
         )
         self.model_id = self._preparer.model_id

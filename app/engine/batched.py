@@ -53,9 +53,10 @@ the same tokens).
 Thinking budget (``app.engine.thinking``): a generation with one has a ``BudgetTracker``; a
 token it forces is taken instead of a sampled one and accepted by the sampler chain.
 
-Sampling mirrors ``Llama._init_sampler``: per generation a ``llama_sampler`` chain of
-penalties, grammar, then greedy or top-k/top-p/min-p/temperature/``dist(seed)``; each chain
-has its own random state, so one request's seed decides only its own tokens.
+Sampling mirrors ``Llama._init_sampler``: per generation a ``llama_sampler`` chain of the
+request's logit biases, penalties, grammar, then greedy or
+top-k/top-p/min-p/temperature/``dist(seed)``; each chain has its own random state, so one
+request's seed decides only its own tokens.
 
 Backpressure and cancellation. A consumer that falls behind pauses its ``Flow``; the scheduler
 then leaves that sequence out of the batch (it stays in its slot, parked) until the consumer
@@ -84,13 +85,7 @@ import numpy.typing as npt
 
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
-from app.engine.llama import (
-    EngineConfig,
-    LlamaTokenizer,
-    load_model,
-    logprobs_of,
-    model_info,
-)
+from app.engine.llama import EngineConfig, load_model, logprobs_of, model_info
 from app.engine.prompt_cache import PromptCache, SavedPrompt, common_prefix
 from app.engine.protocol import (
     EngineError,
@@ -105,6 +100,7 @@ from app.engine.protocol import (
     Tokenizer,
 )
 from app.engine.thinking import BudgetTracker
+from app.engine.tokenizer import LlamaTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -515,6 +511,16 @@ class BatchedLlamaBackend:
         """The chain ``Llama._init_sampler`` builds, with this generation's own seed."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        if sampling.logit_bias:  # first, as Llama's logits processors are
+            biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
+            for entry, (token_id, bias) in zip(biases, sampling.logit_bias, strict=True):
+                entry.token, entry.bias = token_id, bias
+            add(
+                chain,
+                llama_cpp.llama_sampler_init_logit_bias(
+                    self._n_vocab, len(sampling.logit_bias), biases
+                ),
+            )
         add(
             chain,
             llama_cpp.llama_sampler_init_penalties(

@@ -7,11 +7,16 @@ cannot honour is a 400 before any stream starts.
 
 llama.cpp's converter silently ignores JSON-schema keywords it does not implement; a request
 relying on one would get output that ignores it. Those keywords are refused here instead.
+Whatever else the converter cannot take (it is plain Python over client data: a ``$ref`` that
+is not a string, ``properties`` that are not an object, a pattern it cannot read) it fails on
+with whatever exception its code meets; every one of them is a ``GrammarError`` that says
+where in the request the schema is, not the converter's own words, which are logged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +26,8 @@ from llama_cpp.llama_grammar import SchemaConverter
 
 from app.engine.protocol import GrammarError
 from app.text.schema_types import schema_types
+
+logger = logging.getLogger(__name__)
 
 _UNSUPPORTED_KEYWORDS = frozenset(
     {
@@ -91,9 +98,13 @@ def _check_schema(schema: Any, path: str) -> None:
         return
     for key, value in schema.items():
         if key in _UNSUPPORTED_KEYWORDS:
-            raise GrammarError(f"JSON schema keyword '{key}' at {path} is not supported")
-        if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
-            raise GrammarError(f"only local $ref ('#/...') is supported, got '{value}' at {path}")
+            raise GrammarError(f"The JSON schema keyword '{key}' at {path} is not supported")
+        if key == "$ref" and not isinstance(value, str):
+            raise GrammarError(f"The $ref at {path} is not a string")
+        if key == "$ref" and not value.startswith("#"):
+            raise GrammarError(
+                f"Only local $ref ('#/...') is supported, got '{value[:80]}' at {path}"
+            )
         if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
             for name, sub in value.items():
                 _check_schema(sub, f"{path}.{key}.{name}")
@@ -110,15 +121,27 @@ def _visit(converter: SchemaConverter, schema: Mapping[str, Any], name: str, whe
     try:
         resolved = converter.resolve_refs(json.loads(json.dumps(schema)), where)
         rule: str = converter.visit(resolved, name)
-    except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as exc:
-        raise GrammarError(f"cannot build a grammar from the schema at {where}: {exc}") from exc
+    except Exception as exc:
+        raise _unconvertible(where, exc) from exc
     return rule
+
+
+def _unconvertible(where: str, exc: Exception) -> GrammarError:
+    """The converter failed on the schema at ``where``: say so, keep its words for the log."""
+    logger.info("the schema converter failed on %s: %s", where, repr(exc)[:300])
+    return GrammarError(
+        f"The JSON schema at {where} is not one llama.cpp's schema converter can turn into a "
+        "grammar (a keyword with a value of the wrong type, an unresolvable $ref, or a pattern "
+        "it cannot read)"
+    )
 
 
 def json_grammar(schema: Mapping[str, Any] | None, *, allow_thinking: bool) -> str:
     """Output that is one JSON value matching ``schema`` (``None``: any JSON object)."""
     converter = _converter()
-    value = _visit(converter, schema or {"type": "object"}, "value", "json_schema")
+    value = _visit(
+        converter, schema or {"type": "object"}, "value", "response_format.json_schema.schema"
+    )
     prefix = "think? " if allow_thinking else ""
     rules = [converter.format_grammar(), f"root ::= {prefix}{value}"]
     if allow_thinking:
@@ -132,7 +155,7 @@ def tool_call_grammar(tools: Sequence[ToolSpec], *, parallel: bool, allow_thinki
     alternatives = []
     for i, tool in enumerate(tools):
         schema = tool.parameters or {"type": "object"}
-        args = _visit(converter, schema, f"tool{i}-args", f"tools[{i}].function.parameters")
+        args = _visit(converter, schema, f"tool{i}-args", f"tools.{i}.function.parameters")
         head = json.dumps(f'<tool_call>\n{{"name": {json.dumps(tool.name)}, "arguments": ')
         alternatives.append(f'{head} {args} "}}\\n</tool_call>"')
     rules = [converter.format_grammar(), "call ::= " + " | ".join(alternatives)]
@@ -158,28 +181,18 @@ def coder_tool_call_grammar(
     always, the others optionally), each typed: free text where a string fits (a string
     ``enum`` or ``const``: one of its values), a JSON value of the schema where it does not."""
     converter = _converter()
-    functions, parameter_rules = [], []
+    functions: list[str] = []
+    parameter_rules: list[str] = []
     for i, tool in enumerate(tools):
-        where = f"tools[{i}].function.parameters"
+        where = f"tools.{i}.function.parameters"
         schema = dict(tool.parameters or {"type": "object"})
         _check_schema(schema, where)
         try:
-            resolved = converter.resolve_refs(json.loads(json.dumps(schema)), where)
-        except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as exc:
-            raise GrammarError(f"cannot build a grammar from the schema at {where}: {exc}") from exc
-        properties = schema.get("properties")
-        listed = schema.get("required")
-        required = set(listed) if isinstance(listed, list) else set()
-        parameters = []
-        if isinstance(properties, dict) and properties:
-            for j, (name, sub) in enumerate(properties.items()):
-                rule = f"tool{i}-param{j}"
-                value = _coder_value(converter, sub, resolved["properties"][name], schema, rule)
-                open_tag = json.dumps(f"<parameter={name}>\n")
-                parameter_rules.append(f'{rule} ::= {open_tag} {value} "\\n</parameter>\\n"')
-                parameters.append(rule if name in required else f"{rule}?")
-        else:
-            parameters.append("coder-any-parameter*")
+            parameters = _coder_parameters(converter, schema, i, where, parameter_rules)
+        except GrammarError:
+            raise
+        except Exception as exc:
+            raise _unconvertible(where, exc) from exc
         head = json.dumps(f"<function={tool.name}>\n")
         functions.append(f'{head} {" ".join(parameters)} "</function>\\n"')
     rules = [
@@ -192,6 +205,26 @@ def coder_tool_call_grammar(
     return _calls_root(rules, parallel=parallel, allow_thinking=allow_thinking)
 
 
+def _coder_parameters(
+    converter: SchemaConverter, schema: dict[str, Any], i: int, where: str, rules: list[str]
+) -> list[str]:
+    """The parameter sequence of tool ``i``'s call; each parameter's rule goes into ``rules``."""
+    resolved = converter.resolve_refs(json.loads(json.dumps(schema)), where)
+    properties = schema.get("properties")
+    listed = schema.get("required")
+    required = set(listed) if isinstance(listed, list) else set()
+    if not (isinstance(properties, dict) and properties):
+        return ["coder-any-parameter*"]
+    parameters = []
+    for j, (name, sub) in enumerate(properties.items()):
+        rule = f"tool{i}-param{j}"
+        value = _coder_value(converter, sub, resolved["properties"][name], schema, rule)
+        open_tag = json.dumps(f"<parameter={name}>\n")
+        rules.append(f'{rule} ::= {open_tag} {value} "\\n</parameter>\\n"')
+        parameters.append(rule if name in required else f"{rule}?")
+    return parameters
+
+
 def _coder_value(
     converter: SchemaConverter, schema: Any, resolved: Any, root: Any, name: str
 ) -> str:
@@ -200,8 +233,8 @@ def _coder_value(
     if "string" not in types and types:
         try:
             rule: str = converter.visit(resolved, f"{name}-json")
-        except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as exc:
-            raise GrammarError(f"cannot build a grammar for parameter {name}: {exc}") from exc
+        except Exception as exc:
+            raise _unconvertible(f"parameter {name}", exc) from exc
         return rule
     if isinstance(schema, dict) and types == {"string"}:
         choices = schema.get("enum", [schema["const"]] if "const" in schema else None)

@@ -1,5 +1,5 @@
-"""What both llama.cpp backends share: the load configuration, the model's facts, its
-tokenizer and logprobs.
+"""What both llama.cpp backends share: the load configuration, the model's facts and logprobs
+(and their tokenizer, ``app.engine.tokenizer``).
 
 Both backends take an ``EngineConfig`` built once from the settings (threads and defaults are
 decided here, not in each backend), read the same ``ModelInfo`` off the loaded model, tokenize
@@ -264,28 +264,6 @@ def token_text(model: Any, token_id: int) -> str:
     if token_id < 0:
         return ""
     return bytes(model.detokenize([token_id], special=True)).decode("utf-8", errors="replace")
-
-
-class LlamaTokenizer:
-    """Tokenization over the model's own vocabulary (thread-safe: it only reads the vocab)."""
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(model.vocab))
-        self._pieces: dict[int, bytes] = {}
-
-    def tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self._model.tokenize(
-            text.encode("utf-8"), add_bos=self._add_bos, special=True
-        )
-        return tokens
-
-    def token_bytes(self, token_id: int) -> bytes:
-        piece = self._pieces.get(token_id)
-        if piece is None:
-            piece = bytes(self._model.detokenize([token_id], special=False))
-            self._pieces[token_id] = piece
-        return piece
 
 
 def logprobs_of(logits: Logits, token_id: int, top: int) -> TokenLogprobs:

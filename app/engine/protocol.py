@@ -24,7 +24,7 @@ that stops pulling hold a batch slot without the engine knowing why.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -95,6 +95,8 @@ class SamplingParams:
     """A GBNF grammar that constrains sampling (built by ``app.engine.grammar``)."""
     top_logprobs: int | None = None
     """Report logprobs with this many alternatives per token (``None``: no logprobs)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs: each bias is added to its token's logit before sampling."""
     thinking_budget: ThinkingBudget | None = None
     """Close the thinking block after this many tokens (``None``: no budget)."""
 
@@ -104,11 +106,13 @@ class SamplingParams:
 
     @property
     def argmax(self) -> bool:
-        """Greedy with nothing else between the logits and the choice (no grammar, neutral
-        penalties): the most likely token, which an engine may take from the logits itself."""
+        """Greedy with nothing else between the logits and the choice (no grammar, no logit
+        biases, neutral penalties): the most likely token, which an engine may take from the
+        logits itself."""
         return (
             self.greedy
             and not self.grammar
+            and not self.logit_bias
             and self.repeat_penalty == 1.0
             and self.frequency_penalty == 0.0
             and self.presence_penalty == 0.0
@@ -161,9 +165,29 @@ class ModelInfo:
     gpu_offload: bool
 
 
+PromptPart = str | int
+"""A piece of a prompt: text, or a token id placed as it is."""
+
+
 class Tokenizer(Protocol):
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids for ``text``, special tokens parsed, BOS added when the model wants it."""
+    control_texts: Mapping[int, str]
+    """The text of each control token (``<|im_start|>``), by id."""
+    max_token_bytes: int
+    """The most bytes of text one token stands for (a lower bound on a text's token count is
+    its UTF-8 length divided by this)."""
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids for ``text``, BOS added when the model wants it; with ``special``, the texts
+        of control tokens (``<|im_start|>``) become those tokens, else they are text."""
+        ...
+
+    def split_control(self, text: str) -> list[PromptPart]:
+        """``text`` cut at the texts of control tokens: their ids, and the text between."""
+        ...
+
+    def tokenize_parts(self, parts: Iterable[PromptPart]) -> list[int]:
+        """Token ids for a prompt given as parts: an id as it is, a text as text (it never
+        yields a control token); BOS added when the model wants it."""
         ...
 
     def token_bytes(self, token_id: int) -> bytes:

@@ -38,14 +38,7 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
-from app.engine.llama import (
-    KV_TYPES,
-    EngineConfig,
-    LlamaTokenizer,
-    logprobs_of,
-    model_info,
-    quiet_llama_log,
-)
+from app.engine.llama import KV_TYPES, EngineConfig, logprobs_of, model_info, quiet_llama_log
 from app.engine.protocol import (
     EngineError,
     EngineFinish,
@@ -60,6 +53,7 @@ from app.engine.protocol import (
     TokenLogprobs,
 )
 from app.engine.thinking import BudgetTracker
+from app.engine.tokenizer import LlamaTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +182,7 @@ class LlamaBackend:
     ) -> EngineFinish:
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
         top_logprobs = sampling.top_logprobs if run.on_logprobs is not None else None
-        self._llm.set_seed(seed)
+        self._llm.set_seed(seed & 0xFFFFFFFF)  # llama.cpp's seeds are 32-bit, as batched takes them
         run.cached = self._cached_prefix(prompt)
         sampled = 0
         budget = (
@@ -210,9 +204,7 @@ class LlamaBackend:
                 if sampling.grammar
                 else None
             ),
-            logits_processor=(
-                LogitsProcessorList([_Forcing(budget)]) if budget is not None else None
-            ),
+            logits_processor=_processors(sampling.logit_bias, budget),
         )
         try:
             for token_id in tokens:
@@ -268,6 +260,34 @@ class LlamaBackend:
         self._closing = True
         self._engine.shutdown(wait=True, cancel_futures=True)
         self._llm.close()
+
+
+def _processors(
+    logit_bias: tuple[tuple[int, float], ...], budget: BudgetTracker | None
+) -> LogitsProcessorList | None:
+    """What ``Llama`` runs on the logits before its sampler chain: the request's logit biases
+    (the batching backend puts llama.cpp's logit-bias sampler first in its chain), then a
+    thinking budget's forced token."""
+    processors: list[Any] = []
+    if logit_bias:
+        processors.append(_Biases(logit_bias))
+    if budget is not None:
+        processors.append(_Forcing(budget))
+    return LogitsProcessorList(processors) if processors else None
+
+
+class _Biases:
+    """A logits processor that adds the request's logit biases."""
+
+    def __init__(self, logit_bias: tuple[tuple[int, float], ...]) -> None:
+        self._ids = np.array([token_id for token_id, _ in logit_bias], dtype=np.intp)
+        self._biases = np.array([bias for _, bias in logit_bias], dtype=np.float32)
+
+    def __call__(
+        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
+        scores[self._ids] += self._biases
+        return scores
 
 
 class _Forcing:
