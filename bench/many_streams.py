@@ -389,6 +389,37 @@ def _point_table(entry: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _head_to_head(results: dict[str, Any]) -> list[str]:
+    """This server against ``llama-server``, both with their default flags, point by point."""
+    ours = Variant(OURS, ()).label(results["settings"]["parallel"])
+    theirs = Variant(LLAMA_SERVER, ()).label(results["settings"]["parallel"])
+    lines = [
+        f"`{ours}` against `{theirs}` (each with its default KV layout), the figures of the "
+        "tables below and their ratio, ours over llama-server's:",
+        "",
+        "| streams x prompt | run | tokens/s | ITL p95 (ms) | CPU s per 1k tokens | errors |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for entry in results["runs"]:
+        rows = {r["label"]: r for r in entry["servers"] if r["status"] == "ok"}
+        if ours not in rows or theirs not in rows:
+            continue
+        a, b = rows[ours], rows[theirs]
+
+        def cell(x: float | None, y: float | None, digits: int) -> str:
+            ratio = _vs(x, y)
+            return f"{_f(x, digits)} / {_f(y, digits)} = {_f(ratio, 2)}x"
+
+        lines.append(
+            f"| {entry['streams']} x {entry['prompt_tokens']} | {entry['run'] + 1} "
+            f"| {cell(a['tokens_per_s'], b['tokens_per_s'], 1)} "
+            f"| {cell(a['itl_ms']['p95'], b['itl_ms']['p95'], 2)} "
+            f"| {cell(a['cpu_s_per_1k_tokens'], b['cpu_s_per_1k_tokens'], 3)} "
+            f"| {a['failed']}/{a['requests']}, {b['failed']}/{b['requests']} |"
+        )
+    return lines if len(lines) > 4 else []
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     model = results["model"]
@@ -422,6 +453,9 @@ def markdown(results: dict[str, Any]) -> str:
         "many CPUs other processes on the host kept busy meanwhile (noise to read beside "
         "every figure).",
     ]
+    head_to_head = _head_to_head(results)
+    if head_to_head:
+        lines += ["", *head_to_head]
     for entry in results["runs"]:
         run = f", run {entry['run'] + 1} of {s['repeat']}" if s["repeat"] > 1 else ""
         lines += [

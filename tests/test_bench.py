@@ -382,6 +382,53 @@ def test_many_streams_figures_are_consistent(many_streams: tuple[dict[str, Any],
             )
             shown = f"| {row['label']} | {row['kv_layout']} | {row['tokens_per_s']:.1f} "
             assert f"{shown}({vs['tokens_per_s']:.2f}x) |" in markdown
+        _check_head_to_head(entry, markdown)
+
+
+def _check_head_to_head(entry: dict[str, Any], markdown: str) -> None:
+    """The summary row of a point: this server's and llama-server's figures (both with their
+    default flags) and their ratio, as the point's own rows report them."""
+    rows = {row["label"]: row for row in entry["servers"] if row["status"] == "ok"}
+    ours, theirs = rows.get("qwen3-moe-serve --parallel 64"), rows.get("llama-server -np 64")
+    if ours is None or theirs is None:
+        assert f"| {entry['streams']} x {entry['prompt_tokens']} | {entry['run'] + 1} |" not in (
+            markdown
+        )
+        return
+    cells = []
+    for key, digits in (("tokens_per_s", 1), ("itl_p95", 2), ("cpu_s_per_1k_tokens", 3)):
+        a, b = (
+            (r["itl_ms"]["p95"] if key == "itl_p95" else r[key]) for r in (ours, theirs)
+        )
+        ratio = float(f"{a / b:.4g}")  # the report's ratios are kept to 4 significant digits
+        cells.append(f"{a:.{digits}f} / {b:.{digits}f} = {ratio:.2f}x")
+    row = (
+        f"| {entry['streams']} x {entry['prompt_tokens']} | {entry['run'] + 1} | "
+        + " | ".join(cells)
+    )
+    assert row in markdown, row
+
+
+def test_the_committed_many_streams_run_is_the_report_of_its_figures() -> None:
+    """bench/results/many_streams.md is the report of many_streams.json (no figure typed in),
+    that run is in the record of every run, and docs/performance.md's many-streams rows are
+    rows of that report."""
+    from bench.many_streams import markdown as render
+
+    results_dir = ROOT / "bench" / "results"
+    results = json.loads((results_dir / "many_streams.json").read_text())
+    report = (results_dir / "many_streams.md").read_text(encoding="utf-8")
+    assert report == render(results)
+    assert results["date"] in (results_dir / "many_streams_runs.md").read_text(encoding="utf-8")
+    for entry in results["runs"]:
+        _check_head_to_head(entry, report)
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    section = page.split("## Many streams", 1)[1].split("\n## ", 1)[0]
+    assert results["machine"]["git_commit"][:7] in section
+    shown = [line for line in section.splitlines() if re.match(r"\| \d+ x \d+ \| \d \|", line)]
+    assert len(shown) == len(results["runs"])
+    for line in shown:
+        assert line in report, line
 
 
 def test_the_performance_page_shows_the_committed_runs() -> None:
