@@ -397,15 +397,11 @@ def _check_head_to_head(entry: dict[str, Any], markdown: str) -> None:
         return
     cells = []
     for key, digits in (("tokens_per_s", 1), ("itl_p95", 2), ("cpu_s_per_1k_tokens", 3)):
-        a, b = (
-            (r["itl_ms"]["p95"] if key == "itl_p95" else r[key]) for r in (ours, theirs)
-        )
+        a, b = ((r["itl_ms"]["p95"] if key == "itl_p95" else r[key]) for r in (ours, theirs))
         ratio = float(f"{a / b:.4g}")  # the report's ratios are kept to 4 significant digits
         cells.append(f"{a:.{digits}f} / {b:.{digits}f} = {ratio:.2f}x")
-    row = (
-        f"| {entry['streams']} x {entry['prompt_tokens']} | {entry['run'] + 1} | "
-        + " | ".join(cells)
-    )
+    point = f"| {entry['streams']} x {entry['prompt_tokens']} | {entry['run'] + 1} | "
+    row = point + " | ".join(cells)
     assert row in markdown, row
 
 
