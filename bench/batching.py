@@ -191,13 +191,7 @@ def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     model = results["model"]
     lines = [
-        f"# Many clients: continuous batching against llama-server ({results['date']})",
-        "",
-        report.machine_line(results["machine"]),
-        "",
-        "Versions: " + ", ".join(f"{n} {v}" for n, v in results["versions"].items()),
-        "",
-        f"Command: `{results['command']}` ({results['elapsed_s']:.0f} s).",
+        *report.head_lines("Many clients: continuous batching against llama-server", results),
         "",
         f"Model `{model['file']}` ({model['size_bytes'] / 1e6:.1f} MB). Each client sends "
         f"{s['rounds']} streamed requests back to back, each on a fresh connection with its own "

@@ -423,16 +423,13 @@ def _head_to_head(results: dict[str, Any]) -> list[str]:
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     model = results["model"]
+    binary = results.get("llama_server")
     lines = [
-        f"# Many streams on the tiny model ({results['date']})",
-        "",
-        report.machine_line(results["machine"]),
-        "",
-        "Versions: "
-        + ", ".join(f"{n} {v}" for n, v in results["versions"].items())
-        + (f"; llama-server {results['llama_server']}" if results.get("llama_server") else ""),
-        "",
-        f"Command: `{results['command']}` ({results['elapsed_s']:.0f} s).",
+        *report.head_lines(
+            "Many streams on the tiny model",
+            results,
+            also=f"; llama-server {binary}" if binary else "",
+        ),
         "",
         f"Model `{model['file']}` ({model['size_bytes'] / 1e6:.1f} MB, {MODEL}). Every server "
         f"has {s['parallel']} slots, {s['n_threads']} threads, batch {s['n_batch']}, flash "

@@ -137,18 +137,23 @@ def machine_line(machine: dict[str, Any]) -> str:
     )
 
 
-def markdown(results: dict[str, Any]) -> str:
-    machine = results["machine"]
-    lines = [
-        f"# Benchmark results ({results['date']})",
+def head_lines(title: str, results: dict[str, Any], *, also: str = "") -> list[str]:
+    """A report's opening: its title and date, the machine, the versions (``also`` appended:
+    a binary's own version line) and the command with how long it ran."""
+    versions = ", ".join(f"{name} {version}" for name, version in results["versions"].items())
+    return [
+        f"# {title} ({results['date']})",
         "",
-        machine_line(machine),
+        machine_line(results["machine"]),
         "",
-        "Versions: "
-        + ", ".join(f"{name} {version}" for name, version in results["versions"].items()),
+        f"Versions: {versions}{also}",
         "",
         f"Command: `{results['command']}` ({results['elapsed_s']:.0f} s).",
     ]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = head_lines("Benchmark results", results)
     check = results.get("client_check")
     if check:
         lines += ["", _client_check_line(check)]
