@@ -12,7 +12,9 @@ Hand-off. The tokens a step sampled go to their requesters' event loop together:
 ``Handoff.post`` per loop per step, one wake-up of the loop, where each stream's ``on_token``
 runs (``app.engine.handoff``). No thread per request: the scheduler and the event loop are the
 only two threads with Python work per token. The scheduler decodes the next step while the
-loop delivers the last one, and waits only when the loop falls more than a step behind.
+loop delivers the last one, and waits only when the loop falls more than a step behind. (What
+was measured against llama-server, and the designs measured and set aside:
+docs/performance.md, "Many streams".)
 
 Slots and KV layout. ``parallel`` slots map to sequence ids ``0..parallel-1`` of one context
 of ``parallel * n_ctx`` cells; ``info.n_ctx`` is ``n_ctx``, the context one generation may use
