@@ -56,9 +56,11 @@ Thinking budget (``app.engine.thinking``): a generation with one has a ``BudgetT
 token it forces is taken instead of a sampled one and accepted by the sampler chain.
 
 Sampling mirrors ``Llama._init_sampler``: per generation a ``llama_sampler`` chain of the
-request's logit biases, penalties, grammar, then greedy or
-top-k/top-p/min-p/temperature/``dist(seed)``; each chain has its own random state, so one
-request's seed decides only its own tokens.
+request's logit biases, penalties, then greedy or top-k/top-p/min-p/temperature/``dist(seed)``;
+each chain has its own random state, so one request's seed decides only its own tokens. A
+grammar is kept beside the chain, not in it: the chain samples, the grammar checks that one
+token, and only a token it refuses costs a pass of the grammar over the whole vocabulary
+(``app.engine.constrained``, as llama-server samples).
 
 Backpressure and cancellation. A consumer that falls behind pauses its ``Flow``; the scheduler
 then leaves that sequence out of the batch (it stays in its slot, parked) until the consumer
@@ -85,6 +87,7 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
+from app.engine.constrained import ConstrainedSampler
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
 from app.engine.llama import EngineConfig, load_model, logprobs_of, model_info
@@ -131,6 +134,8 @@ class _Sequence(Requester):
     handoff: Handoff[tuple[_Sequence, Update]] | None = None
     # Scheduler thread only.
     sampler: Any = None
+    grammar: Any = None
+    """The request's grammar sampler, beside ``sampler`` (sample, then check)."""
     next_token: int | None = None
     """Sampled and handed off, not yet decoded (its KV cell is written next step)."""
     sampled: int = 0
@@ -201,6 +206,7 @@ class BatchedLlamaBackend:
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self.info = model_info(self._model, config, n_ctx=per_slot)
         self._n_vocab = self.info.n_vocab
+        self._constrained = ConstrainedSampler(self._n_vocab)
         self.tokenizer = LlamaTokenizer(self._model)
         self.max_concurrency = parallel
         mib = config.prompt_cache_mib
@@ -459,9 +465,8 @@ class BatchedLlamaBackend:
         slot.last_used = next(self._uses)
         sequence.cached = reuse
         # Plain greedy needs no sampler: its token is an argmax over the step's logits.
-        sequence.sampler = (
-            None if sequence.sampling.argmax else self._new_sampler(sequence.sampling)
-        )
+        if not sequence.sampling.argmax:
+            sequence.sampler, sequence.grammar = self._new_samplers(sequence.sampling)
         budget = sequence.sampling.thinking_budget
         if budget is not None:
             sequence.budget = BudgetTracker(budget, self.tokenizer.token_bytes)
@@ -509,8 +514,16 @@ class BatchedLlamaBackend:
         slot.tokens.extend(entry.tokens)
         cache.hit(entry, shared)
 
-    def _new_sampler(self, sampling: SamplingParams) -> Any:
-        """The chain ``Llama._init_sampler`` builds, with this generation's own seed."""
+    def _new_samplers(self, sampling: SamplingParams) -> tuple[Any, Any]:
+        """The chain ``Llama._init_sampler`` builds, with this generation's own seed and
+        without its grammar, and the grammar's own sampler (None without one)."""
+        grammar = None
+        if sampling.grammar:
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                self._vocab, sampling.grammar.encode("utf-8"), b"root"
+            )
+            if not grammar:  # NULL: a ctypes pointer that is falsy, never None
+                raise EngineError("the grammar could not be parsed")
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
         if sampling.logit_bias:  # first, as Llama's logits processors are
@@ -533,24 +546,16 @@ class BatchedLlamaBackend:
                 sampling.presence_penalty,
             ),
         )
-        if sampling.grammar:
-            grammar = llama_cpp.llama_sampler_init_grammar(
-                self._vocab, sampling.grammar.encode("utf-8"), b"root"
-            )
-            if not grammar:  # NULL: a ctypes pointer that is falsy, never None
-                llama_cpp.llama_sampler_free(chain)
-                raise EngineError("the grammar could not be parsed")
-            add(chain, grammar)
         if sampling.greedy:
             add(chain, llama_cpp.llama_sampler_init_greedy())
-            return chain
+            return chain, grammar
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
         add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
         add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
         add(chain, llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
         add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
         add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
+        return chain, grammar
 
     def _fill_batch(
         self, running: list[_Slot]
@@ -614,11 +619,20 @@ class BatchedLlamaBackend:
         forced = budget.forced() if budget is not None else None
         if forced is not None:
             token = forced  # the thinking budget is spent: the engine closes the block
-            if sequence.sampler is not None:
-                llama_cpp.llama_sampler_accept(sequence.sampler, token)
+            for sampler in (sequence.grammar, sequence.sampler):
+                if sampler is not None:
+                    llama_cpp.llama_sampler_accept(sampler, token)
         elif sequence.sampler is None:
             assert most_likely is not None
             token = most_likely
+        elif sequence.grammar is not None:
+            row = llama_cpp.llama_get_logits_ith(self._ctx, index)
+            logits = np.ctypeslib.as_array(row, shape=(self._n_vocab,))
+            try:
+                token = self._constrained.sample(sequence.sampler, sequence.grammar, logits)
+            except EngineError as exc:  # this generation's grammar, not the step, failed
+                self._release(slot)
+                return [(sequence, Ended(None, exc))]
         else:
             token = int(llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
         if budget is not None:
@@ -679,9 +693,10 @@ class BatchedLlamaBackend:
         sequence = slot.sequence
         assert sequence is not None
         slot.sequence = None
-        if sequence.sampler is not None:
-            llama_cpp.llama_sampler_free(sequence.sampler)
-            sequence.sampler = None
+        for sampler in (sequence.sampler, sequence.grammar):
+            if sampler is not None:
+                llama_cpp.llama_sampler_free(sampler)
+        sequence.sampler = sequence.grammar = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
