@@ -221,15 +221,17 @@ def measure(
         "tokens": tokens,
         "window_s": round(window, 4),
         "tokens_per_s": round(tokens / window, 2) if window > 0 else None,
-        "ttft_ms": _quantiles_ms(ttfts),
-        "itl_ms": _quantiles_ms(steps),
+        "ttft_ms": quantiles_ms(ttfts),
+        "itl_ms": quantiles_ms(steps),
         "steps": len(steps),
         "cpu_s": round(cpu_s, 4),
         "cpu_s_per_1k_tokens": round(1000 * cpu_s / tokens, 4) if tokens else None,
     }
 
 
-def _quantiles_ms(seconds: Sequence[float]) -> dict[str, float | None]:
+def quantiles_ms(seconds: Sequence[float]) -> dict[str, float | None]:
+    """p50, p95, min and max of ``seconds``, in milliseconds."""
+
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value * 1000, 3)
 

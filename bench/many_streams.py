@@ -10,7 +10,9 @@ decoding), at every point (1, 16 and 64 streams with ~25-token prompts, and a lo
 point, 16 streams with 2048-token prompts, where the KV layout shows), in turn:
 
 1. the batched engine floor (``bench.engine_floor``) for both KV layouts, unified and split:
-   N sequences in one ``llama_decode`` per step, llama.cpp's sampling, no HTTP;
+   N sequences in one ``llama_decode`` per step, llama.cpp's sampling, no HTTP; and this
+   server's own engine with no HTTP (``bench.engine_only``: the same N streams through its
+   scheduler and hand-off, in this process), with its default KV layout;
 2. the client ceiling: the same load against a trivial SSE endpoint (``bench.sse_stub``)
    that streams as fast as it can, so every server's figure can be read against what the
    client sustains;
@@ -51,11 +53,11 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import client, engine_floor, facts, report
+from bench import client, engine_floor, engine_only, facts, report
 from bench.engine_floor import FloorSettings, KvLayout
 from bench.model import ensure_bench_model, random_prompt
 from bench.run import BUILT_MODELS, SETTLE_S
@@ -93,6 +95,7 @@ WARM_UP_TOKENS = 8
 CTX_STEP = 256
 """llama.cpp pads a context to 256 cells; the per-slot context is rounded up to it."""
 STUB_LABEL = "client ceiling (SSE stub)"
+ENGINE_LABEL = f"{OURS} engine, no HTTP"
 HISTORY = "many_streams_runs.md"
 """Every run's report, appended, in the output folder."""
 
@@ -262,6 +265,21 @@ def measure_point(
             seed=rng.getrandbits(32),
         )
         entry["floors"][layout] = {**floor, "other_processes_cpus": other.cores()}
+    layout = DEFAULT_LAYOUT[OURS]
+    _progress(f"{point.describe()}: {ENGINE_LABEL}, {layout} KV")
+    time.sleep(SETTLE_S)
+    other = OtherLoad(os.getpid())
+    engine = engine_only.measure(
+        replace(floor_settings, layout=layout),
+        sequences=point.streams,
+        prompt_tokens=point.prompt_tokens,
+        max_tokens=args.max_tokens,
+        rounds=point.rounds,
+        seed=rng.getrandbits(32),
+    )
+    engine["other_processes_cpus"] = other.cores()
+    engine["vs_floor"] = _vs_floor(engine, entry["floors"][layout])
+    entry["engine"] = engine
     settings = ServerSettings(
         model=model,
         n_ctx=n_ctx,
@@ -304,22 +322,24 @@ def measure_point(
         row["kv_layout_logged"] = logged
         row["kv_layout"] = layout = logged or declared
         if row["status"] == "ok":
-            floor = entry["floors"][layout]
-            row["vs_floor"] = {
-                "tokens_per_s": _vs(row["tokens_per_s"], floor["tokens_per_s"]),
-                "ttft_p50": _vs(row["ttft_ms"]["p50"], floor["ttft_ms"]["p50"]),
-                "ttft_p95": _vs(row["ttft_ms"]["p95"], floor["ttft_ms"]["p95"]),
-                "itl_p50": _vs(row["itl_ms"]["p50"], floor["itl_ms"]["p50"]),
-                "itl_p95": _vs(row["itl_ms"]["p95"], floor["itl_ms"]["p95"]),
-                "cpu_s_per_1k_tokens": _vs(
-                    row["cpu_s_per_1k_tokens"], floor["cpu_s_per_1k_tokens"]
-                ),
-            }
+            row["vs_floor"] = _vs_floor(row, entry["floors"][layout])
             if ceiling["status"] == "ok":
                 row["vs_client_ceiling"] = _vs(row["tokens_per_s"], ceiling["tokens_per_s"])
         rows.append(row)
     entry["servers"] = rows
     return entry
+
+
+def _vs_floor(figures: dict[str, Any], floor: dict[str, Any]) -> dict[str, float | None]:
+    """Each figure over the floor's: tokens/s, TTFT and ITL p50/p95, CPU per 1k tokens."""
+    return {
+        "tokens_per_s": _vs(figures["tokens_per_s"], floor["tokens_per_s"]),
+        "ttft_p50": _vs(figures["ttft_ms"]["p50"], floor["ttft_ms"]["p50"]),
+        "ttft_p95": _vs(figures["ttft_ms"]["p95"], floor["ttft_ms"]["p95"]),
+        "itl_p50": _vs(figures["itl_ms"]["p50"], floor["itl_ms"]["p50"]),
+        "itl_p95": _vs(figures["itl_ms"]["p95"], floor["itl_ms"]["p95"]),
+        "cpu_s_per_1k_tokens": _vs(figures["cpu_s_per_1k_tokens"], floor["cpu_s_per_1k_tokens"]),
+    }
 
 
 def _progress(text: str) -> None:
@@ -345,6 +365,21 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
+def _figures_row(label: str, f: dict[str, Any], errors: str, rss: int | None) -> str:
+    """A row of measured figures, each with its ratio to the floor of its KV layout."""
+    vs = f["vs_floor"]
+    return (
+        f"| {label} | {f.get('kv_layout') or f['layout']} "
+        f"| {_f(f['tokens_per_s'])}{_x(vs['tokens_per_s'])} "
+        f"| {_f(f['ttft_ms']['p50'])}{_x(vs['ttft_p50'])} / {_f(f['ttft_ms']['p95'])} "
+        f"| {_f(f['itl_ms']['p50'], 2)}{_x(vs['itl_p50'])} / "
+        f"{_f(f['itl_ms']['p95'], 2)}{_x(vs['itl_p95'])} "
+        f"| {_f(f['cpu_s_per_1k_tokens'], 3)}{_x(vs['cpu_s_per_1k_tokens'])} "
+        f"| {errors} | {'-' if rss is None else _mib(rss)} "
+        f"| {_f(f['other_processes_cpus'], 2)} |"
+    )
+
+
 def _point_table(entry: dict[str, Any]) -> list[str]:
     lines = [
         "| | KV | tokens/s | TTFT p50 / p95 (ms) | ITL p50 / p95 (ms) | CPU s per 1k tokens "
@@ -358,6 +393,9 @@ def _point_table(entry: dict[str, Any]) -> list[str]:
             f"| {_f(floor['cpu_s_per_1k_tokens'], 3)} | - | - "
             f"| {_f(floor['other_processes_cpus'], 2)} |"
         )
+    engine = entry.get("engine")  # absent from runs recorded before bench.engine_only
+    if engine is not None:
+        lines.append(_figures_row(ENGINE_LABEL, engine, "-", None))
     ceiling = entry["client_ceiling"]
     if ceiling["status"] == "ok":
         lines.append(
@@ -370,17 +408,8 @@ def _point_table(entry: dict[str, Any]) -> list[str]:
     for row in entry["servers"]:
         if row["status"] != "ok":
             continue
-        vs = row["vs_floor"]
-        lines.append(
-            f"| {row['label']} | {row['kv_layout']} "
-            f"| {_f(row['tokens_per_s'])}{_x(vs['tokens_per_s'])} "
-            f"| {_f(row['ttft_ms']['p50'])}{_x(vs['ttft_p50'])} / {_f(row['ttft_ms']['p95'])} "
-            f"| {_f(row['itl_ms']['p50'], 2)}{_x(vs['itl_p50'])} / "
-            f"{_f(row['itl_ms']['p95'], 2)}{_x(vs['itl_p95'])} "
-            f"| {_f(row['cpu_s_per_1k_tokens'], 3)}{_x(vs['cpu_s_per_1k_tokens'])} "
-            f"| {row['failed']}/{row['requests']} | {_mib(row['peak_rss_bytes'])} "
-            f"| {_f(row['other_processes_cpus'], 2)} |"
-        )
+        errors = f"{row['failed']}/{row['requests']}"
+        lines.append(_figures_row(row["label"], row, errors, row["peak_rss_bytes"]))
     failed = [f"- {r['label']}: {r['reason']}" for r in entry["servers"] if r["status"] != "ok"]
     if ceiling["status"] != "ok":
         failed.append(f"- {STUB_LABEL}: {ceiling['reason']}")
@@ -444,7 +473,10 @@ def markdown(results: dict[str, Any]) -> str:
         "(all threads, children included) over the window, per 1,000 streamed tokens. "
         "(rx): the figure over the batched engine floor of the server's KV layout at the same "
         "point (N sequences in one llama_decode per step, llama.cpp's greedy sampling, no "
-        "HTTP: bench.engine_floor; its ITL is its step time, its CPU this process's). The "
+        "HTTP: bench.engine_floor; its ITL is its step time, its CPU this process's). "
+        f"{ENGINE_LABEL}: this server's batching engine in this process, the same streams "
+        "as the floor's rounds with an on_token that only notes the time (bench.engine_only); "
+        "a server row over it is what HTTP, JSON and SSE cost beside the engine. The "
         "client ceiling is this client against a trivial SSE endpoint streaming as fast as it "
         "can (bench.sse_stub), the same load: the most this client reads. Other CPUs: how "
         "many CPUs other processes on the host kept busy meanwhile (noise to read beside "

@@ -341,6 +341,16 @@ def test_many_streams_figures_are_consistent(many_streams: tuple[dict[str, Any],
             )
             assert floor["cpu_s_per_1k_tokens"] > 0
             assert f"| engine floor | {layout} | {floor['tokens_per_s']:.1f} |" in markdown
+        engine = entry["engine"]  # this server's engine in-process, its default layout
+        assert engine["layout"] == "split" and engine["tokens"] == expected
+        assert _ordered(engine["ttft_ms"]) and _ordered(engine["itl_ms"])
+        assert engine["tokens_per_s"] == pytest.approx(
+            expected / engine["window_s"], rel=_rounding(engine["window_s"])
+        )
+        assert engine["cpu_s_per_1k_tokens"] > 0
+        _check_vs_floor(engine, entry["floors"]["split"])
+        shown = f"| qwen3-moe-serve engine, no HTTP | split | {engine['tokens_per_s']:.1f} "
+        assert f"{shown}({engine['vs_floor']['tokens_per_s']:.2f}x) |" in markdown
         ceiling = entry["client_ceiling"]
         assert ceiling["status"] == "ok" and ceiling["failed"] == 0
         assert ceiling["tokens"] == expected
@@ -361,28 +371,29 @@ def test_many_streams_figures_are_consistent(many_streams: tuple[dict[str, Any],
             assert row["kv_layout"] in ("unified", "split")
             if row["kv_layout_logged"] is not None:
                 assert row["kv_layout"] == row["kv_layout_logged"]
-            floor = entry["floors"][row["kv_layout"]]
+            _check_vs_floor(row, entry["floors"][row["kv_layout"]])
             vs = row["vs_floor"]
-            pairs = [
-                (vs["tokens_per_s"], row["tokens_per_s"], floor["tokens_per_s"]),
-                (vs["ttft_p50"], row["ttft_ms"]["p50"], floor["ttft_ms"]["p50"]),
-                (vs["ttft_p95"], row["ttft_ms"]["p95"], floor["ttft_ms"]["p95"]),
-                (vs["itl_p50"], row["itl_ms"]["p50"], floor["itl_ms"]["p50"]),
-                (vs["itl_p95"], row["itl_ms"]["p95"], floor["itl_ms"]["p95"]),
-                (
-                    vs["cpu_s_per_1k_tokens"],
-                    row["cpu_s_per_1k_tokens"],
-                    floor["cpu_s_per_1k_tokens"],
-                ),
-            ]
-            for ratio, value, limit in pairs:
-                assert ratio == pytest.approx(value / limit, rel=1e-3, abs=1e-4)
             assert row["vs_client_ceiling"] == pytest.approx(
                 row["tokens_per_s"] / ceiling["tokens_per_s"], rel=1e-3
             )
             shown = f"| {row['label']} | {row['kv_layout']} | {row['tokens_per_s']:.1f} "
             assert f"{shown}({vs['tokens_per_s']:.2f}x) |" in markdown
         _check_head_to_head(entry, markdown)
+
+
+def _check_vs_floor(figures: dict[str, Any], floor: dict[str, Any]) -> None:
+    """Every ratio to the floor is the figure over the floor's, as both are reported."""
+    vs = figures["vs_floor"]
+    pairs = [
+        (vs["tokens_per_s"], figures["tokens_per_s"], floor["tokens_per_s"]),
+        (vs["ttft_p50"], figures["ttft_ms"]["p50"], floor["ttft_ms"]["p50"]),
+        (vs["ttft_p95"], figures["ttft_ms"]["p95"], floor["ttft_ms"]["p95"]),
+        (vs["itl_p50"], figures["itl_ms"]["p50"], floor["itl_ms"]["p50"]),
+        (vs["itl_p95"], figures["itl_ms"]["p95"], floor["itl_ms"]["p95"]),
+        (vs["cpu_s_per_1k_tokens"], figures["cpu_s_per_1k_tokens"], floor["cpu_s_per_1k_tokens"]),
+    ]
+    for ratio, value, limit in pairs:
+        assert ratio == pytest.approx(value / limit, rel=1e-3, abs=1e-4)
 
 
 def _check_head_to_head(entry: dict[str, Any], markdown: str) -> None:

@@ -1,0 +1,110 @@
+"""This server's batching engine alone: a point's streams as in-process generations, no HTTP.
+
+Between the llama.cpp floor (``bench.engine_floor``) and the server: the same N streams go
+through ``app.engine.batched.BatchedLlamaBackend`` (its scheduler thread, its sampling, the
+hand-off of every step to an event loop) with an ``on_token`` that only notes the time. Its
+figures over the floor's are what the scheduler costs; the server's figures over these are
+what HTTP, JSON and SSE cost beside it on the same cores. They are also the most that an
+engine in a process of its own (vLLM's engine core) could deliver at the point: the HTTP work
+gone from its cores and its GIL, nothing else changed.
+
+Rounds as the floor runs them: every sequence of a round starts at once, each with a fresh
+random prompt, greedy, ``max_tokens`` out; the next round starts when all have ended. Time to
+first token is from the round's start to a sequence's first ``on_token``; inter-token latency
+is the gap between a sequence's ``on_token`` calls (on the event loop, after the hand-off).
+CPU time is this process's over the rounds (every thread: llama.cpp's, the scheduler, the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from typing import Any
+
+from bench.engine_floor import FloorSettings, quantiles_ms
+from bench.model import random_prompt
+
+
+async def _rounds(
+    backend: Any,
+    rng: random.Random,
+    sequences: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    rounds: int,
+) -> tuple[float, float, list[float], list[float], int]:
+    """A warm-up, then the timed rounds: window and CPU seconds, first tokens, gaps, tokens."""
+    from app.engine.protocol import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0)
+    window = 0.0
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    tokens = 0
+
+    async def one(prompt: list[int], started: float) -> int:
+        times: list[float] = []
+
+        def on_token(_: int) -> bool:
+            times.append(time.perf_counter())
+            return True
+
+        await backend.generate(prompt, greedy, max_tokens, on_token)
+        ttfts.append(times[0] - started)
+        gaps.extend(b - a for a, b in itertools.pairwise(times))
+        return len(times)
+
+    await backend.generate(random_prompt(rng, prompt_tokens), greedy, 2, lambda _: True)  # warm
+    cpu_started = time.process_time()
+    for _ in range(rounds):
+        prompts = [random_prompt(rng, prompt_tokens) for _ in range(sequences)]
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(one(prompt, started) for prompt in prompts))
+        window += time.perf_counter() - started
+        tokens += sum(counts)
+    return window, time.process_time() - cpu_started, ttfts, gaps, tokens
+
+
+def measure(
+    settings: FloorSettings,
+    *,
+    sequences: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    rounds: int,
+    seed: int | str | None = None,
+) -> dict[str, Any]:
+    """The engine's figures for ``sequences`` streams, in the floor's terms."""
+    from app.engine.batched import BatchedLlamaBackend  # the engine loads only when measured
+    from app.engine.llama import EngineConfig
+
+    config = EngineConfig(
+        model_path=settings.model,
+        n_ctx=settings.n_ctx,
+        n_gpu_layers=-1,  # all of them, as every server is started
+        n_threads=settings.n_threads,
+        n_threads_batch=settings.n_threads,
+        n_batch=settings.n_batch,
+        flash_attn=settings.flash_attn,
+        kv_unified=settings.layout == "unified",
+    )
+    backend = BatchedLlamaBackend(config, parallel=settings.parallel)
+    try:
+        window, cpu_s, ttfts, gaps, tokens = asyncio.run(
+            _rounds(backend, random.Random(seed), sequences, prompt_tokens, max_tokens, rounds)
+        )
+    finally:
+        backend.close()
+    return {
+        "layout": settings.layout,
+        "streams": sequences,
+        "tokens": tokens,
+        "window_s": round(window, 4),
+        "tokens_per_s": round(tokens / window, 2) if window > 0 else None,
+        "ttft_ms": quantiles_ms(ttfts),
+        "itl_ms": quantiles_ms(gaps),
+        "cpu_s": round(cpu_s, 4),
+        "cpu_s_per_1k_tokens": round(1000 * cpu_s / tokens, 4) if tokens else None,
+    }
