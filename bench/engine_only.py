@@ -12,15 +12,28 @@ Rounds as the floor runs them: every sequence of a round starts at once, each wi
 random prompt, greedy, ``max_tokens`` out; the next round starts when all have ended. Time to
 first token is from the round's start to a sequence's first ``on_token``; inter-token latency
 is the gap between a sequence's ``on_token`` calls (on the event loop, after the hand-off).
-CPU time is this process's over the rounds (every thread: llama.cpp's, the scheduler, the loop).
+CPU time is that process's over the rounds (every thread: llama.cpp's, the scheduler, the
+loop).
+
+It runs in a process of its own (``python -m bench.engine_only``, JSON on stdout), as a server
+does: llama.cpp's CPU backend runs its threads through OpenMP, and once one thread of a
+process has decoded (the floor, in the bench's main thread), a decode from another thread
+(the scheduler's) took 20 times as long here (2.9 ms against 0.14 ms a step).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import itertools
+import json
 import random
+import subprocess
+import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from bench.engine_floor import FloorSettings, quantiles_ms
@@ -67,6 +80,9 @@ async def _rounds(
     return window, time.process_time() - cpu_started, ttfts, gaps, tokens
 
 
+_ROOT = Path(__file__).resolve().parent.parent
+
+
 def measure(
     settings: FloorSettings,
     *,
@@ -76,7 +92,38 @@ def measure(
     rounds: int,
     seed: int | str | None = None,
 ) -> dict[str, Any]:
-    """The engine's figures for ``sequences`` streams, in the floor's terms."""
+    """The engine's figures for ``sequences`` streams, in the floor's terms, measured in a
+    process of its own."""
+    job = {
+        "settings": {**dataclasses.asdict(settings), "model": str(settings.model)},
+        "sequences": sequences,
+        "prompt_tokens": prompt_tokens,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "seed": seed,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.engine_only", json.dumps(job)],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.engine_only failed: {done.stderr[-2000:]}")
+    figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def _measure_here(
+    settings: FloorSettings,
+    *,
+    sequences: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    rounds: int,
+    seed: int | str | None = None,
+) -> dict[str, Any]:
     from app.engine.batched import BatchedLlamaBackend  # the engine loads only when measured
     from app.engine.llama import EngineConfig
 
@@ -108,3 +155,19 @@ def measure(
         "cpu_s": round(cpu_s, 4),
         "cpu_s_per_1k_tokens": round(1000 * cpu_s / tokens, 4) if tokens else None,
     }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.engine_only", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument("job", help="the measurement as JSON (what measure() passes)")
+    job = json.loads(parser.parse_args(argv).job)
+    fields = job.pop("settings")
+    settings = FloorSettings(**{**fields, "model": Path(fields["model"])})
+    print(json.dumps(_measure_here(settings, **job)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
