@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from typing import Any
 
 from bench.engine_floor import FloorSettings, quantiles_ms
 from bench.model import random_prompt
+from bench.servers import OtherLoad
 
 
 async def _rounds(
@@ -138,6 +140,7 @@ def _measure_here(
         kv_unified=settings.layout == "unified",
     )
     backend = BatchedLlamaBackend(config, parallel=settings.parallel)
+    other = OtherLoad(os.getppid())  # neither this process nor the bench's is another's
     try:
         window, cpu_s, ttfts, gaps, tokens = asyncio.run(
             _rounds(backend, random.Random(seed), sequences, prompt_tokens, max_tokens, rounds)
@@ -154,6 +157,7 @@ def _measure_here(
         "itl_ms": quantiles_ms(gaps),
         "cpu_s": round(cpu_s, 4),
         "cpu_s_per_1k_tokens": round(1000 * cpu_s / tokens, 4) if tokens else None,
+        "other_processes_cpus": other.cores(),
     }
 
 

@@ -268,7 +268,6 @@ def measure_point(
     layout = DEFAULT_LAYOUT[OURS]
     _progress(f"{point.describe()}: {ENGINE_LABEL}, {layout} KV")
     time.sleep(SETTLE_S)
-    other = OtherLoad(os.getpid())
     engine = engine_only.measure(
         replace(floor_settings, layout=layout),
         sequences=point.streams,
@@ -277,7 +276,6 @@ def measure_point(
         rounds=point.rounds,
         seed=rng.getrandbits(32),
     )
-    engine["other_processes_cpus"] = other.cores()
     engine["vs_floor"] = _vs_floor(engine, entry["floors"][layout])
     entry["engine"] = engine
     settings = ServerSettings(

@@ -313,7 +313,7 @@ class OtherLoad:
     """
 
     def __init__(self, server_pid: int) -> None:
-        self._pids = (os.getpid(), server_pid)
+        self._pids = {os.getpid(), server_pid}  # a floor measured here passes its own pid
         self._start = self._read()
 
     def _read(self) -> tuple[float, int, int] | None:
