@@ -36,9 +36,9 @@ from app.core.admission import Admission
 from app.core.output import Failed, Output
 from app.engine import Backend, EngineError, Flow, OnToken, SamplingParams, load_backend
 from app.engine.batched import BatchedLlamaBackend, _Slot, choose_slot
-from app.engine.constrained import ConstrainedSampler
 from app.engine.grammar import json_grammar
 from app.engine.handoff import Handoff
+from app.engine.sampling import ConstrainedSampler
 from app.engine.single import LlamaBackend
 from app.errors import Overloaded, Unavailable
 from app.main import create_app, drain
@@ -633,7 +633,7 @@ def _allowed(grammar: Any, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.bo
 def test_sample_then_check_draws_what_the_grammar_allows(
     demo_model_path: Path, greedy: bool
 ) -> None:
-    """The batching engine's grammar sampling (app.engine.constrained) against a second copy of
+    """Both engines' grammar sampling (app.engine.sampling) against a second copy of
     the grammar that filters the whole vocabulary every step, along whole JSON objects on the
     demo vocabulary: every token is one the grammar allows; a greedy token is the best one it
     allows; a draw the grammar allows is kept as drawn, one it refuses is drawn again. Both
@@ -683,3 +683,30 @@ def test_sample_then_check_draws_what_the_grammar_allows(
     finally:
         llama_cpp.llama_model_free(model)
     assert kept > 0 and redrawn > 0
+
+
+class _NoTokenAllowed:
+    """Fault injection: a grammar that allows no token at the first step."""
+
+    def sample(self, chain: Any, grammar: Any, logits: Any) -> int:
+        raise EngineError("the grammar allows no token at this point")
+
+
+@pytest.mark.anyio
+async def test_a_grammar_that_allows_no_token_fails_its_generation_without_a_token(
+    demo_engine: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither engine falls back to an unconstrained token (the one-slot engine samples inside
+    a llama.cpp callback, where an exception would be lost), and the engine serves on."""
+    monkeypatch.setattr(demo_engine, "_constrained", _NoTokenAllowed())
+    prompt = demo_engine.tokenizer.tokenize(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    shown: list[int] = []
+    sampling = SamplingParams(temperature=0.0, grammar=json_grammar(None, allow_thinking=False))
+    with pytest.raises(EngineError, match="allows no token"):
+        await demo_engine.generate(prompt, sampling, 8, lambda t: shown.append(t) or True)
+    assert shown == []
+    monkeypatch.undo()
+    result = await demo_engine.generate(prompt, sampling, 8, lambda t: shown.append(t) or True)
+    assert result.completion_tokens == len(shown) > 0

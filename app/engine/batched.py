@@ -60,7 +60,7 @@ request's logit biases, penalties, then greedy or top-k/top-p/min-p/temperature/
 each chain has its own random state, so one request's seed decides only its own tokens. A
 grammar is kept beside the chain, not in it: the chain samples, the grammar checks that one
 token, and only a token it refuses costs a pass of the grammar over the whole vocabulary
-(``app.engine.constrained``, as llama-server samples).
+(``app.engine.sampling``, as llama-server samples).
 
 Backpressure and cancellation. A consumer that falls behind pauses its ``Flow``; the scheduler
 then leaves that sequence out of the batch (it stays in its slot, parked) until the consumer
@@ -74,7 +74,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -87,7 +86,6 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
-from app.engine.constrained import ConstrainedSampler
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
 from app.engine.llama import EngineConfig, load_model, logprobs_of, model_info
@@ -104,14 +102,11 @@ from app.engine.protocol import (
     SamplingParams,
     Tokenizer,
 )
+from app.engine.sampling import ConstrainedSampler, new_samplers
 from app.engine.thinking import BudgetTracker
 from app.engine.tokenizer import LlamaTokenizer
 
 logger = logging.getLogger(__name__)
-
-PENALTY_LAST_N = 64
-"""Tokens the repetition penalties look back on: ``Llama``'s ``last_n_tokens_size`` default,
-so both backends penalise alike."""
 
 SLOT_PROMPT_SIMILARITY = 0.1
 """Share of a prompt a slot's cached prefix must cover to be chosen for reuse (as
@@ -466,7 +461,9 @@ class BatchedLlamaBackend:
         sequence.cached = reuse
         # Plain greedy needs no sampler: its token is an argmax over the step's logits.
         if not sequence.sampling.argmax:
-            sequence.sampler, sequence.grammar = self._new_samplers(sequence.sampling)
+            sequence.sampler, sequence.grammar = new_samplers(
+                self._vocab, self._n_vocab, sequence.sampling
+            )
         budget = sequence.sampling.thinking_budget
         if budget is not None:
             sequence.budget = BudgetTracker(budget, self.tokenizer.token_bytes)
@@ -513,49 +510,6 @@ class BatchedLlamaBackend:
             return
         slot.tokens.extend(entry.tokens)
         cache.hit(entry, shared)
-
-    def _new_samplers(self, sampling: SamplingParams) -> tuple[Any, Any]:
-        """The chain ``Llama._init_sampler`` builds, with this generation's own seed and
-        without its grammar, and the grammar's own sampler (None without one)."""
-        grammar = None
-        if sampling.grammar:
-            grammar = llama_cpp.llama_sampler_init_grammar(
-                self._vocab, sampling.grammar.encode("utf-8"), b"root"
-            )
-            if not grammar:  # NULL: a ctypes pointer that is falsy, never None
-                raise EngineError("the grammar could not be parsed")
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        add = llama_cpp.llama_sampler_chain_add
-        if sampling.logit_bias:  # first, as Llama's logits processors are
-            biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
-            for entry, (token_id, bias) in zip(biases, sampling.logit_bias, strict=True):
-                entry.token, entry.bias = token_id, bias
-            add(
-                chain,
-                llama_cpp.llama_sampler_init_logit_bias(
-                    self._n_vocab, len(sampling.logit_bias), biases
-                ),
-            )
-        add(
-            chain,
-            llama_cpp.llama_sampler_init_penalties(
-                self._n_vocab,
-                PENALTY_LAST_N,
-                sampling.repeat_penalty,
-                sampling.frequency_penalty,
-                sampling.presence_penalty,
-            ),
-        )
-        if sampling.greedy:
-            add(chain, llama_cpp.llama_sampler_init_greedy())
-            return chain, grammar
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-        add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
-        add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
-        add(chain, llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
-        add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
-        add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain, grammar
 
     def _fill_batch(
         self, running: list[_Slot]

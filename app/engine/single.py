@@ -12,7 +12,12 @@ from a client is splatted into an engine call.
 
 A thinking budget (``app.engine.thinking``) is enforced through ``Llama``'s logits processors:
 while the budget forces a token, every other token's logit is -inf, so the sampler chain
-(penalties and grammar included) takes and accepts the forced one as if sampled. ``Llama`` takes
+(penalties included) takes and accepts the forced one as if sampled. A grammar is a logits
+processor too, the last: it samples the token itself as the batching engine does (the
+request's chain draws, the grammar checks that one token, and only a refused draw costs the
+grammar's pass over the vocabulary: ``app.engine.sampling``) and leaves only that token to
+``Llama``'s chain, which would otherwise test the whole vocabulary against the grammar every
+step. ``Llama`` takes
 no tensor overrides and has no slots; ``app.engine.load_backend`` sends models that need either
 (``--cpu-moe``, ``--n-cpu-moe``, ``--override-tensor``, ``--cache-ram``) to the batching engine.
 """
@@ -27,14 +32,13 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
 from llama_cpp.llama import LogitsProcessorList
-from llama_cpp.llama_grammar import LlamaGrammar
 
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
@@ -52,6 +56,7 @@ from app.engine.protocol import (
     Tokenizer,
     TokenLogprobs,
 )
+from app.engine.sampling import ConstrainedSampler, new_samplers
 from app.engine.thinking import BudgetTracker
 from app.engine.tokenizer import LlamaTokenizer
 
@@ -107,6 +112,7 @@ class LlamaBackend:
         self._vocab = model.vocab
         self.info = model_info(model, config, n_ctx=int(self._llm.n_ctx()))
         self.tokenizer = LlamaTokenizer(model)
+        self._constrained = ConstrainedSampler(self.info.n_vocab)  # the engine thread's
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._closing = False
         logger.info(
@@ -190,6 +196,19 @@ class LlamaBackend:
             if sampling.thinking_budget is not None
             else None
         )
+        grammar = (
+            _Constrained(
+                self._constrained,
+                *new_samplers(
+                    self._vocab,
+                    self.info.n_vocab,
+                    replace(sampling, seed=seed),
+                    logit_bias=False,  # the _Biases processor runs before it
+                ),
+            )
+            if sampling.grammar
+            else None
+        )
         tokens = self._llm.generate(
             prompt,
             temp=sampling.temperature,
@@ -199,15 +218,12 @@ class LlamaBackend:
             repeat_penalty=sampling.repeat_penalty,
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
-            grammar=(
-                LlamaGrammar.from_string(sampling.grammar, verbose=False)
-                if sampling.grammar
-                else None
-            ),
-            logits_processor=_processors(sampling.logit_bias, budget),
+            logits_processor=_processors(sampling.logit_bias, budget, grammar),
         )
         try:
             for token_id in tokens:
+                if grammar is not None and grammar.error is not None:
+                    raise grammar.error  # before the token it could not constrain is shown
                 if budget is not None:
                     budget.observe(token_id)
                 sampled += 1
@@ -224,6 +240,8 @@ class LlamaBackend:
                     raise EngineError("the backend is closed")
         finally:
             tokens.close()
+            if grammar is not None:
+                grammar.free()
         return "length"
 
     @staticmethod
@@ -263,17 +281,56 @@ class LlamaBackend:
 
 
 def _processors(
-    logit_bias: tuple[tuple[int, float], ...], budget: BudgetTracker | None
+    logit_bias: tuple[tuple[int, float], ...],
+    budget: BudgetTracker | None,
+    grammar: _Constrained | None,
 ) -> LogitsProcessorList | None:
     """What ``Llama`` runs on the logits before its sampler chain: the request's logit biases
     (the batching backend puts llama.cpp's logit-bias sampler first in its chain), then a
-    thinking budget's forced token."""
+    thinking budget's forced token, then the grammar's choice."""
     processors: list[Any] = []
     if logit_bias:
         processors.append(_Biases(logit_bias))
     if budget is not None:
         processors.append(_Forcing(budget))
+    if grammar is not None:
+        processors.append(grammar)
     return LogitsProcessorList(processors) if processors else None
+
+
+class _Constrained:
+    """A logits processor that samples the token itself, grammar-constrained, and leaves only
+    that token to ``Llama``'s chain. It runs inside a llama.cpp callback, where an exception
+    would be printed and lost, so a failure is kept in ``error`` for the engine thread."""
+
+    def __init__(self, sampler: ConstrainedSampler, chain: Any, grammar: Any) -> None:
+        self._sampler = sampler
+        self._chain = chain
+        self._grammar = grammar
+        self.error: EngineError | None = None
+
+    def __call__(
+        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
+        if self.error is not None:
+            return scores
+        try:
+            token = self._sampler.sample(self._chain, self._grammar, scores)
+        except EngineError as exc:
+            self.error = exc
+            return scores
+        except Exception as exc:  # a bug: still never an unconstrained token
+            logger.exception("grammar sampling failed")
+            self.error = EngineError("the inference engine failed")
+            self.error.__cause__ = exc
+            return scores
+        only = np.full_like(scores, -np.inf)
+        only[token] = 0.0
+        return only
+
+    def free(self) -> None:
+        llama_cpp.llama_sampler_free(self._chain)
+        llama_cpp.llama_sampler_free(self._grammar)
 
 
 class _Biases:
