@@ -384,10 +384,11 @@ class Settings(BaseSettings):
         128 * 1024,
         ge=1024,
         description="Largest GBNF grammar a forced tool call or a JSON response_format may "
-        "need; larger is a 400 before llama.cpp parses it. llama.cpp's grammar costs every "
-        "decode step time in proportion to the alternatives alive (an enum of 10,000 values, "
-        "205 KiB, cost 0.2 s per token on the demo model's vocabulary and 6 s on a "
-        "151k-token one); 50 agent tools forced are 39 KiB.",
+        "need; larger is a 400 before llama.cpp parses it. A token the grammar refuses costs "
+        "a pass of the grammar over the whole vocabulary, in time in proportion to the "
+        "alternatives alive (an enum of 10,000 values, 205 KiB, cost 0.2 s per token on the "
+        "demo model's vocabulary and 6 s on a 151k-token one); 50 agent tools forced are "
+        "39 KiB.",
     )
     completions_parse_special: bool = Field(
         True,
