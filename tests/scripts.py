@@ -60,3 +60,5 @@ MALFORMED_CALL_SCRIPT = (
     b"<tool_call>", b"\nnot", b" json", b" at", b" all\n", b"</tool_call>", b"<|im_end|>",
 )  # fmt: skip
 JSON_SCRIPT = (b'{"answer"', b": 42", b', "unit": ', b'"cm"', b"}", b"<|im_end|>")
+RAW_NEWLINE_JSON_SCRIPT = (b'{"note": "one', b"\ntwo", b'"}', b"<|im_end|>")
+"""JSON whose string holds a raw newline, which JSON does not allow (it must be written \\n)."""

@@ -26,6 +26,7 @@ from tests.scripts import (
     MALFORMED_CALL_SCRIPT,
     NO_THINK_SCRIPT,
     PARALLEL_CALL_SCRIPT,
+    RAW_NEWLINE_JSON_SCRIPT,
     SINGLE_CALL_SCRIPT,
     THINKING_ONLY_SCRIPT,
     THOUGHT,
@@ -301,6 +302,24 @@ async def test_json_schema_response_format(scripted: Callable[..., Backend], eng
         buffered, stream = await both(client, response_format=fmt)
     content = buffered["choices"][0]["message"]["content"]
     assert json.loads(content) == {"answer": 42, "unit": "cm"}
+    assert "".join(delta_field(stream, "content")) == content
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.falsifies("QWEN3_MOE_SEMANTICS_V1_005")
+async def test_json_output_never_holds_a_raw_control_character(
+    scripted: Callable[..., Backend], engine: str
+) -> None:
+    """A model that would write a raw newline inside a JSON string is held to JSON: the
+    grammar refuses control characters in strings, as llama.cpp's own converter does
+    (llama-cpp-python's port allowed them, and the answer did not parse)."""
+    schema = {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "note", "schema": schema}}
+    async with chat_client(scripted(RAW_NEWLINE_JSON_SCRIPT, engine)) as client:
+        buffered, stream = await both(client, response_format=fmt, max_tokens=64)
+    content = buffered["choices"][0]["message"]["content"]
+    note = json.loads(content)["note"]
+    assert note.startswith("one") and not any(ord(c) < 0x20 for c in note)
     assert "".join(delta_field(stream, "content")) == content
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
-from llama_cpp.llama_grammar import SchemaConverter
+from llama_cpp.llama_grammar import BuiltinRule, SchemaConverter
 
 from app.engine.protocol import GrammarError
 from app.text.schema_types import schema_types
@@ -112,8 +112,22 @@ def _check_schema(schema: Any, path: str) -> None:
             _check_schema(value, f"{path}.{key}")
 
 
+_HEX = " ".join(["[0-9a-fA-F]"] * 4)
+JSON_STRING_CHAR = rf'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" {_HEX})'
+"""One character of a JSON string, as llama.cpp's own converter (``json-schema-to-grammar``)
+writes it: control characters only escaped. llama-cpp-python's port has ``[^"\\]``, which
+lets a model put a raw newline or tab inside a string: output that is not JSON."""
+
+
+class _Converter(SchemaConverter):
+    def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
+        if name == "char":
+            rule = BuiltinRule(JSON_STRING_CHAR, [])
+        return str(super()._add_primitive(name, rule))
+
+
 def _converter() -> SchemaConverter:
-    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    return _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
 
 
 def _visit(converter: SchemaConverter, schema: Mapping[str, Any], name: str, where: str) -> str:
