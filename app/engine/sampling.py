@@ -86,7 +86,7 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 
 class ConstrainedSampler:
     """Sample-then-check over one vocabulary, with buffers reused from step to step (one
-    thread only: the scheduler's)."""
+    thread only: the engine's, the batching scheduler or the one-slot engine thread)."""
 
     def __init__(self, n_vocab: int) -> None:
         self._n_vocab = n_vocab
