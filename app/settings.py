@@ -138,11 +138,14 @@ class Settings(BaseSettings):
         "renders '<function=' (Qwen3-Coder's does), else qwen3.",
     )
 
-    skip_unsupported_tools: bool = Field(
+    reject_unsupported_tools: bool = Field(
         False,
-        description="/v1/responses and /v1/messages: leave out tools of a type this server "
-        "cannot run (hosted tools such as web_search, file_search, computer use, code "
-        "execution) and log them, instead of answering 400. Function tools are always kept.",
+        description="/v1/responses and /v1/messages: answer 400 unsupported_tool for a tool "
+        "of a type this server cannot run (hosted tools such as web_search, file_search, "
+        "computer use, code execution; Anthropic server tools and MCP connectors). By default "
+        "such tools are left out of the prompt, so the model never sees a tool it cannot call, "
+        "and each request that had one logs the dropped types at info level and counts them in "
+        "/metrics (unsupported_tools_dropped). Function tools are always kept.",
     )
 
     # -- streaming ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -392,13 +393,51 @@ def test_the_sdk_counts_tokens_and_raises_typed_errors(live_server: LiveServer) 
         sdk.messages.create(model="claude-opus-4-8", max_tokens=8, messages=HELLO)  # type: ignore[arg-type]
     assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
     assert "--accept-any-model" in missing.value.message
-    with pytest.raises(anthropic.BadRequestError):
-        sdk.messages.create(
-            model="qwen3-moe-demo",
-            max_tokens=8,
-            messages=HELLO,  # type: ignore[arg-type]
-            tools=[{"type": "web_search_20250305", "name": "web_search"}],  # type: ignore[list-item]
-        )
+    searched = sdk.messages.create(
+        model="qwen3-moe-demo",
+        max_tokens=8,
+        messages=HELLO,  # type: ignore[arg-type]
+        tools=[{"type": "web_search_20250305", "name": "web_search"}],  # type: ignore[list-item]
+    )
+    assert searched.stop_reason == "max_tokens" and searched.usage.output_tokens == 8
+
+
+async def test_server_tools_and_mcp_connectors_are_left_out_and_counted_unless_rejected(
+    scripted: Callable[..., Backend], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anthropic server tools and MCP connectors cannot run here: left out of the prompt by
+    default (logged once per request, counted), a 400 naming them with
+    --reject-unsupported-tools (issue 21)."""
+    backend = InjectedBackend(scripted(ANSWER_ONLY_SCRIPT))
+    weather = {"name": "get_weather", "input_schema": {"type": "object"}}
+    tools = [{"type": "web_search_20250305", "name": "web_search"}, weather]
+    mcp = [{"type": "url", "url": "https://example.invalid/sse", "name": "docs"}]
+    body = {"messages": HELLO, "max_tokens": 50, "tools": tools, "mcp_servers": mcp}
+    with caplog.at_level(logging.INFO, logger="app.api.hosted_tools"):
+        async with messages_client(backend) as client:
+            served = await client.create(body)
+            counted = await client.http.post(COUNT, json=body)
+            metrics = (await client.http.get("/metrics")).text
+    assert served["content"][-1]["text"] == script_text(ANSWER_ONLY_SCRIPT)
+    assert counted.json()["input_tokens"] == len(backend.seen[0].prompt)
+    prompt = _prompt(backend)
+    assert '"name": "get_weather"' in prompt and "web_search" not in prompt
+    logged = [r.getMessage() for r in caplog.records if r.name == "app.api.hosted_tools"]
+    assert len(logged) == 2  # the generation and the count, one line each
+    dropped = "mcp_connector, web_search_20250305"
+    assert logged[0].endswith(f"left out 2 tool(s) this server cannot run: {dropped}")
+    for api in ("messages", "messages_count_tokens"):
+        for kind in ("web_search", "mcp_connector"):
+            assert f'dropped_total{{api="{api}",type="{kind}"}} 1.0' in metrics
+    async with messages_client(backend, reject_unsupported_tools=True) as client:
+        refused = await client.http.post(MESSAGES, json=body)
+        refused_mcp = await client.http.post(MESSAGES, json={**body, "tools": [weather]})
+    assert "'web_search_20250305' server tool" in assert_anthropic_error(
+        refused, 400, "invalid_request_error"
+    )
+    assert "mcp_servers[0] is an MCP connector" in assert_anthropic_error(
+        refused_mcp, 400, "invalid_request_error"
+    )
 
 
 # -- what Claude Code sends ------------------------------------------------------------------
@@ -525,12 +564,6 @@ async def test_stop_sequences_and_max_tokens_are_their_own_stop_reasons(
             400,
             "invalid_request_error",
             "'image' block",
-        ),
-        (
-            {"messages": HELLO, "max_tokens": 5, "tools": [{"type": "bash_20250124", "name": "b"}]},
-            400,
-            "invalid_request_error",
-            "--skip-unsupported-tools",
         ),
         (
             {"messages": [*HELLO, {"role": "assistant", "content": "Sure"}], "max_tokens": 5},

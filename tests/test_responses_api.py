@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -474,19 +475,32 @@ async def test_codex_history_renders_as_the_models_own_conversation(
         ),
     ],
 )
-async def test_a_tool_this_server_cannot_run_is_a_400_unless_skipped(
-    scripted: Callable[..., Backend], tools: list[dict[str, Any]], where: str, kind: str
+async def test_a_tool_this_server_cannot_run_is_left_out_and_counted_unless_rejected(
+    scripted: Callable[..., Backend],
+    tools: list[dict[str, Any]],
+    where: str,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Codex CLI offers web_search with every request by default: the request is served
+    without it (issue 21: its default configuration exited 1 on a 400 here), the model never
+    sees it, one log line and the counter say so; --reject-unsupported-tools refuses it."""
     backend = InjectedBackend(scripted(ANSWER_ONLY_SCRIPT))
     body = {"input": "x", "tools": tools}
-    async with responses_client(backend) as client:
-        refused = await client.http.post(RESPONSES, json=body)
-    error = assert_envelope(refused, 400, param=where, code="unsupported_tool")
-    assert f"'{kind}'" in error["message"] and "--skip-unsupported-tools" in error["message"]
-    async with responses_client(backend, skip_unsupported_tools=True) as client:
-        served = await client.create(body)
+    with caplog.at_level(logging.INFO, logger="app.api.hosted_tools"):
+        async with responses_client(backend) as client:
+            served = await client.create(body)
+            metrics = (await client.http.get("/metrics")).text
     assert item_text(served["output"][0]) == script_text(ANSWER_ONLY_SCRIPT)
     assert kind not in _prompt(backend)
+    (logged,) = [r.getMessage() for r in caplog.records if r.name == "app.api.hosted_tools"]
+    assert logged.endswith(f"left out 1 tool(s) this server cannot run: {kind}")
+    counted = f'unsupported_tools_dropped_total{{api="responses",type="{kind}"}} 1.0'
+    assert counted in metrics
+    async with responses_client(backend, reject_unsupported_tools=True) as client:
+        refused = await client.http.post(RESPONSES, json=body)
+    error = assert_envelope(refused, 400, param=where, code="unsupported_tool")
+    assert f"'{kind}'" in error["message"] and "--reject-unsupported-tools" in error["message"]
 
 
 # -- limits and structured output ----------------------------------------------------------
@@ -641,9 +655,5 @@ def test_the_openai_sdk_raises_typed_errors(live_server: LiveServer) -> None:
         sdk.responses.create(model="gpt-5.5", input="x")
     assert missing.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as refused:
-        sdk.responses.create(
-            model="qwen3-moe-demo",
-            input="x",
-            tools=[{"type": "web_search"}],
-        )
-    assert refused.value.code == "unsupported_tool"
+        sdk.responses.create(model="qwen3-moe-demo", input="x", previous_response_id="resp_1")
+    assert refused.value.param == "previous_response_id"

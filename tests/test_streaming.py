@@ -209,7 +209,7 @@ def test_text_chunks_render_as_pydantic_does_for_every_character() -> None:
 def _agent_wires() -> Iterator[tuple[Any, Any]]:
     """A Responses and a Messages wire, each with a block of every kind open: (wire, block)."""
     request = ResponsesRequest.model_validate({"input": "x"})
-    responses = ResponsesWire("m", request, to_chat(request, skip_unsupported_tools=False))
+    responses = ResponsesWire("m", request, to_chat(request, reject_unsupported_tools=False))
     messages = MessagesWire("m", prompt_tokens=1)
     call = ToolCallDelta(index=0, id="call_1", name="get_weather", arguments="")
     for wire in (responses, messages):

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api.deps import ServiceDep, SettingsDep
 from app.api.generation import read_body, respond
+from app.api.hosted_tools import UnsupportedTools
 from app.api.messages_format import MessagesWire
 from app.api.messages_request import CountTokensRequest, MessagesRequest, to_chat
 
@@ -32,7 +33,9 @@ router = APIRouter()
 async def messages(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     arrived = time.perf_counter()
     body = await read_body(request, MessagesRequest)
-    chat = to_chat(body, skip_unsupported_tools=settings.skip_unsupported_tools)
+    unsupported = UnsupportedTools(reject=settings.reject_unsupported_tools)
+    chat = to_chat(body, unsupported)
+    unsupported.report(request, "messages")
     job = await service.prepare_chat(chat, fit_max_tokens=True)
     wire = MessagesWire(service.model_id, prompt_tokens=len(job.prompt_tokens))
     return await respond(request, service, settings, job, wire, stream=body.stream, arrived=arrived)
@@ -41,6 +44,8 @@ async def messages(request: Request, service: ServiceDep, settings: SettingsDep)
 @router.post("/v1/messages/count_tokens", response_model=None)
 async def count_tokens(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     body = await read_body(request, CountTokensRequest)
-    chat = to_chat(body, skip_unsupported_tools=settings.skip_unsupported_tools)
+    unsupported = UnsupportedTools(reject=settings.reject_unsupported_tools)
+    chat = to_chat(body, unsupported)
+    unsupported.report(request, "messages_count_tokens")
     counted = MessageTokensCount(input_tokens=await service.count_chat_tokens(chat))
     return JSONResponse(counted.model_dump(mode="json"))

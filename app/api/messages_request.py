@@ -14,9 +14,10 @@ preparation, engine and text pipeline as ``/v1/chat/completions``. What the tran
   dropped). Images, documents and the server tools' blocks are a 400 naming them: the model
   reads text only.
 - ``tools`` (client tools: ``name``, ``description``, ``input_schema``) are function tools.
-  Server tools (a ``type`` such as ``web_search_20250305`` or ``bash_20250124``) are a 400
-  that names them, unless the server runs with ``--skip-unsupported-tools``, which leaves them
-  out (logged). ``tool_choice`` ``auto``/``any``/``tool``/``none`` map to the chat API's
+  Server tools (a ``type`` such as ``web_search_20250305`` or ``bash_20250124``) and MCP
+  connectors (``mcp_servers``) are left out of the prompt (``app.api.hosted_tools``: logged
+  and counted); ``--reject-unsupported-tools`` makes them a 400. ``tool_choice``
+  ``auto``/``any``/``tool``/``none`` map to the chat API's
   ``auto``/``required``/a named function/``none``; ``disable_parallel_tool_use`` to
   ``parallel_tool_calls: false``.
 - ``thinking`` ``enabled`` and ``adaptive`` turn Qwen3's thinking on, ``disabled`` off;
@@ -41,6 +42,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, ValidationError
 
+from app.api.hosted_tools import UnsupportedTools
 from app.api.schemas import ChatCompletionRequest, RequestModel
 from app.errors import InvalidRequest, validation_error
 
@@ -162,6 +164,8 @@ class CountTokensRequest(RequestModel):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    mcp_servers: list[dict[str, Any]] | None = None
+    """Anthropic's MCP connector: servers the API would call; none is called here."""
 
 
 class MessagesRequest(CountTokensRequest):
@@ -173,9 +177,13 @@ class MessagesRequest(CountTokensRequest):
     stream: bool = False
 
 
-def to_chat(req: CountTokensRequest, *, skip_unsupported_tools: bool) -> ChatCompletionRequest:
+def to_chat(req: CountTokensRequest, unsupported: UnsupportedTools) -> ChatCompletionRequest:
+    """The chat request ``req`` asks for; the tools it offers that cannot run here are left
+    out into ``unsupported`` (or refused, as it says)."""
     body: dict[str, Any] = {"model": req.model, "messages": _messages(req)}
-    tools = _tools(req.tools or [], skip_unsupported_tools)
+    tools = _tools(req.tools or [], unsupported)
+    for n in range(len(req.mcp_servers or [])):
+        unsupported.leave_out(f"mcp_servers[{n}]", "mcp_connector", "an MCP connector")
     if tools:
         body["tools"] = tools
     choice = req.tool_choice
@@ -209,7 +217,9 @@ def to_chat(req: CountTokensRequest, *, skip_unsupported_tools: bool) -> ChatCom
         raise validation_error(exc.errors()) from exc
 
 
-def _tools(tools: list[ClientTool | ServerTool], skip: bool) -> list[dict[str, Any]]:
+def _tools(
+    tools: list[ClientTool | ServerTool], unsupported: UnsupportedTools
+) -> list[dict[str, Any]]:
     offered = []
     for n, tool in enumerate(tools):
         if isinstance(tool, ClientTool):
@@ -217,16 +227,8 @@ def _tools(tools: list[ClientTool | ServerTool], skip: bool) -> list[dict[str, A
             if tool.description is not None:
                 function["description"] = tool.description
             offered.append({"type": "function", "function": function})
-        elif skip:
-            logger.info("leaving out tools[%d]: a '%s' server tool", n, tool.type)
         else:
-            raise InvalidRequest(
-                f"tools[{n}] is a '{tool.type}' server tool, which this server cannot run (it "
-                "runs client tools: name, description, input_schema). Leave it out, or start "
-                "the server with --skip-unsupported-tools to have such tools ignored.",
-                param=f"tools[{n}]",
-                code="unsupported_tool",
-            )
+            unsupported.leave_out(f"tools[{n}]", tool.type, f"a '{tool.type}' server tool")
     return offered
 
 

@@ -91,6 +91,13 @@ class Metrics:
             ["type", "status"],
             registry=r,
         )
+        self.unsupported_tools_dropped = Counter(
+            f"{PREFIX}unsupported_tools_dropped",
+            "Tools left out of requests because this server cannot run them (hosted and "
+            "server tools), by API and tool type ('other' for an unknown type).",
+            ["api", "type"],
+            registry=r,
+        )
         self.running = Gauge(f"{PREFIX}num_requests_running", "Requests being decoded.", registry=r)
         self.waiting = Gauge(
             f"{PREFIX}num_requests_waiting", "Requests waiting for the engine.", registry=r

@@ -16,8 +16,8 @@ request carries its whole conversation in ``input``, so it becomes one
   is flattened: its functions are offered as ``<namespace>.<name>`` and a call of one comes
   back as ``name`` plus ``namespace``, as Codex expects. Any other tool type — hosted tools
   such as ``web_search``, ``file_search``, ``custom`` (freeform grammar) tools, ``tool_search``
-  — is a 400 that names it, unless the server runs with ``--skip-unsupported-tools``, which
-  leaves them out (logged) so that a client whose config offers them still works.
+  — is left out of the prompt (``app.api.hosted_tools``: logged and counted), so a client
+  whose default config offers them works; ``--reject-unsupported-tools`` makes it a 400.
 - ``reasoning.effort`` ``none`` turns Qwen3's thinking off, any other effort turns it on with
   that effort's thinking budget (``reasoning_effort`` of the chat API); without an effort the
   server's default holds. ``text.format`` is the chat API's
@@ -38,6 +38,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Discriminator, Field, Tag, ValidationError
 
+from app.api.hosted_tools import UnsupportedTools
 from app.api.schemas import ChatCompletionRequest, ReasoningEffort, RequestModel
 from app.errors import InvalidRequest, validation_error
 
@@ -233,11 +234,14 @@ class ChatTranslation:
     """Offered tool name -> (namespace, function name), for each flattened namespace tool."""
     tools: list[dict[str, Any]]
     """The function tools offered, as chat tools (flattened names)."""
+    unsupported: UnsupportedTools
+    """The tools left out, for the route to report."""
 
 
-def to_chat(req: ResponsesRequest, *, skip_unsupported_tools: bool) -> ChatTranslation:
+def to_chat(req: ResponsesRequest, *, reject_unsupported_tools: bool) -> ChatTranslation:
     _refuse_stateful(req)
-    tools, namespaces = _tools(req.tools or [], skip_unsupported_tools)
+    unsupported = UnsupportedTools(reject=reject_unsupported_tools)
+    tools, namespaces = _tools(req.tools or [], unsupported)
     body: dict[str, Any] = {
         "model": req.model,
         "messages": _messages(req),
@@ -273,20 +277,7 @@ def to_chat(req: ResponsesRequest, *, skip_unsupported_tools: bool) -> ChatTrans
         chat = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from exc
-    return ChatTranslation(chat, namespaces, tools)
-
-
-def _unsupported_tool(where: str, kind: str, skip: bool) -> None:
-    if skip:
-        logger.info("leaving out %s: a '%s' tool, which this server cannot run", where, kind)
-        return
-    raise InvalidRequest(
-        f"{where} is a '{kind}' tool, which this server cannot run (it runs function tools "
-        'only). Leave it out of the request (Codex: web_search = "disabled"), or start the '
-        "server with --skip-unsupported-tools to have such tools ignored.",
-        param=where,
-        code="unsupported_tool",
-    )
+    return ChatTranslation(chat, namespaces, tools, unsupported)
 
 
 def _function(tool: FunctionTool, name: str) -> dict[str, Any]:
@@ -299,7 +290,7 @@ def _function(tool: FunctionTool, name: str) -> dict[str, Any]:
 
 
 def _tools(
-    tools: list[FunctionTool | NamespaceTool | OtherTool], skip: bool
+    tools: list[FunctionTool | NamespaceTool | OtherTool], unsupported: UnsupportedTools
 ) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
     offered: list[dict[str, Any]] = []
     namespaces: dict[str, tuple[str, str]] = {}
@@ -314,9 +305,10 @@ def _tools(
                     namespaces[flat] = (tool.name, inner.name)
                     offered.append(_function(inner, flat))
                 else:
-                    _unsupported_tool(f"{where}.tools[{m}]", inner.type, skip)
+                    inner_where = f"{where}.tools[{m}]"
+                    unsupported.leave_out(inner_where, inner.type, f"a '{inner.type}' tool")
         else:
-            _unsupported_tool(where, tool.type, skip)
+            unsupported.leave_out(where, tool.type, f"a '{tool.type}' tool")
     return offered, namespaces
 
 
