@@ -32,15 +32,34 @@ leaves as soon as its type is decided:
   drops the call.
 
 The newline right after ``<parameter=P>`` and the one right before ``</parameter>`` belong to
-the markup. A value whose ``</parameter>`` is missing ends at ``</function>`` or
-``</tool_call>``; a generation that ends inside a call (``max_tokens``) has its value and its
-arguments object closed, so ``arguments`` is always valid JSON, streamed or buffered.
+the markup.
+
+Calls as written in the wild. The model does not always follow its template, and other
+servers lost such calls (Ollama #18563, vLLM #22975, Ollama #14570); each tag is read where
+the template would have it, and its absence is tolerated:
+
+- ``<function=NAME>`` without the ``<tool_call>`` wrapper, anywhere in the answer, opens a
+  call (text before it is content). It is held only while the text could still be that tag.
+- A missing closing tag is implied by what follows: a value ends at ``</parameter>``,
+  ``</function>`` or ``</tool_call>`` wherever they are, and at ``<parameter=``,
+  ``<function=`` or ``<tool_call>`` at the start of a line (opening tags inside a value count
+  only there: an opening tag within a line of a file the model writes stays text). A function
+  ends at ``</function>``, ``</tool_call>``, or the next function or block. After
+  ``</function>``, text that is not ``</tool_call>`` is read as answer text again.
+- Whitespace between the parts of a call (blank lines between tags) is skipped. A value's own
+  text is kept as written, so where its ``</parameter>`` is missing, a blank line before the
+  next tag is the value's.
+- A generation that ends inside a call (``max_tokens``, or the end of the turn) has its value
+  and its arguments object closed, so ``arguments`` is always valid JSON, streamed or buffered.
+  Markup the end leaves unfinished is dropped, never shown: a partial tag at the end of a
+  value, and a call whose name was not read (``<function=get_wea``).
 
 A block whose head is not ``<function=NAME>`` is not a call: it is returned as content, tags
 included. Once a name has been sent the call stays a call; text inside a function that is not a
 parameter is dropped. The alternative rejected: buffering each call until ``</tool_call>`` and
 parsing it whole (as several servers do), which holds a long string argument — a file the
-model writes — back until the model has finished writing it.
+model writes — back until the model has finished writing it, and loses a call whose tags do
+not all match.
 """
 
 from __future__ import annotations
@@ -68,27 +87,38 @@ FUNCTION = "<function="
 FUNCTION_END = "</function>"
 PARAMETER = "<parameter="
 PARAMETER_END = "</parameter>"
-_VALUE_ENDS = (PARAMETER_END, FUNCTION_END, CLOSE)
-_BODY_TAGS = (PARAMETER, FUNCTION_END, CLOSE)
-_BETWEEN_TAGS = (FUNCTION, CLOSE)
+_OPENS = (OPEN, FUNCTION)
+"""What opens a call in answer text: the wrapper, or a function written without it."""
+_CLOSING = (PARAMETER_END, FUNCTION_END, CLOSE)
+_OPENING = ("\n" + PARAMETER, "\n" + FUNCTION, "\n" + OPEN)
+_VALUE_ENDS = _CLOSING + _OPENING
+"""What ends a value: a closing tag anywhere, an opening tag at the start of a line."""
+_BODY_TAGS = (PARAMETER, FUNCTION_END, CLOSE, FUNCTION, OPEN)
 _LONGEST_END = max(len(tag) for tag in _VALUE_ENDS)
 _MAX_NAME = 256
 _NUMBER_PREFIX = re.compile(r"-?[0-9]*(?:\.[0-9]*)?(?:[eE][-+]?[0-9]*)?")
 
-State = Literal["text", "head", "body", "value", "between"]
-"""``head``: after ``<tool_call>``, before a function; ``body``: inside a function, between
-parameters; ``value``: inside a parameter; ``between``: after ``</function>``, before
-``</tool_call>`` (or another function in the same block)."""
+State = Literal["text", "head", "body", "value", "between", "done"]
+"""``head``: after ``<tool_call>`` or at a bare ``<function=``, before the function's name is
+read; ``body``: inside a function, between parameters; ``value``: inside a parameter;
+``between``: after ``</function>``, before ``</tool_call>`` (or, that missing, more answer);
+``done``: after the one call asked for (``parallel_tool_calls: false``), nothing is read."""
 
 
 class CoderToolCallParser(CallParser):
-    def __init__(self, tools: Mapping[str, Mapping[str, Any] | None]) -> None:
+    def __init__(
+        self, tools: Mapping[str, Mapping[str, Any] | None], *, single_call: bool = False
+    ) -> None:
         """``tools``: each offered tool's ``parameters`` schema, by tool name. A call is
-        complete once its ``</function>`` is read."""
+        complete once its ``</function>`` is read, or what follows implies it. With
+        ``single_call`` nothing after the first call is read: a call that ends only because
+        the next one starts must not start the next one too."""
         super().__init__()
+        self._single_call = single_call
         self._types = {name: ParameterTypes(schema) for name, schema in tools.items()}
         self._untyped = ParameterTypes(None)
         self._state: State = "text"
+        self._bare = False  # the head is a <function= without <tool_call>
         self._call_types = self._untyped
         self._parameters = 0  # parameters written into the current call's arguments
         self._current = _Value(frozenset())
@@ -97,22 +127,31 @@ class CoderToolCallParser(CallParser):
         parts = self.push("")
         rest, self._held = self._held, ""
         if self._state == "text":
-            emit_text(rest, called=self.called, parts=parts)
-        elif self._state == "head":
-            parts.append(OPEN + rest)  # never became a call
+            # Held only because it could still open a call: at the end it is the start of a
+            # call cut short, not answer text.
+            emit_text(
+                rest[: len(rest) - partial_tag_suffix(rest, _OPENS)],
+                called=self.called,
+                parts=parts,
+            )
         elif self._state == "value":
-            self._end_value(rest, parts)
+            self._end_value(rest[: len(rest) - self._unfinished_tag(rest)], parts)
             self._end_call(parts)
         elif self._state == "body":
             self._end_call(parts)
+        # "head": a call whose name was never read, which cannot be reported; "between":
+        # whitespace, or the start of </tool_call>. Neither is answer text.
         self._state = "text"
         return parts
 
     # -- states ----------------------------------------------------------------------------
 
     def _text(self, parts: list[AnswerPart]) -> None:
-        self._held, opened = take_text(self._held, called=self.called, parts=parts)
+        self._held, opened = take_text(self._held, called=self.called, parts=parts, opens=_OPENS)
         if opened:
+            self._bare = opened == FUNCTION
+            if self._bare:
+                self._held = FUNCTION + self._held  # the head reads the whole tag
             self._state = "head"
 
     def _head(self, parts: list[AnswerPart]) -> None:
@@ -122,7 +161,11 @@ class CoderToolCallParser(CallParser):
         if found is False:
             # Not a call: the tag is content, and the text after it is answer text again
             # (which may open a real call).
-            parts.append(OPEN)
+            if self._bare:
+                parts.append(FUNCTION)
+                self._held = self._held[len(FUNCTION) :]
+            else:
+                parts.append(OPEN)
             self._state = "text"
             return
         name, self._held = found
@@ -140,15 +183,25 @@ class CoderToolCallParser(CallParser):
             self._held = held[len(CLOSE) :]
             self._end_call(parts)
             self._state = "text"
+        elif held.startswith(OPEN):  # </function> and </tool_call> missing: the next block
+            self._held = held[len(OPEN) :]
+            self._end_call(parts)
+            self._bare = False
+            self._state = "head"
         else:
-            found = _tag_with_name(held, PARAMETER)
+            tag = PARAMETER if held.startswith(PARAMETER) else FUNCTION
+            found = _tag_with_name(held, tag)
             if found is None:
                 self._held = held
             elif found is False:
-                self._held = held[1:]  # not a parameter tag: drop its "<", look further
-            else:
+                self._held = held[1:]  # not a tag: drop its "<", look further
+            elif tag == PARAMETER:
                 name, self._held = found
                 self._start_value(name, parts)
+            else:  # </function> missing: the next function is the next call
+                name, self._held = found
+                self._end_call(parts)
+                self._start_call(name, parts)
 
     def _value(self, parts: list[AnswerPart]) -> None:
         value = self._current
@@ -159,48 +212,51 @@ class CoderToolCallParser(CallParser):
             if held[0] == "\n":  # the newline after <parameter=P> is markup
                 held = held[1:]
             value.opened = True
-        ends = [(i, tag) for tag in _VALUE_ENDS if (i := held.find(tag, value.scanned)) >= 0]
+        # Until some of it is sent, the held text starts the value's first line, where an
+        # opening tag ends the value as one after a newline does.
+        lead = "" if value.sent else "\n"
+        text = lead + held
+        ends = [(i, tag) for tag in _VALUE_ENDS if (i := text.find(tag, value.scanned)) >= 0]
         if ends:
+            # A missing </parameter>: the value ends at the tag that closes the function or
+            # the call, or at the next parameter, function or block, which the body reads.
             end, tag = min(ends)
-            # A missing </parameter>: the value ends at the tag that closes the function
-            # or the call, which the body then reads.
-            self._held = held[end + len(tag) :] if tag == PARAMETER_END else held[end:]
-            self._end_value(held[:end], parts)
+            if tag in _OPENING:
+                end += 1  # the newline is the value's last (markup, as before </parameter>)
+            self._held = text[end + len(tag) :] if tag == PARAMETER_END else text[end:]
+            self._end_value(text[len(lead) : end], parts)
             self._state = "body"
             return
         if value.until_end:
             # An object or array: nothing to decide before its closing tag, and nothing
             # before the last few characters to search again (a long value stays linear).
-            value.scanned = max(len(held) - _LONGEST_END + 1, 0)
+            value.scanned = max(len(text) - _LONGEST_END + 1, 0)
             self._held = held
             return
-        keep = partial_tag_suffix(held, _VALUE_ENDS)
-        if len(held) > keep and held[len(held) - keep - 1] == "\n":
+        keep = partial_tag_suffix(text, _VALUE_ENDS)
+        if len(text) > keep and text[len(text) - keep - 1] == "\n":
             keep += 1  # may be the newline before </parameter>
-        ready = held[: len(held) - keep]
+        ready = held[: len(held) - min(keep, len(held))]
         fragment = value.stream(ready)
         if fragment is not None:
             held = held[len(ready) :]
+            value.sent = value.sent or bool(ready)
             if fragment:
                 self._arguments(fragment, parts)
         self._held = held
 
-    def _between(self, parts: list[AnswerPart]) -> None:
-        held = self._skip_to_tag(_BETWEEN_TAGS)
-        if held is None:
-            return
+    def _between(self, _: list[AnswerPart]) -> None:
+        held = self._held.lstrip()
         if held.startswith(CLOSE):
             self._held = held[len(CLOSE) :]
             self._state = "text"
-            return
-        found = _tag_with_name(held, FUNCTION)
-        if found is None:
-            self._held = held
-        elif found is False:
-            self._held = held[1:]
-        else:  # a second function in the same block: a parallel call
-            name, self._held = found
-            self._start_call(name, parts)
+        elif held and not CLOSE.startswith(held):
+            # </tool_call> missing (or never opened): what follows is answer text, which
+            # may open the next call (a second function in the block is a parallel call).
+            self._state = "text"
+
+    def _done(self, _: list[AnswerPart]) -> None:
+        self._held = ""
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -221,7 +277,19 @@ class CoderToolCallParser(CallParser):
             return None
         return held
 
+    def _unfinished_tag(self, held: str) -> int:
+        """How much of the end of a value's ``held`` text, at the end of the generation, is
+        the start of a tag that would have ended it (the newline before it stays the
+        value's, dropped as markup)."""
+        text = ("" if self._current.sent else "\n") + held
+        closing = partial_tag_suffix(text, _CLOSING)
+        opening = partial_tag_suffix(text, _OPENING) - 1
+        return min(max(closing, opening, 0), len(held))
+
     def _start_call(self, name: str, parts: list[AnswerPart]) -> None:
+        if self._single_call and self.calls:
+            self._held, self._state = "", "done"
+            return
         call = ParsedToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name)
         self.calls.append(call)
         self._call_types = self._types.get(name, self._untyped)
@@ -274,6 +342,8 @@ class _Value:
         """The JSON types other than string the value may parse as (string always fits)."""
         self.opened = False
         """The first character after ``<parameter=P>`` has been read (a newline is markup)."""
+        self.sent = False
+        """Some of the value's text has been streamed (what is held no longer starts it)."""
         self._streaming = not types
         self.until_end = False
         """Held to its closing tag whatever follows (it opened an object or array)."""

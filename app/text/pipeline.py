@@ -62,7 +62,7 @@ class TextPipeline:
         self._tools: ToolCallParser | CoderToolCallParser | None = None
         if options.tool_calls:
             self._tools = (
-                CoderToolCallParser(options.tool_parameters)
+                CoderToolCallParser(options.tool_parameters, single_call=options.single_tool_call)
                 if options.tool_call_format == "qwen3_coder"
                 else ToolCallParser()
             )

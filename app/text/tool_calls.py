@@ -52,23 +52,28 @@ AnswerPart = str | ToolCallDelta
 """Plain answer text, or a piece of a tool call."""
 
 
-def take_text(held: str, *, called: bool, parts: list[AnswerPart]) -> tuple[str, bool]:
-    """The answer text before the next ``<tool_call>``, for both call formats' parsers.
+def take_text(
+    held: str, *, called: bool, parts: list[AnswerPart], opens: tuple[str, ...] = (OPEN,)
+) -> tuple[str, str]:
+    """The answer text before the next tag that opens a call (``opens``: ``<tool_call>``, and
+    for Qwen3-Coder also a bare ``<function=``), for both call formats' parsers.
 
     Text that cannot be part of an opening tag goes to ``parts``; returns what is still held
-    and whether an opening tag was read (what is held is then the text after it). Whitespace
-    between or after calls is not an answer: it is held until text follows it, or dropped.
+    and the opening tag that was read ("" if none; what is held is then the text after it).
+    Whitespace between or after calls is not an answer: it is held until text follows it, or
+    dropped.
     """
-    start = held.find(OPEN)
-    if start >= 0:
+    found = [(start, tag) for tag in opens if (start := held.find(tag)) >= 0]
+    if found:
+        start, tag = min(found)
         emit_text(held[:start], called=called, parts=parts)
-        return held[start + len(OPEN) :], True
-    keep = partial_tag_suffix(held, (OPEN,))
+        return held[start + len(tag) :], tag
+    keep = partial_tag_suffix(held, opens)
     release = held[: len(held) - keep]
     if called and not release.strip():
-        return held, False  # wait for more
+        return held, ""  # wait for more
     emit_text(release, called=called, parts=parts)
-    return held[len(held) - keep :], False
+    return held[len(held) - keep :], ""
 
 
 def emit_text(text: str, *, called: bool, parts: list[AnswerPart]) -> None:
