@@ -192,14 +192,22 @@ class Settings(BaseSettings):
         description="KV cache data type for V (--cache-type-v), the same types; a quantized V "
         "cache needs flash attention (--flash-attn auto or on).",
     )
-    cache_ram: int = Field(
-        0,
-        ge=-1,
+    cache_ram: int | Literal["auto"] = Field(
+        "auto",
         description="Host-RAM prompt cache in MiB (llama-server's --cache-ram): a slot's KV "
-        "state is saved there when another conversation takes the slot, and restored for a "
-        "prompt that continues it instead of decoding it again. -1 = no limit, 0 = off "
-        "(llama-server's default is 8192). Runs --parallel 1 on the batching engine.",
+        "state is saved there when another conversation is about to take the slot, and "
+        "restored for a prompt that continues it instead of decoding it again. 'auto' (the "
+        "default) = a quarter of the host memory available once the model has loaded (the "
+        "container's limit counts; weights kept in host memory do not), -1 = no limit, 0 = "
+        "off. Runs --parallel 1 on the batching engine unless 0.",
     )
+
+    @field_validator("cache_ram")
+    @classmethod
+    def _cache_ram_size(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < -1:
+            raise ValueError("--cache-ram is a size in MiB, -1 (no limit), 0 (off) or auto")
+        return value
 
     @field_validator("override_tensor", mode="before")
     @classmethod

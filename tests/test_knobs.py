@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 import pytest
 
 from app.cli import main as cli_main
 from app.cli import parse_settings
 from app.core.thinking import EFFORT_BUDGETS
 from app.demo_model import DEFAULT_SCRIPT
-from app.engine import Backend, SamplingParams, ThinkingBudget, load_backend
+from app.engine import Backend, SamplingParams, ThinkingBudget, host_memory, load_backend
 from app.engine.batched import BatchedLlamaBackend
 from app.engine.llama import kv_cache_bytes
 from app.engine.prompt_cache import PromptCache, SavedPrompt
@@ -86,7 +87,7 @@ def test_every_knob_is_a_flag_and_a_variable(monkeypatch: pytest.MonkeyPatch) ->
     defaults = Settings()
     assert (defaults.cpu_moe, defaults.n_cpu_moe, defaults.override_tensor) == (False, 0, [])
     assert (defaults.cache_type_k, defaults.cache_type_v) == ("f16", "f16")
-    assert (defaults.cache_ram, defaults.reasoning_budget) == (0, -1)
+    assert (defaults.cache_ram, defaults.reasoning_budget) == ("auto", -1)
     parsed = parse_settings(
         [
             "--cpu-moe", "--n-cpu-moe", "12", "--override-tensor", r"blk\.1\.ffn_up_exps=CPU",
@@ -233,11 +234,47 @@ def test_a_rule_llama_cpp_cannot_apply_fails_the_load_naming_the_flags(
 
 
 def test_without_knobs_parallel_1_stays_on_the_one_slot_engine(demo_model_path: Path) -> None:
-    backend = load_backend(settings(demo_model_path, n_ctx=512), demo_model_path)
+    backend = load_backend(settings(demo_model_path, n_ctx=512, cache_ram=0), demo_model_path)
     try:
         assert isinstance(backend, LlamaBackend)
     finally:
         backend.close()
+
+
+def test_by_default_parallel_1_keeps_a_prompt_cache_sized_from_host_memory(
+    demo_model_path: Path,
+) -> None:
+    """Out of the box a conversation whose slot another one took comes back from host memory
+    (issue 22): the default --cache-ram auto runs --parallel 1 on the batching engine with a
+    cache of a quarter of the memory available, the CPU model's weights set aside."""
+    backend = load_backend(settings(demo_model_path, n_ctx=512), demo_model_path)
+    try:
+        assert isinstance(backend, BatchedLlamaBackend) and backend.max_concurrency == 1
+        stats = backend.prompt_cache_stats()
+    finally:
+        backend.close()
+    available = host_memory.available_bytes()
+    assert stats is not None and stats.limit_bytes is not None and available is not None
+    weights = demo_model_path.stat().st_size
+    expected = (available - weights) * host_memory.AUTO_SHARE
+    assert abs(stats.limit_bytes - expected) < 0.1 * expected + 2 * host_memory.MIB
+
+
+def test_auto_cache_size_reads_the_container_limit(tmp_path: Path) -> None:
+    """A container's cgroup limit bounds the auto size where it is below MemAvailable; an
+    unreadable machine turns the cache off rather than guessing."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 67108864 kB\nMemAvailable: 33554432 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text(f"{6 * 1024**3}\n")
+    (cgroup / "memory.current").write_text(f"{2 * 1024**3}\n")
+    assert host_memory.available_bytes(meminfo, cgroup) == 4 * 1024**3
+    (cgroup / "memory.max").write_text("max\n")
+    assert host_memory.available_bytes(meminfo, cgroup) == 32 * 1024**3
+    assert host_memory.auto_prompt_cache_mib(8 * 1024**3, 32 * 1024**3) == 6 * 1024
+    assert host_memory.auto_prompt_cache_mib(0, None) == 0
+    assert host_memory.available_bytes(tmp_path / "none", tmp_path / "none") is None
 
 
 # -- KV cache types ------------------------------------------------------------------------------
@@ -402,6 +439,107 @@ async def test_a_saved_state_is_used_only_up_to_where_it_and_the_prompt_differ(
     assert (after.hits, after.misses) == (before.hits, before.misses + 1)
 
 
+@pytest.mark.falsifies("QWEN3_MOE_LLAMA_KNOBS_V1_003")
+async def test_agents_sharing_a_system_prompt_keep_their_histories(
+    slow_model_path: Path, cold: BatchedLlamaBackend
+) -> None:
+    """Issue 22: agents share a long system prompt, so a new conversation matches the slot of
+    another one well past the similarity threshold. It takes that slot's opening, and the
+    conversation it displaces is saved first: A's next turn gets all of A back (the old rule
+    saved a slot only when the new prompt shared almost nothing with it, and A lost its
+    history but the system prompt), and so does B's after A displaced it in turn."""
+    backend = load_backend(settings(slow_model_path, cache_ram=64), slow_model_path)
+    rng = random.Random(23)
+    system = random_prompt(rng, 200)
+    a1, b1 = system + random_prompt(rng, 60), system + random_prompt(rng, 60)
+    try:
+        reply_a, _ = await generate(backend, a1)
+        reply_b, cached_b = await generate(backend, b1)
+        a2 = a1 + reply_a + random_prompt(rng, 20)
+        reply_a2, cached_a2 = await generate(backend, a2, 24)
+        b2 = b1 + reply_b + random_prompt(rng, 20)
+        reply_b2, cached_b2 = await generate(backend, b2, 24)
+        stats = backend.prompt_cache_stats()
+    finally:
+        backend.close()
+    assert cached_b == len(system)  # the opening, from A's slot
+    assert cached_a2 == len(a1) + len(reply_a) - 1
+    assert cached_b2 == len(b1) + len(reply_b) - 1
+    assert reply_a2 == (await generate(cold, a2, 24))[0]
+    assert reply_b2 == (await generate(cold, b2, 24))[0]
+    assert stats is not None and stats.hits == 2 and stats.restored_tokens == cached_a2 + cached_b2
+
+
+@pytest.mark.falsifies("QWEN3_MOE_LLAMA_KNOBS_V1_003")
+async def test_a_state_that_lends_its_opening_to_a_new_conversation_stays_for_its_own(
+    slow_model_path: Path, cold: BatchedLlamaBackend
+) -> None:
+    """A new agent whose system prompt only a saved state holds gets that opening restored
+    (a copy), and the saved conversation is still there for its own next turn (the old rule
+    moved the state into the new conversation's slot, and A's history was lost)."""
+    backend = load_backend(settings(slow_model_path, cache_ram=64), slow_model_path)
+    rng = random.Random(29)
+    system = random_prompt(rng, 200)
+    a1, c1 = system + random_prompt(rng, 60), system + random_prompt(rng, 60)
+    try:
+        reply_a, _ = await generate(backend, a1)
+        await generate(backend, random_prompt(rng, 260))  # D displaces A: A is saved
+        _, cached_c = await generate(backend, c1)
+        a2 = a1 + reply_a + random_prompt(rng, 20)
+        reply_a2, cached_a2 = await generate(backend, a2, 24)
+    finally:
+        backend.close()
+    assert cached_c == len(system)
+    assert cached_a2 == len(a1) + len(reply_a) - 1
+    assert reply_a2 == (await generate(cold, a2, 24))[0]
+
+
+@pytest.mark.falsifies("QWEN3_MOE_LLAMA_KNOBS_V1_003")
+async def test_the_prompt_cache_stays_within_its_size_when_filled_past_it(
+    slow_model_path: Path, cold: BatchedLlamaBackend
+) -> None:
+    """Five conversations through one slot with room in host memory for two of them: the
+    cache never holds more than its size, the oldest go first (counted), the newest still
+    comes back whole, and an evicted one is decoded cold with the cold answer."""
+    per_token = kv_cache_bytes(n_layer=4, n_head_kv=4, head_dim=64, cells=1)
+    first_turns = [random_prompt(random.Random(31 + n), 260) for n in range(5)]
+    size_mib = 3  # two states of ~276 tokens (~1.1 MiB each), not three
+    assert 2 * 276 * per_token < size_mib * 2**20 < 3 * 276 * per_token
+    backend = load_backend(settings(slow_model_path, cache_ram=size_mib), slow_model_path)
+    held: list[int] = []
+    try:
+        replies = []
+        for prompt in first_turns:
+            replies.append((await generate(backend, prompt))[0])
+            stats = backend.prompt_cache_stats()
+            assert stats is not None
+            held.append(stats.bytes)
+        newest = first_turns[3] + replies[3] + [7, 8, 9]
+        _, cached_newest = await generate(backend, newest)
+        evicted = first_turns[0] + replies[0] + [7, 8, 9]
+        reply_evicted, cached_evicted = await generate(backend, evicted)
+        stats = backend.prompt_cache_stats()
+    finally:
+        backend.close()
+    assert max(held) <= size_mib * 2**20 and stats is not None and stats.evictions >= 2
+    assert stats.limit_bytes == size_mib * 2**20
+    assert cached_newest == len(first_turns[3]) + len(replies[3]) - 1
+    assert cached_evicted == 0
+    assert reply_evicted == (await generate(cold, evicted))[0]
+
+
+def test_a_borrowed_opening_goes_back_and_a_continued_conversation_stays_with_its_slot() -> None:
+    cache = PromptCache(limit_bytes=None)
+    cache.save([*range(100), 500, 501], state(8), 100)  # a 100-token prompt and its answer
+    (entry,) = list(cache._entries)
+    cache.take(entry)
+    cache.hit(entry, 60)  # another conversation used its first 60 tokens: a copy
+    assert list(cache._entries) == [entry]
+    cache.take(entry)
+    cache.hit(entry, 101)  # its own next turn: it lives in the slot now
+    assert len(cache) == 0 and cache.hits == 2 and cache.restored_tokens == 161
+
+
 @pytest.mark.falsifies("QWEN3_MOE_LLAMA_KNOBS_V1_004")
 async def test_a_saved_state_that_disagrees_with_its_tokens_is_not_restored(
     slow_model_path: Path, cold: BatchedLlamaBackend, caplog: pytest.LogCaptureFixture
@@ -420,7 +558,7 @@ async def test_a_saved_state_that_disagrees_with_its_tokens_is_not_restored(
         assert cache is not None and len(cache) == 1
         (entry,) = list(cache._entries)
         cache.take(entry)
-        cache.save((*entry.tokens, reply_a[-1]), entry.state)
+        cache.save((*entry.tokens, reply_a[-1]), entry.state, entry.prompt_len)
         a2 = a1 + reply_a + random_prompt(rng, 20)
         reply, cached = await generate(backend, a2)
         stats = backend.prompt_cache_stats()
@@ -432,26 +570,26 @@ async def test_a_saved_state_that_disagrees_with_its_tokens_is_not_restored(
 
 
 def state(size: int) -> Any:
-    return (llama_cpp.ctypes.c_uint8 * size)()
+    return np.zeros(size, dtype=np.uint8)
 
 
 def test_the_prompt_cache_keeps_its_byte_budget_least_recently_saved_first() -> None:
     cache = PromptCache(limit_bytes=100)
-    assert cache.save([1, 2, 3], state(40)) and cache.save([4, 5, 6], state(40))
-    assert cache.save([7, 8, 9], state(40))  # the first goes
+    assert cache.save([1, 2, 3], state(40), 0) and cache.save([4, 5, 6], state(40), 0)
+    assert cache.save([7, 8, 9], state(40), 0)  # the first goes
     assert [e.tokens for e in cache._entries] == [(4, 5, 6), (7, 8, 9)]
     assert cache.evictions == 1 and cache.bytes == 80
-    assert not cache.save([10], state(101))  # larger than the whole budget
-    assert not cache.save([4, 5], state(10))  # already covered by (4, 5, 6)
-    assert cache.save([4, 5, 6, 7], state(30))  # covers (4, 5, 6), which goes
+    assert not cache.save([10], state(101), 0)  # larger than the whole budget
+    assert not cache.save([4, 5], state(10), 0)  # already covered by (4, 5, 6)
+    assert cache.save([4, 5, 6, 7], state(30), 0)  # covers (4, 5, 6), which goes
     assert [e.tokens for e in cache._entries] == [(7, 8, 9), (4, 5, 6, 7)]
     unlimited = PromptCache(limit_bytes=None)
-    assert all(unlimited.save([i], state(10**6)) for i in range(5))
+    assert all(unlimited.save([i], state(10**6), 1) for i in range(5))
 
 
 def test_the_prompt_cache_finds_only_states_worth_restoring() -> None:
     cache = PromptCache(limit_bytes=None)
-    cache.save(list(range(100)), state(8))
+    cache.save(list(range(100)), state(8), 0)
     found = cache.find([*range(60), 999], better_than=0, min_share=0.1)
     assert found is not None and found[1] == 60
     assert cache.find([*range(60), 999], better_than=60, min_share=0.1) is None  # a slot has it

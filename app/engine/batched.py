@@ -88,8 +88,9 @@ import numpy.typing as npt
 
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
+from app.engine.host_memory import auto_prompt_cache_mib, available_bytes
 from app.engine.llama import EngineConfig, load_model, logprobs_of, model_info
-from app.engine.prompt_cache import PromptCache, SavedPrompt, common_prefix
+from app.engine.prompt_cache import PromptCache, SavedPrompt, StateBuffer, common_prefix
 from app.engine.protocol import (
     EngineError,
     EngineFinish,
@@ -155,6 +156,9 @@ class _Slot:
     """What the KV cache holds for ``seq_id``, position by position."""
     sequence: _Sequence | None = None
     last_used: int = 0
+    prompt_len: int = 0
+    """Length of the prompt of the generation that last ran here: a new prompt that holds all
+    of it continues that conversation; one that leaves the slot before it is another."""
 
 
 def default_parallel(n_gpu_layers: int) -> int:
@@ -205,6 +209,10 @@ class BatchedLlamaBackend:
         self.tokenizer = LlamaTokenizer(self._model)
         self.max_concurrency = parallel
         mib = config.prompt_cache_mib
+        if mib is None:
+            on_host = 0 if self.info.gpu_offload and not config.tensor_overrides else None
+            weights = config.model_path.stat().st_size if on_host is None else on_host
+            mib = auto_prompt_cache_mib(weights, available_bytes())
         self._prompt_cache = (
             PromptCache(None if mib < 0 else mib * 1024 * 1024) if mib != 0 else None
         )
@@ -444,9 +452,8 @@ class BatchedLlamaBackend:
         cache = self._prompt_cache
         reuse = common_prefix(slot.tokens, sequence.prompt)
         restore, sequence.restore = sequence.restore, None
-        if cache is not None and (
-            restore is not None or reuse <= SLOT_PROMPT_SIMILARITY * len(sequence.prompt)
-        ):
+        displaced = reuse < min(slot.prompt_len, len(slot.tokens))
+        if cache is not None and (restore is not None or displaced):
             self._save_slot(slot, cache)  # the cells of the conversation this one displaces
         if cache is not None and restore is not None:
             self._restore_slot(slot, cache, *restore)
@@ -458,6 +465,7 @@ class BatchedLlamaBackend:
             reuse = 0
         del slot.tokens[reuse:]
         slot.last_used = next(self._uses)
+        slot.prompt_len = len(sequence.prompt)
         sequence.cached = reuse
         # Plain greedy needs no sampler: its token is an argmax over the step's logits.
         if not sequence.sampling.argmax:
@@ -475,14 +483,15 @@ class BatchedLlamaBackend:
         size = int(llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id))
         if not cache.fits(size):
             return
-        state = (ctypes.c_uint8 * size)()
-        written = int(llama_cpp.llama_state_seq_get_data(self._ctx, state, size, slot.seq_id))
+        state: StateBuffer = np.empty(size, dtype=np.uint8)
+        pointer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        written = int(llama_cpp.llama_state_seq_get_data(self._ctx, pointer, size, slot.seq_id))
         if written != size:
             logger.warning(
                 "prompt cache: slot %d state not saved (%d of %d bytes)", slot.seq_id, written, size
             )
             return
-        cache.save(slot.tokens, state)
+        cache.save(slot.tokens, state, min(slot.prompt_len, len(slot.tokens)))
 
     def _restore_slot(
         self, slot: _Slot, cache: PromptCache, entry: SavedPrompt, shared: int
@@ -490,9 +499,8 @@ class BatchedLlamaBackend:
         """Replace the slot's cells with ``entry``'s; on any mismatch the slot starts empty."""
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         slot.tokens.clear()
-        read = int(
-            llama_cpp.llama_state_seq_set_data(self._ctx, entry.state, entry.size, slot.seq_id)
-        )
+        pointer = entry.state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        read = int(llama_cpp.llama_state_seq_set_data(self._ctx, pointer, entry.size, slot.seq_id))
         first = llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id)
         last = llama_cpp.llama_memory_seq_pos_max(self._memory, slot.seq_id)
         if read != entry.size or (first, last) != (0, len(entry.tokens) - 1):

@@ -97,8 +97,9 @@ class EngineConfig:
     """Buffer types for the tensors whose names match (``app.engine.placement``)."""
     cache_type_k: KvCacheType = "f16"
     cache_type_v: KvCacheType = "f16"
-    prompt_cache_mib: int = 0
-    """Host-RAM prompt cache (``--cache-ram``): MiB, -1 unlimited, 0 off."""
+    prompt_cache_mib: int | None = 0
+    """Host-RAM prompt cache (``--cache-ram``): MiB, -1 unlimited, 0 off, None: sized from
+    the host memory available once the model has loaded (``app.engine.host_memory``)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, model_path: Path) -> EngineConfig:
@@ -127,7 +128,7 @@ class EngineConfig:
             ),
             cache_type_k=settings.cache_type_k,
             cache_type_v=settings.cache_type_v,
-            prompt_cache_mib=settings.cache_ram,
+            prompt_cache_mib=None if settings.cache_ram == "auto" else settings.cache_ram,
         )
 
     @property

@@ -18,16 +18,24 @@ tools/server/server-task.cpp):
   has, more than ``min_share`` of the prompt, and at least ``MIN_KEEP`` of the entry (a short
   match does not trash a long saved state). The caller keeps only the matching prefix of what
   it restores: a saved state is never used past the first token where it and the prompt differ.
-- A restored entry leaves the cache (its slot holds it now, and saves it again when it is
-  taken); saving a state that an entry already covers is skipped, and entries the new state
-  covers are dropped.
+- A slot is saved when a prompt is about to displace the conversation it holds: the prompt
+  leaves the slot's cells before the end of the slot's last prompt (a continuation of the
+  same conversation only drops the answer's tail, which the chat template re-renders). Not
+  only when the slot is taken by a prompt that shares nothing with it, as llama-server does
+  (or loses less than half of it: ``f_keep < 0.5``): agents share long system prompts and
+  tool lists, so another conversation matches a slot's opening and would drop its history.
+- A restore that continues an entry's conversation (the prompt holds all of the entry's
+  prompt) moves the entry into the slot (it leaves the cache; the slot saves it again when it
+  is displaced). A restore that uses only a shared opening of another conversation's entry
+  (a new agent with the same system prompt) copies it: the entry stays for its own
+  conversation. Saving a state that an entry already covers is skipped, and entries the new
+  state covers are dropped.
 - The byte budget is kept by evicting the least recently saved entries; a state larger than
   the whole budget is not saved.
 """
 
 from __future__ import annotations
 
-import ctypes
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +43,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.engine.protocol import PromptCacheStats
+
+StateBuffer = np.ndarray[tuple[int], np.dtype[np.uint8]]
+"""A sequence's KV state as llama.cpp wrote it (uninitialised until then: no zero-filling of
+gigabytes before the copy)."""
 
 MIN_KEEP = 0.25
 """Share of a saved state a restore must use (llama-server's ``f_keep`` threshold)."""
@@ -57,8 +69,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class SavedPrompt:
     tokens: tuple[int, ...]
     """The tokens whose KV cells ``state`` holds, position by position."""
-    state: ctypes.Array[ctypes.c_uint8]
+    state: StateBuffer
     """``llama_state_seq_get_data`` of the slot that held them (written once, when saved)."""
+    prompt_len: int
+    """How many of ``tokens`` were the prompt of the slot's last generation (the rest is its
+    answer): a prompt that holds all of them continues this conversation."""
 
     @property
     def size(self) -> int:
@@ -105,11 +120,19 @@ class PromptCache:
     def fits(self, size: int) -> bool:
         return self.limit_bytes is None or size <= self.limit_bytes
 
-    def save(self, tokens: Sequence[int], state: ctypes.Array[ctypes.c_uint8]) -> bool:
-        """Keep ``state`` (the KV cells of ``tokens``); False if it is not kept."""
-        if not tokens or self.covers(tokens) or not self.fits(len(state)):
+    def save(self, tokens: Sequence[int], state: StateBuffer, prompt_len: int) -> bool:
+        """Keep ``state`` (the KV cells of ``tokens``, ``prompt_len`` of them its last
+        prompt); False if it is not kept."""
+        saved = SavedPrompt(tuple(tokens), state, prompt_len)
+        if not self._insert(saved):
             return False
-        saved = SavedPrompt(tuple(tokens), state)
+        self.saved_bytes += saved.size
+        return True
+
+    def _insert(self, saved: SavedPrompt) -> bool:
+        if not saved.tokens or self.covers(saved.tokens) or not self.fits(saved.size):
+            return False
+        tokens = saved.tokens
         for covered in [
             e for e in self._entries if common_prefix(e.tokens, tokens) == len(e.tokens)
         ]:
@@ -123,7 +146,6 @@ class PromptCache:
             self.evictions += 1
         self._entries.append(saved)
         self._held += saved.size
-        self.saved_bytes += saved.size
         return True
 
     def _remove(self, entry: SavedPrompt) -> None:
@@ -147,15 +169,23 @@ class PromptCache:
         return best
 
     def take(self, entry: SavedPrompt) -> None:
-        """``entry`` is being restored into a slot: it leaves the cache (the slot holds it
-        now, and saves it again when another conversation takes the slot)."""
+        """``entry`` is about to be restored into a slot: it leaves the cache until then, so
+        no other placement and no eviction can have it."""
         self._remove(entry)
 
     def hit(self, entry: SavedPrompt, tokens: int) -> None:
-        """``entry`` was restored and ``tokens`` of it kept."""
+        """``entry`` was restored and ``tokens`` of it kept. An entry whose conversation the
+        prompt continues stays with its slot (which saves it again when displaced); one that
+        lent only a shared opening goes back, as the most recently saved, for its own."""
         self.hits += 1
         self.restored_bytes += entry.size
         self.restored_tokens += tokens
+        if tokens < entry.prompt_len:
+            self.give_back(entry)
+
+    def give_back(self, entry: SavedPrompt) -> None:
+        """A taken entry that was only copied returns (unless a newer state covers it)."""
+        self._insert(entry)
 
     def missed(self) -> None:
         self.misses += 1
