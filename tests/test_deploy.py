@@ -380,8 +380,19 @@ def test_nginx_passes_server_sent_events_through_unbuffered() -> None:
     assert seconds(nginx_directive("proxy_read_timeout")[0]) >= 3600
     assert seconds(nginx_directive("proxy_send_timeout")[0]) >= 3600
     assert nginx_directive("gzip") == ["off"]
-    # Each replica decodes one request at a time: send work to the least busy one.
-    assert re.search(r"^\s*least_conn;", NGINX.read_text(encoding="utf-8"), re.MULTILINE)
+
+
+def test_nginx_keeps_a_conversation_on_one_replica_and_retries_refusals_elsewhere() -> None:
+    """The placement tests/test_replicas.py runs for real (where nginx is installed)."""
+    config = NGINX.read_text(encoding="utf-8")
+    assert nginx_directive("hash") == ["$affinity_key consistent"]
+    assert not re.search(r"^\s*(least_conn|ip_hash|random)\b", config, re.MULTILINE)
+    # Older Codex builds name the session in session_id.
+    assert nginx_directive("underscores_in_headers") == ["on"]
+    retried = set(nginx_directive("proxy_next_upstream")[0].split())
+    assert {"error", "timeout", "http_502", "http_503", "http_429", "non_idempotent"} <= retried
+    assert int(nginx_directive("proxy_next_upstream_tries")[0]) >= 2
+    assert int(nginx_directive("keepalive")[0]) > 0
 
 
 # -- Kubernetes -----------------------------------------------------------------------------------
