@@ -456,6 +456,150 @@ def test_k8s_ingress_keeps_streams_unbuffered() -> None:
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
 
 
+# -- Kubernetes: the LLM-aware router (deploy/k8s/inference-gateway) -----------------------------
+
+GATEWAY = K8S / "inference-gateway"
+POOL_GROUP = "inference.networking.k8s.io"
+
+
+def gateway_kustomization() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((GATEWAY / "kustomization.yaml").read_text())
+    return loaded
+
+
+def gateway_documents() -> list[dict[str, Any]]:
+    """The overlay's own resources (the base it builds on is checked above)."""
+    documents = []
+    for resource in gateway_kustomization()["resources"]:
+        if not resource.startswith(".."):
+            text = (GATEWAY / resource).read_text(encoding="utf-8")
+            documents += [doc for doc in yaml.safe_load_all(text) if doc]
+    return documents
+
+
+def gateway_kind(kind: str, name: str | None = None) -> dict[str, Any]:
+    (document,) = [
+        d
+        for d in gateway_documents()
+        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    return document
+
+
+def picker_args() -> dict[str, str]:
+    (container,) = pod_containers(gateway_kind("Deployment"))
+    return dict(arg.removeprefix("--").split("=", 1) for arg in container["args"])
+
+
+def picker_config() -> dict[str, Any]:
+    """The EndpointPickerConfig, read where the picker's --config-file says."""
+    deployment = gateway_kind("Deployment")
+    (container,) = pod_containers(deployment)
+    path = Path(picker_args()["config-file"])
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    config_map = gateway_kind("ConfigMap", volumes[mount["name"]]["configMap"]["name"])
+    loaded: dict[str, Any] = yaml.safe_load(config_map["data"][path.name])
+    return loaded
+
+
+def test_k8s_gateway_overlay_builds_on_the_base_and_replaces_the_ingress() -> None:
+    kustomization = gateway_kustomization()
+    own = {r for r in kustomization["resources"] if not r.startswith("..")}
+    assert set(kustomization["resources"]) - own == {"../"}
+    assert own == {p.name for p in GATEWAY.glob("*.yaml")} - {"kustomization.yaml"}
+    kinds = {d["kind"] for d in gateway_documents()}
+    assert {"InferencePool", "Deployment", "Service", "ConfigMap", "HTTPRoute", "Gateway"} <= kinds
+    # The Ingress would balance around the picker: the overlay deletes the base's.
+    (patch,) = kustomization["patches"]
+    assert patch["target"] == {"kind": "Ingress", "name": k8s_kind("Ingress")["metadata"]["name"]}
+    deleted = yaml.safe_load(patch["patch"])
+    assert deleted["$patch"] == "delete" and deleted["kind"] == "Ingress"
+
+
+def test_k8s_inference_pool_is_the_server_pods_on_the_server_port() -> None:
+    pool = gateway_kind("InferencePool")
+    assert pool["apiVersion"] == f"{POOL_GROUP}/v1"
+    server = k8s_kind("Deployment")
+    selector = pool["spec"]["selector"]["matchLabels"]
+    assert selector == server["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= server["spec"]["template"]["metadata"]["labels"].items()
+    # The picker's own pod is not one of the servers.
+    picker = gateway_kind("Deployment")
+    assert not selector.items() <= picker["spec"]["template"]["metadata"]["labels"].items()
+    assert [port["number"] for port in pool["spec"]["targetPorts"]] == [SERVER_PORT]
+    # The pool names the picker's Service, on the port where the picker serves ext-proc.
+    ref = pool["spec"]["endpointPickerRef"]
+    assert ref.get("kind", "Service") == "Service"
+    assert ref["failureMode"] in {"FailOpen", "FailClose"}
+    service = gateway_kind("Service", ref["name"])
+    assert service["spec"]["selector"] == picker["spec"]["selector"]["matchLabels"]
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    (container,) = pod_containers(picker)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[port["targetPort"]] == int(picker_args()["grpc-port"])
+    assert ports["grpc-health"] == container["readinessProbe"]["grpc"]["port"]
+    assert picker_args()["pool-name"] == pool["metadata"]["name"]
+    assert picker_args()["pool-group"] == POOL_GROUP
+
+
+def test_k8s_route_sends_every_request_to_the_pool_and_lets_streams_run() -> None:
+    route = gateway_kind("HTTPRoute")
+    (rule,) = route["spec"]["rules"]
+    pool = gateway_kind("InferencePool")["metadata"]["name"]
+    assert rule["backendRefs"] == [{"group": POOL_GROUP, "kind": "InferencePool", "name": pool}]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
+    gateway = gateway_kind("Gateway")["metadata"]["name"]
+    assert [p["name"] for p in route["spec"]["parentRefs"]] == [gateway]
+    assert seconds(rule["timeouts"]["request"]) >= seconds(nginx_directive("proxy_read_timeout")[0])
+
+
+def test_k8s_picker_may_watch_the_pool_and_its_pods() -> None:
+    rules = gateway_kind("Role")["rules"]
+    granted = {
+        (group, resource): set(rule["verbs"])
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    for needed in (("", "pods"), (POOL_GROUP, "inferencepools")):
+        assert {"get", "list", "watch"} <= granted[needed], needed
+    binding = gateway_kind("RoleBinding")
+    assert binding["roleRef"]["name"] == gateway_kind("Role")["metadata"]["name"]
+    account = gateway_kind("Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    assert [s["name"] for s in binding["subjects"]] == [account]
+    assert gateway_kind("ServiceAccount")["metadata"]["name"] == account
+
+
+@pytest.mark.anyio
+async def test_k8s_picker_reads_load_from_metrics_this_server_exports(
+    client: httpx.AsyncClient,
+) -> None:
+    """The picker knows vLLM's metric names, not ours: its config maps each of its load
+    signals to a gauge app/api/metrics.py really exports, on a route that answers."""
+    config = picker_config()
+    assert config["apiVersion"] == "llm-d.ai/v1alpha1"
+    assert config["kind"] == "EndpointPickerConfig"
+    plugins = {p.get("name", p["type"]): p for p in config["plugins"]}
+    source = plugins["metrics-data-source"]["parameters"]
+    response = await client.get(source["path"])
+    assert response.status_code == 200
+    exported = set(re.findall(r"^# TYPE (\S+) gauge$", response.text, re.MULTILINE))
+    extractor = plugins["core-metrics-extractor"]["parameters"]
+    engines = {e["name"]: e for e in extractor["engineConfigs"]}
+    engine = engines[extractor["defaultEngine"]]
+    for signal_name in ("queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec"):
+        assert engine[signal_name] in exported, (signal_name, engine[signal_name], exported)
+    assert not engine["loraSpec"] and not engine["cacheInfoSpec"]
+    # Affinity: the prefix scorer outweighs the load scorers together.
+    (profile,) = config["schedulingProfiles"]
+    weights = {p["pluginRef"]: p.get("weight", 1) for p in profile["plugins"]}
+    assert set(weights) <= set(plugins)
+    load = weights["queue-scorer"] + weights["kv-cache-utilization-scorer"]
+    assert weights["prefix-cache-scorer"] > load
+    assert "approx-prefix-cache-producer" in plugins
+
+
 # -- entrypoint and healthcheck, run for real -----------------------------------------------------
 
 
