@@ -33,6 +33,7 @@ import yaml
 from app.engine.single import LlamaBackend
 from app.main import create_app
 from app.settings import ENV_PREFIX, Settings
+from bench.replicas import markdown as replicas_report
 from tests.conftest import LiveServer, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -395,6 +396,27 @@ def test_nginx_keeps_a_conversation_on_one_replica_and_retries_refusals_elsewher
     assert int(nginx_directive("keepalive")[0]) > 0
 
 
+def test_deployment_docs_quote_the_committed_replicas_run() -> None:
+    """docs/deployment.md's replica measurements are bench/results/replicas.json's, and the
+    committed replicas.md is that JSON rendered."""
+    results = json.loads((ROOT / "bench" / "results" / "replicas.json").read_text())
+    report = (ROOT / "bench" / "results" / "replicas.md").read_text()
+    assert replicas_report(results) == report
+    docs = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+    measured = docs[docs.index("**Measured** (`python -m bench.replicas`") :]
+    assert f"commit {results['machine']['git_commit'][:7]}" in " ".join(measured.split())
+    for row in results["setups"]:
+        d, ttft, turn = row["decoded_per_turn"], row["ttft_s"], row["latency_s"]
+        line = (
+            f"| {row['label']} | {100 * row['cached_share']:.1f} % | {d['mean']:.0f} "
+            f"| {ttft['p50']:.2f} / {ttft['p95']:.2f} | {turn['p50']:.2f} / {turn['p95']:.2f} "
+            f"| {row['replica_changes']} of {row['turn_pairs']} |"
+        )
+        assert line in measured, line
+    hashed = next(r for r in results["setups"] if r["balance"] is None and r["replicas"] == 2)
+    assert hashed["cached_share"] >= 0.9 and hashed["errors"] == 0
+
+
 # -- Kubernetes -----------------------------------------------------------------------------------
 
 
@@ -454,6 +476,23 @@ def test_k8s_ingress_keeps_streams_unbuffered() -> None:
     annotations = k8s_kind("Ingress")["metadata"]["annotations"]
     assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+
+
+def nginx_conversation_headers() -> list[str]:
+    """The header variables nginx.conf's map chain names a conversation by, in its order."""
+    config = NGINX.read_text(encoding="utf-8")
+    chain = re.findall(r"map \$(\w+) \$conversation_1|\"\"\s+\$(http_\w+);", config)
+    return ["$" + (first or later) for first, later in chain]
+
+
+def test_k8s_ingress_keys_a_conversation_as_nginx_conf_does() -> None:
+    """The Ingress hashes the same conversation headers, in the same order, as nginx.conf,
+    then the credential nginx.conf's fallback also uses."""
+    headers = nginx_conversation_headers()
+    assert headers[:2] == ["$http_x_claude_code_session_id", "$http_session_id"], headers
+    annotations = k8s_kind("Ingress")["metadata"]["annotations"]
+    key = annotations["nginx.ingress.kubernetes.io/upstream-hash-by"]
+    assert key == "".join([*headers, "$http_authorization", "$http_x_api_key"])
 
 
 # -- Kubernetes: the LLM-aware router (deploy/k8s/inference-gateway) -----------------------------

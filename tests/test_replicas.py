@@ -19,6 +19,8 @@ import contextlib
 import json
 import re
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,8 @@ from tests.conftest import wait_until
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL_ID = "qwen3-moe-demo"
 REPLICAS = 3
@@ -340,3 +344,21 @@ def test_a_draining_replica_hands_on_its_conversations_and_no_other_moves(
         # Gone, not draining: the same conversations stay where the drain sent them.
         fourth = {n: r[0] for n, r in play(http, servers, conversations, [4]).items()}
         assert fourth == third, (third, fourth)
+
+
+def test_the_replicas_bench_measures_every_setup(nginx_binary: Path, tmp_path: Path) -> None:
+    """``python -m bench.replicas --quick``: the harness end to end (its figures are checked
+    in the committed run, tests/test_deploy.py)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.replicas", "--quick", "--out", str(tmp_path),
+         "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=240, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "replicas.json").read_text())
+    setups = {row["label"]: row for row in results["setups"]}
+    assert len(setups) == 3 and all(row["status"] == "ok" for row in setups.values()), setups
+    assert all(row["errors"] == 0 for row in setups.values())
+    hashed = setups["consistent hash (nginx.conf)"]
+    assert hashed["replica_changes"] == 0 and hashed["cached_share"] >= 0.85, hashed
+    assert (tmp_path / "replicas.md").read_text().startswith("# Conversations on replicas")
