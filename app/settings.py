@@ -91,7 +91,19 @@ class Settings(BaseSettings):
     n_threads: int | None = Field(
         None, ge=1, description="CPU threads for decoding (default: llama.cpp's choice)."
     )
-    n_batch: int = Field(512, ge=1, description="Prompt tokens decoded per llama.cpp batch.")
+    n_batch: int = Field(
+        512,
+        ge=1,
+        description="Tokens one engine step decodes at most (llama.cpp's logical batch, "
+        "llama-server's -b): running streams' next tokens plus prompt chunks, so a long prompt "
+        "is prefilled over several steps beside them.",
+    )
+    n_ubatch: int = Field(
+        512,
+        ge=1,
+        description="Tokens llama.cpp computes at once (the physical micro-batch, "
+        "llama-server's -ub); a step of more runs in several. At most --n-batch.",
+    )
     flash_attn: FlashAttn = Field(
         "auto",
         description="Flash attention: auto (llama.cpp turns it on where the device supports it, "

@@ -89,6 +89,8 @@ class EngineConfig:
     """Threads for steps of several tokens (prompts, and every batched step)."""
     n_batch: int
     flash_attn: FlashAttn
+    n_ubatch: int | None = None
+    """The physical micro-batch; None: ``n_batch``."""
     kv_unified: bool = False
     """One KV buffer for every sequence (else one stream per sequence)."""
     chat_template: str | None = None
@@ -118,6 +120,7 @@ class EngineConfig:
             n_threads=settings.n_threads or max(cpus // 2, 1),
             n_threads_batch=settings.n_threads or cpus,
             n_batch=settings.n_batch,
+            n_ubatch=min(settings.n_ubatch, settings.n_batch),
             flash_attn=settings.flash_attn,
             kv_unified=settings.kv_unified,
             chat_template=template,
@@ -153,7 +156,7 @@ class EngineConfig:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
-        params.n_ubatch = n_batch
+        params.n_ubatch = min(self.n_ubatch or n_batch, n_batch)
         params.n_seq_max = n_seq_max
         params.kv_unified = self.kv_unified
         params.n_threads = self.n_threads
