@@ -1,13 +1,17 @@
-"""The real agents, unmodified, against a real server process: Codex CLI over the Responses
-API and Claude Code over the Anthropic Messages API.
+"""The real agents, unmodified, against a real server process started with no flag for them:
+Codex CLI over the Responses API, Claude Code over the Anthropic Messages API, Qwen Code and
+opencode over Chat Completions (tools, streaming).
 
 Each CLI is installed from the npm registry into ``.cache/agent-clis`` the first time (pinned
-versions; ~12 s and ~660 MB) and configured only as its documentation says a custom endpoint
-is configured (docs/agents.md): a model provider with ``wire_api = "responses"`` for Codex,
-``ANTHROPIC_BASE_URL`` for Claude Code, their own traffic to their vendors switched off.
-Codex sends its full default prompt and tools (27 K characters, 34 K tokens on the demo
-model's small vocabulary); Claude Code runs with its shell tool only (``--tools Bash``),
-because its default prompt is 68 K demo-vocabulary tokens, minutes of prefill on two cores.
+versions; ~50 s and ~1.6 GB) and configured only as its documentation says a custom endpoint
+is configured (docs/agents.md): a model provider with ``wire_api = "responses"`` for Codex
+(nothing about its tools: its default request offers a hosted ``web_search`` tool, which the
+server leaves out), ``ANTHROPIC_BASE_URL`` for Claude Code, ``OPENAI_BASE_URL`` for Qwen Code,
+an openai-compatible provider in ``opencode.json`` for opencode; their own traffic to their
+vendors switched off. Codex and opencode send their full default prompt and tools (34 K and
+30 K tokens on the demo model's small vocabulary). Claude Code runs with its shell tool only
+(``--tools Bash``) and Qwen Code with its own (``--core-tools run_shell_command``): their
+default prompts are 68 K and 70 K demo-vocabulary tokens, minutes of prefill on two cores.
 
 Two turns are checked per agent: a plain answer (the demo model's script, a thinking block
 first), printed by the CLI, exit status 0; and a tool round trip on a Qwen3-Coder demo model
@@ -34,7 +38,12 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_CACHE = ROOT / ".cache" / "agent-clis"
-PACKAGES = {"codex": "@openai/codex@0.171.0", "claude": "@anthropic-ai/claude-code@2.1.197"}
+PACKAGES = {
+    "codex": "@openai/codex@0.171.0",
+    "claude": "@anthropic-ai/claude-code@2.1.197",
+    "qwen": "@qwen-code/qwen-code@0.24.4",
+    "opencode": "opencode-ai@1.18.33",
+}
 MODEL_ID = "qwen3-moe-demo"
 MARKER = "agent-ran-the-tool"
 ANSWER = b"".join(DEFAULT_SCRIPT[DEFAULT_SCRIPT.index(b"</think>") + 2 : -1]).decode()
@@ -57,10 +66,12 @@ def _coder_call(function: str, parameter: str, command: str) -> tuple[bytes, ...
 
 
 def _run(command: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    # PWD as a shell sets it: opencode takes its project folder (and its opencode.json) from
+    # PWD, which subprocess leaves at the test runner's own folder.
     return subprocess.run(
         command,
         cwd=cwd,
-        env=env,
+        env={**env, "PWD": str(cwd)},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -70,9 +81,8 @@ def _run(command: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.Co
 
 @pytest.fixture(scope="session")
 def clis() -> dict[str, Path]:
-    """The two CLIs, installed once into the repository's cache (npm registry only)."""
-    bins = {"codex": CLI_CACHE / "node_modules" / ".bin" / "codex",
-            "claude": CLI_CACHE / "node_modules" / ".bin" / "claude"}  # fmt: skip
+    """The CLIs, installed once into the repository's cache (npm registry only)."""
+    bins = {name: CLI_CACHE / "node_modules" / ".bin" / name for name in PACKAGES}
     if not all(path.exists() for path in bins.values()):
         npm = shutil.which("npm")
         assert npm is not None, "npm is needed to install the agent CLIs under test"
@@ -139,6 +149,28 @@ def claude_tool_server(
     yield from _server(tmp_path_factory, "claude-tool", model)
 
 
+@pytest.fixture(scope="module")
+def qwen_tool_server(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    call = _coder_call("run_shell_command", "command", f"echo {MARKER} > marker.txt")
+    model = ensure_demo_model(
+        model_cache, call, template="qwen3_coder", after_tool_script=AFTER_TOOL
+    )
+    yield from _server(tmp_path_factory, "qwen-tool", model)
+
+
+@pytest.fixture(scope="module")
+def opencode_tool_server(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    call = _coder_call("bash", "command", f"echo {MARKER} > marker.txt")
+    model = ensure_demo_model(
+        model_cache, call, template="qwen3_coder", after_tool_script=AFTER_TOOL
+    )
+    yield from _server(tmp_path_factory, "opencode-tool", model)
+
+
 def _codex(
     clis: dict[str, Path], server: ServerProcess, work: Path, prompt: str
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
@@ -150,7 +182,6 @@ model_provider = "local"
 approval_policy = "never"
 sandbox_mode = "danger-full-access"
 check_for_update_on_startup = false
-web_search = "disabled"
 
 [analytics]
 enabled = false
@@ -195,6 +226,56 @@ def _claude(
     command = [str(clis["claude"]), "-p", prompt, "--tools", "Bash", "--allowedTools", "Bash",
                "--no-session-persistence"]  # fmt: skip
     return _run(command, cwd=work, env=env)
+
+
+def _qwen(
+    clis: dict[str, Path], server: ServerProcess, work: Path, prompt: str
+) -> subprocess.CompletedProcess[str]:
+    home = work / "qwen-home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "OPENAI_BASE_URL": f"{server.url}/v1",
+        "OPENAI_API_KEY": "unused",
+        "OPENAI_MODEL": MODEL_ID,
+        "QWEN_CODE_SUPPRESS_YOLO_WARNING": "1",
+    }
+    # Qwen Code's own option for a smaller toolset, as --tools for Claude Code: its default
+    # prompt (76 K characters, 14 tools and a skills list) is ~70 K demo-vocabulary tokens.
+    command = [str(clis["qwen"]), "-p", prompt, "--yolo", "--core-tools", "run_shell_command"]
+    return _run(command, cwd=work, env=env)
+
+
+def _opencode(
+    clis: dict[str, Path], server: ServerProcess, work: Path, prompt: str
+) -> subprocess.CompletedProcess[str]:
+    config = {
+        "$schema": "https://opencode.ai/config.json",
+        "provider": {
+            "local": {
+                "npm": "@ai-sdk/openai-compatible",
+                "name": "qwen3-moe-serve",
+                "options": {"baseURL": f"{server.url}/v1", "apiKey": "unused"},
+                "models": {MODEL_ID: {"name": MODEL_ID}},
+            }
+        },
+        "model": f"local/{MODEL_ID}",
+        "autoupdate": False,
+        "share": "disabled",
+    }
+    (work / "opencode.json").write_text(json.dumps(config), encoding="utf-8")
+    home = work / "opencode-home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_DATA_HOME": str(home / "data"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+        "XDG_STATE_HOME": str(home / "state"),
+    }
+    return _run([str(clis["opencode"]), "run", prompt], cwd=work, env=env)
 
 
 def _served(server: ServerProcess, path: str) -> list[dict[str, object]]:
@@ -250,3 +331,46 @@ def test_claude_code_runs_a_tool_and_sends_the_result_back(
     assert AFTER_TOOL_TEXT in done.stdout
     turns = [t for t in _served(claude_tool_server, "/v1/messages") if t.get("finish_reason")]
     assert [t["finish_reason"] for t in turns] == ["tool_calls", "stop"]
+
+
+def test_qwen_code_completes_a_turn(
+    clis: dict[str, Path], plain_server: ServerProcess, tmp_path: Path
+) -> None:
+    done = _qwen(clis, plain_server, tmp_path, "say hi")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert ANSWER in done.stdout
+    turns = _served(plain_server, "/v1/chat/completions")
+    assert turns and all(t["status"] == 200 for t in turns)
+
+
+def test_qwen_code_runs_a_tool_and_sends_the_result_back(
+    clis: dict[str, Path], qwen_tool_server: ServerProcess, tmp_path: Path
+) -> None:
+    done = _qwen(clis, qwen_tool_server, tmp_path, "write the marker file")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert (tmp_path / "marker.txt").read_text().strip() == MARKER
+    assert AFTER_TOOL_TEXT in done.stdout
+    turns = _served(qwen_tool_server, "/v1/chat/completions")
+    assert [t["finish_reason"] for t in turns] == ["tool_calls", "stop"]
+
+
+def test_opencode_completes_a_turn(
+    clis: dict[str, Path], plain_server: ServerProcess, tmp_path: Path
+) -> None:
+    done = _opencode(clis, plain_server, tmp_path, "say hi")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert ANSWER in done.stdout
+    turns = _served(plain_server, "/v1/chat/completions")
+    assert turns and all(t["status"] == 200 for t in turns)
+
+
+def test_opencode_runs_a_tool_and_sends_the_result_back(
+    clis: dict[str, Path], opencode_tool_server: ServerProcess, tmp_path: Path
+) -> None:
+    done = _opencode(clis, opencode_tool_server, tmp_path, "write the marker file")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert (tmp_path / "marker.txt").read_text().strip() == MARKER
+    assert AFTER_TOOL_TEXT in done.stdout
+    # opencode also asks the model for a title (no tools): the turns with tools are the agent's
+    turns = [t for t in _served(opencode_tool_server, "/v1/chat/completions")]
+    assert "tool_calls" in [t["finish_reason"] for t in turns]
