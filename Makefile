@@ -51,7 +51,14 @@ lint: $(VENV)/.installed-dev
 # 64 streams against --parallel 64 and llama-server -np 64, with the batched engine floor):
 # results, tables and plots in bench/results/ (see README, Performance). Flags through ARGS,
 # e.g. ARGS="--models /models/x.gguf --llama-server PATH", and MANY_STREAMS_ARGS.
+# Then many agent conversations on 4 slots against llama-server (one system prompt shared by
+# all, then one each) and conversations on nginx-balanced replicas (needs nginx).
 MANY_STREAMS_ARGS ?=
+CONVERSATIONS_ARGS ?= --long 8192,32768
+REPLICAS_ARGS ?=
 bench: $(VENV)/.installed-bench
 	$(PY) -m bench $(ARGS)
 	$(PY) -m bench.many_streams $(MANY_STREAMS_ARGS)
+	$(PY) -m bench.conversations $(CONVERSATIONS_ARGS)
+	$(PY) -m bench.conversations --distinct-systems $(CONVERSATIONS_ARGS)
+	$(PY) -m bench.replicas $(REPLICAS_ARGS)

@@ -92,11 +92,12 @@ class Settings(BaseSettings):
         None, ge=1, description="CPU threads for decoding (default: llama.cpp's choice)."
     )
     n_batch: int = Field(
-        512,
+        2048,
         ge=1,
         description="Tokens one engine step decodes at most (llama.cpp's logical batch, "
         "llama-server's -b): running streams' next tokens plus prompt chunks, so a long prompt "
-        "is prefilled over several steps beside them.",
+        "is prefilled over several steps beside them. llama-server's default (-b 2048 -ub 512; "
+        "docs/performance.md has the measurements).",
     )
     n_ubatch: int = Field(
         512,

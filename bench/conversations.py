@@ -2,12 +2,14 @@
 interleaved, on this server and llama-server with their defaults, servers taking turns.
 
     python -m bench.conversations [--points 8x4,16x3,32x3] [--parallel 4] [--model tiny]
-        [--system-tokens 2500] [--user-words 40] [--max-tokens 32] [--concurrency 4]
+        [--system-tokens 2500] [--distinct-systems] [--user-words 40] [--max-tokens 32]
+        [--concurrency 4]
         [--variant "qwen3-moe-serve --cache-ram 0" ...] [--llama-server PATH] [--repeat 1]
         [--long 8192,32768] [--out bench/results]
 
 The load is what a team of coding agents sends (issue 22): every conversation opens with the
-same long system prompt (an agent's instructions and tools), then its own task; every turn
+same long system prompt (an agent's instructions and tools; ``--distinct-systems``: one of its
+own each, agents of different kinds), then its own task; every turn
 resends the whole conversation (the answers so far included, as a chat client sends them)
 plus a new user message, and asks for ``--max-tokens`` greedy tokens, streamed. ``C x T``
 is C conversations of T turns: turn t of every conversation before turn t+1 of any, in
@@ -56,7 +58,7 @@ from bench.servers import (
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VARIANTS = (OURS, LLAMA_SERVER)
-N_CTX = 16384
+N_CTX = 33792
 """Context per slot: the longest conversation of a point, and the long point, fit in it."""
 READY_TIMEOUT_S = 120.0
 BATCH_FLAGS = {OURS: ("--n-batch",), LLAMA_SERVER: ("--batch-size", "--ubatch-size")}
@@ -174,9 +176,19 @@ async def one_turn(
 
 async def run_point(base_url: str, point: Point, args: argparse.Namespace, seed: int) -> list[Turn]:
     rng = random.Random(seed)
-    system = system_prompt(rng, args.system_tokens)
+    shared = system_prompt(rng, args.system_tokens)
     conversations = [
-        Conversation([{"role": "system", "content": system}]) for _ in range(point.conversations)
+        Conversation(
+            [
+                {
+                    "role": "system",
+                    "content": system_prompt(rng, args.system_tokens)
+                    if args.distinct_systems
+                    else shared,
+                }
+            ]
+        )
+        for _ in range(point.conversations)
     ]
     order = [(t, c) for t in range(point.turns) for c in range(point.conversations)]
     user_turns = {key: words(rng, args.user_words) for key in order}
@@ -201,7 +213,9 @@ async def run_point(base_url: str, point: Point, args: argparse.Namespace, seed:
             turns.append(turn)
             ready[c].set()
 
-    limits = httpx.Limits(max_connections=args.concurrency)
+    # A fresh connection per turn: llama-server closes a kept-alive connection after a few
+    # requests, and a turn sent on one it has just closed would fail.
+    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=0)
     timeout = httpx.Timeout(600.0)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as http:
         await asyncio.gather(*(worker(http) for _ in range(args.concurrency)))
@@ -302,9 +316,12 @@ def measure(args: argparse.Namespace, model: Path) -> dict[str, Any]:
                 with serve(found, settings, log, READY_TIMEOUT_S) as running:
                     url = f"http://{running.host}:{running.port}"
                     turns = asyncio.run(run_point(url, point, args, seed=1000 + repeat))
-                rows.append(
-                    {"point": point.label, "server": found.label, "run": repeat + 1}
-                    | figures(turns)
+                row = {"point": point.label, "server": found.label, "run": repeat + 1}
+                rows.append(row | figures(turns))
+                later = rows[-1]["later_turns"]
+                _progress(
+                    f"  cached {_pct(later['cached_share'])}, turn p50/p95 "
+                    f"{_n(later['latency_ms']['p50'])}/{_n(later['latency_ms']['p95'])} ms"
                 )
         for n_tokens in args.long:
             for found in servers:
@@ -326,6 +343,7 @@ def measure(args: argparse.Namespace, model: Path) -> dict[str, Any]:
                         "error": turn.error,
                     }
                 )
+                _progress(f"  {turn.prompt_tokens} tokens, {turn.latency_s:.2f} s")
     return {
         "servers": [
             {"label": s.label, "version": s.version, "skipped": s.skipped, "command": s.command}
@@ -348,8 +366,10 @@ def markdown(results: dict[str, Any]) -> str:
     settings = results["settings"]
     lines += [
         "",
-        f"{settings['parallel']} slots; every conversation: a shared ~{settings['system_tokens']}"
-        f"-token system prompt, {settings['user_words']}-word user turns, "
+        f"{settings['parallel']} slots; every conversation: "
+        f"{'its own' if settings['distinct_systems'] else 'a shared'} "
+        f"~{settings['system_tokens']}-token system prompt, "
+        f"{settings['user_words']}-word user turns, "
         f"{settings['max_tokens']} greedy tokens answered, streamed; {settings['concurrency']} "
         f"requests in flight; model `{results['model']['file']}` ({results['model']['label']}). "
         "Each server with its own defaults (prefill batch, prompt cache) unless the row says.",
@@ -398,12 +418,17 @@ def _progress(message: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.conversations", description=__doc__)
     parser.add_argument(
-        "--points", type=lambda s: [Point.parse(p) for p in s.split(",")],
+        "--points", type=lambda s: [Point.parse(p) for p in s.split(",") if p],
         default=[Point(8, 4), Point(16, 3), Point(32, 3)],
     )  # fmt: skip
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--model", choices=sorted(BUILT_MODELS), default="tiny")
     parser.add_argument("--system-tokens", type=int, default=2500)
+    parser.add_argument(
+        "--distinct-systems", action="store_true",
+        help="every conversation its own system prompt (agents of different kinds), instead "
+        "of one shared by all (a team of one agent)",
+    )  # fmt: skip
     parser.add_argument("--user-words", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=4)
@@ -440,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {
             "parallel": args.parallel,
             "system_tokens": args.system_tokens,
+            "distinct_systems": args.distinct_systems,
             "user_words": args.user_words,
             "max_tokens": args.max_tokens,
             "concurrency": args.concurrency,
@@ -453,8 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
     text = markdown(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "conversations.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "conversations.md").write_text(text)
+    stem = "conversations_distinct" if args.distinct_systems else "conversations"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(text)
     print(text)
     return 0
 

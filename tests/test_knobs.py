@@ -577,12 +577,12 @@ def test_the_prompt_cache_keeps_its_byte_budget_least_recently_saved_first() -> 
     cache = PromptCache(limit_bytes=100)
     assert cache.save([1, 2, 3], state(40), 0) and cache.save([4, 5, 6], state(40), 0)
     assert cache.save([7, 8, 9], state(40), 0)  # the first goes
-    assert [e.tokens for e in cache._entries] == [(4, 5, 6), (7, 8, 9)]
+    assert [tuple(e.tokens) for e in cache._entries] == [(4, 5, 6), (7, 8, 9)]
     assert cache.evictions == 1 and cache.bytes == 80
     assert not cache.save([10], state(101), 0)  # larger than the whole budget
     assert not cache.save([4, 5], state(10), 0)  # already covered by (4, 5, 6)
     assert cache.save([4, 5, 6, 7], state(30), 0)  # covers (4, 5, 6), which goes
-    assert [e.tokens for e in cache._entries] == [(7, 8, 9), (4, 5, 6, 7)]
+    assert [tuple(e.tokens) for e in cache._entries] == [(7, 8, 9), (4, 5, 6, 7)]
     unlimited = PromptCache(limit_bytes=None)
     assert all(unlimited.save([i], state(10**6), 1) for i in range(5))
 

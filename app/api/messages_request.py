@@ -5,8 +5,9 @@ A Messages request becomes one ``ChatCompletionRequest`` and runs through the sa
 preparation, engine and text pipeline as ``/v1/chat/completions``. What the translation does:
 
 - ``system`` (a string or a list of text blocks; ``cache_control`` is ignored) becomes the
-  first system message, its blocks joined by blank lines. A ``system`` message inside
-  ``messages`` (Claude Code sends them) stays where it is.
+  first system message, its blocks joined by blank lines; Claude Code's
+  ``x-anthropic-billing-header:`` block is left out (``BILLING_HEADER``). A ``system``
+  message inside ``messages`` (Claude Code sends them) stays where it is.
 - A user message's ``tool_result`` blocks become tool messages (in order, before the message's
   text), its ``text`` blocks one user message. An assistant message's ``text`` blocks are its
   content, its ``tool_use`` blocks its tool calls, its ``thinking`` blocks its
@@ -255,9 +256,21 @@ def _text(blocks: str | Sequence[TextBlock | OtherBlock] | None, where: str) -> 
     return "\n\n".join(texts)
 
 
+BILLING_HEADER = "x-anthropic-billing-header:"
+"""Claude Code's first system block: an attribution line for Anthropic's billing whose digits
+follow the conversation's first message, so no two of its conversations would share a cached
+prefix. It says nothing to the model, and is left out."""
+
+
+def _system(blocks: str | list[TextBlock] | None) -> str:
+    if isinstance(blocks, list):
+        blocks = [b for b in blocks if not b.text.startswith(BILLING_HEADER)]
+    return _text(blocks, "system")
+
+
 def _messages(req: CountTokensRequest) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
-    system = _text(req.system, "system")
+    system = _system(req.system)
     if system:
         messages.append({"role": "system", "content": system})
     for n, message in enumerate(req.messages):

@@ -516,7 +516,7 @@ class BatchedLlamaBackend:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             cache.missed()
             return
-        slot.tokens.extend(entry.tokens)
+        slot.tokens.extend(entry.tokens.tolist())
         cache.hit(entry, shared)
 
     def _fill_batch(

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from app.engine.protocol import PromptCacheStats
 
@@ -52,23 +53,32 @@ MIN_KEEP = 0.25
 """Share of a saved state a restore must use (llama-server's ``f_keep`` threshold)."""
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+Tokens = npt.NDArray[np.int32]
+
+
+def as_tokens(tokens: Sequence[int] | Tokens) -> Tokens:
+    return np.asarray(tokens, dtype=np.int32)
+
+
+def common_prefix(a: Sequence[int] | Tokens, b: Sequence[int] | Tokens) -> int:
     """Length of the longest common prefix of two token lists (numpy for long ones: a
-    32k-token comparison in Python would hold the scheduler for milliseconds)."""
+    32k-token comparison in Python would hold the scheduler for milliseconds). Arrays are
+    compared as they are; a list is converted first, so a caller comparing one prompt with
+    many saved states converts it once (``as_tokens``)."""
     n = min(len(a), len(b))
-    if n < 256:
+    if n < 256 and not isinstance(a, np.ndarray):
         for i in range(n):
             if a[i] != b[i]:
                 return i
         return n
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    differ = np.flatnonzero(as_tokens(a[:n]) != as_tokens(b[:n]))
     return int(differ[0]) if differ.size else n
 
 
 @dataclass(frozen=True, eq=False)
 class SavedPrompt:
-    tokens: tuple[int, ...]
-    """The tokens whose KV cells ``state`` holds, position by position."""
+    tokens: Tokens
+    """The tokens whose KV cells ``state`` holds, position by position (never written)."""
     state: StateBuffer
     """``llama_state_seq_get_data`` of the slot that held them (written once, when saved)."""
     prompt_len: int
@@ -113,8 +123,9 @@ class PromptCache:
             limit_bytes=self.limit_bytes,
         )
 
-    def covers(self, tokens: Sequence[int]) -> bool:
+    def covers(self, tokens: Sequence[int] | Tokens) -> bool:
         """An entry already holds all of ``tokens`` (a prefix of it or the same)."""
+        tokens = as_tokens(tokens)
         return any(common_prefix(e.tokens, tokens) == len(tokens) for e in self._entries)
 
     def fits(self, size: int) -> bool:
@@ -123,14 +134,15 @@ class PromptCache:
     def save(self, tokens: Sequence[int], state: StateBuffer, prompt_len: int) -> bool:
         """Keep ``state`` (the KV cells of ``tokens``, ``prompt_len`` of them its last
         prompt); False if it is not kept."""
-        saved = SavedPrompt(tuple(tokens), state, prompt_len)
+        saved = SavedPrompt(as_tokens(tokens), state, prompt_len)
+        saved.tokens.flags.writeable = False
         if not self._insert(saved):
             return False
         self.saved_bytes += saved.size
         return True
 
     def _insert(self, saved: SavedPrompt) -> bool:
-        if not saved.tokens or self.covers(saved.tokens) or not self.fits(saved.size):
+        if not len(saved.tokens) or self.covers(saved.tokens) or not self.fits(saved.size):
             return False
         tokens = saved.tokens
         for covered in [
@@ -158,8 +170,9 @@ class PromptCache:
         """The entry worth restoring for ``prompt``, and how many of its tokens match it; None
         if none is. ``better_than``: what the prompt's slot already holds of it."""
         best: tuple[SavedPrompt, int] | None = None
+        wanted = as_tokens(prompt)
         for entry in self._entries:
-            shared = common_prefix(entry.tokens, prompt)
+            shared = common_prefix(entry.tokens, wanted)
             if shared <= better_than or shared <= min_share * len(prompt):
                 continue
             if shared < MIN_KEEP * len(entry.tokens):
