@@ -374,16 +374,16 @@ def markdown(results: dict[str, Any]) -> str:
         f"requests in flight; model `{results['model']['file']}` ({results['model']['label']}). "
         "Each server with its own defaults (prefill batch, prompt cache) unless the row says.",
         "",
-        "| point | server | cached share, turns ≥ 2 | decoded / turn | TTFT p50 / p95 ms "
+        "| point | run | server | cached share, turns ≥ 2 | decoded / turn | TTFT p50 / p95 ms "
         "| turn p50 / p95 ms | turn 1: decoded / turn, turn p50 ms | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
         if row["point"].startswith("long"):
             continue
         later, first = row["later_turns"], row["first_turns"]
         lines.append(
-            f"| {row['point']} | {row['server']} | {_pct(later['cached_share'])} "
+            f"| {row['point']} | {row['run']} | {row['server']} | {_pct(later['cached_share'])} "
             f"| {_n(later['decoded_per_turn'])} "
             f"| {_n(later['ttft_ms']['p50'])} / {_n(later['ttft_ms']['p95'])} "
             f"| {_n(later['latency_ms']['p50'])} / {_n(later['latency_ms']['p95'])} "
@@ -396,12 +396,12 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "A miss: one cold prompt decoded whole, 8 tokens answered.",
             "",
-            "| prompt | server | prompt tokens | time to first token ms | total ms |",
-            "|---|---|---:|---:|---:|",
+            "| prompt | run | server | prompt tokens | time to first token ms | total ms |",
+            "|---|---:|---|---:|---:|---:|",
         ]
         for row in long_rows:
             lines.append(
-                f"| {row['point']} | {row['server']} | {row['prompt_tokens']} "
+                f"| {row['point']} | {row['run']} | {row['server']} | {row['prompt_tokens']} "
                 f"| {_n(row['ttft_ms'])} | {_n(row['latency_ms'])} |"
                 + (f" error: {row['error']}" if row["error"] else "")
             )
