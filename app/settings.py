@@ -215,6 +215,15 @@ class Settings(BaseSettings):
         "off. Runs --parallel 1 on the batching engine unless 0.",
     )
 
+    prompt_cache_dir: Path | None = Field(
+        None,
+        description="Keep the host-RAM prompt cache across restarts: on shutdown (after the "
+        "SIGTERM drain) its saved KV states and the slots' own are written to this folder, "
+        "and read back at start, so an agent's first turn after a deploy restores instead of "
+        "prefilling its conversation again. Only states written by the same model file, KV "
+        "cache types and llama.cpp build are read. Off when unset.",
+    )
+
     @field_validator("cache_ram")
     @classmethod
     def _cache_ram_size(cls, value: int | str) -> int | str:

@@ -5,7 +5,7 @@ interleaved, on this server and llama-server with their defaults, servers taking
         [--system-tokens 2500] [--distinct-systems] [--user-words 40] [--max-tokens 32]
         [--concurrency 4]
         [--variant "qwen3-moe-serve --cache-ram 0" ...] [--llama-server PATH] [--repeat 1]
-        [--long 8192,32768] [--out bench/results]
+        [--long 8192,32768] [--restart 8x4] [--out bench/results]
 
 The load is what a team of coding agents sends (issue 22): every conversation opens with the
 same long system prompt (an agent's instructions and tools; ``--distinct-systems``: one of its
@@ -174,29 +174,38 @@ async def one_turn(
     return "".join(text)
 
 
-async def run_point(base_url: str, point: Point, args: argparse.Namespace, seed: int) -> list[Turn]:
+@dataclass
+class Team:
+    """The conversations of a point, and every user turn they will send (drawn up front, so a
+    run in parts sends what a run in one go would)."""
+
+    conversations: list[Conversation]
+    user_turns: dict[tuple[int, int], str]
+    turns: int
+
+
+def team(point: Point, args: argparse.Namespace, seed: int) -> Team:
     rng = random.Random(seed)
     shared = system_prompt(rng, args.system_tokens)
-    conversations = [
-        Conversation(
-            [
-                {
-                    "role": "system",
-                    "content": system_prompt(rng, args.system_tokens)
-                    if args.distinct_systems
-                    else shared,
-                }
-            ]
-        )
-        for _ in range(point.conversations)
-    ]
+    conversations = []
+    for _ in range(point.conversations):
+        system = system_prompt(rng, args.system_tokens) if args.distinct_systems else shared
+        conversations.append(Conversation([{"role": "system", "content": system}]))
     order = [(t, c) for t in range(point.turns) for c in range(point.conversations)]
-    user_turns = {key: words(rng, args.user_words) for key in order}
-    turns: list[Turn] = []
+    return Team(conversations, {key: words(rng, args.user_words) for key in order}, point.turns)
+
+
+async def run_turns(
+    base_url: str, team: Team, args: argparse.Namespace, turns: range | None = None
+) -> list[Turn]:
+    """Turns ``turns`` (0-based; all by default) of every conversation of ``team``."""
+    wanted = turns if turns is not None else range(team.turns)
+    count = len(team.conversations)
+    done: list[Turn] = []
     queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-    for key in order:
+    for key in [(t, c) for t in wanted for c in range(count)]:
         queue.put_nowait(key)
-    ready = {c: asyncio.Event() for c in range(point.conversations)}
+    ready = {c: asyncio.Event() for c in range(count)}
     for event in ready.values():
         event.set()
 
@@ -205,12 +214,12 @@ async def run_point(base_url: str, point: Point, args: argparse.Namespace, seed:
             t, c = queue.get_nowait()
             await ready[c].wait()  # its previous turn has been answered
             ready[c].clear()
-            conversation = conversations[c]
-            conversation.messages.append({"role": "user", "content": user_turns[(t, c)]})
+            conversation = team.conversations[c]
+            conversation.messages.append({"role": "user", "content": team.user_turns[(t, c)]})
             turn = Turn(c, t + 1)
             answer = await one_turn(http, conversation.messages, args.max_tokens, turn)
             conversation.messages.append({"role": "assistant", "content": answer})
-            turns.append(turn)
+            done.append(turn)
             ready[c].set()
 
     # A fresh connection per turn: llama-server closes a kept-alive connection after a few
@@ -219,7 +228,11 @@ async def run_point(base_url: str, point: Point, args: argparse.Namespace, seed:
     timeout = httpx.Timeout(600.0)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as http:
         await asyncio.gather(*(worker(http) for _ in range(args.concurrency)))
-    return turns
+    return done
+
+
+async def run_point(base_url: str, point: Point, args: argparse.Namespace, seed: int) -> list[Turn]:
+    return await run_turns(base_url, team(point, args, seed), args)
 
 
 async def run_long(base_url: str, n_tokens: int, seed: int) -> Turn:
@@ -353,6 +366,55 @@ def measure(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     }
 
 
+def measure_restart(args: argparse.Namespace, model: Path) -> list[dict[str, Any]]:
+    """``--restart CxT``: the first half of the turns, a restart (SIGTERM, then a fresh
+    start), the second half; this server without and with ``--prompt-cache-dir``."""
+    point = args.restart
+    settings = ServerSettings(
+        model=model,
+        n_ctx=N_CTX,
+        n_threads=args.n_threads,
+        n_batch=512,
+        parallel=args.parallel,
+        flash_attn="auto",
+    )
+    store = args.out / "logs" / "prompt-cache"
+    variants = [Variant(OURS), Variant(OURS, ("--prompt-cache-dir", str(store)))]
+    before = range(point.turns // 2)
+    after = range(point.turns // 2, point.turns)
+    rows = []
+    for variant in variants:
+        found = prepare(variant, settings, None)
+        label = variant.label.replace(str(store), "DIR")
+        found.command[found.command.index("--log-level") + 1] = "info"  # the store's timings
+        for stale in store.glob("*"):
+            stale.unlink()
+        people = team(point, args, seed=3000)
+        log = args.out / "logs" / f"conversations-restart-{label.replace(' ', '_')}.log"
+        _progress(f"restart {point.label} on {label}")
+        with serve(found, settings, log, READY_TIMEOUT_S) as running:
+            url = f"http://{running.host}:{running.port}"
+            asyncio.run(run_turns(url, people, args, before))
+            stopping = time.perf_counter()
+        stop_s = time.perf_counter() - stopping
+        with serve(found, settings, log.with_suffix(".after.log"), READY_TIMEOUT_S) as running:
+            url = f"http://{running.host}:{running.port}"
+            turns = asyncio.run(run_turns(url, people, args, after))
+            ready_s = running.ready_s
+        rows.append(
+            {
+                "point": f"restart {point.label}",
+                "server": label,
+                "stop_s": round(stop_s, 2),
+                "ready_s": round(ready_s, 2),
+                "after_restart": figures(turns)["later_turns"],
+                "error_count": sum(t.error is not None for t in turns),
+            }
+        )
+        _progress(f"  cached {_pct(rows[-1]['after_restart']['cached_share'])} after the restart")
+    return rows
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
@@ -405,6 +467,26 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_n(row['ttft_ms'])} | {_n(row['latency_ms'])} |"
                 + (f" error: {row['error']}" if row["error"] else "")
             )
+    restart_rows = results.get("restart") or []
+    if restart_rows:
+        lines += [
+            "",
+            "A restart between the halves of every conversation (SIGTERM, then a fresh start): "
+            "the turns after it.",
+            "",
+            "| point | server | cached share after | decoded / turn | TTFT p50 / p95 ms "
+            "| turn p50 / p95 ms | stop s | start s | errors |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in restart_rows:
+            after = row["after_restart"]
+            lines.append(
+                f"| {row['point']} | {row['server']} | {_pct(after['cached_share'])} "
+                f"| {_n(after['decoded_per_turn'])} "
+                f"| {_n(after['ttft_ms']['p50'])} / {_n(after['ttft_ms']['p95'])} "
+                f"| {_n(after['latency_ms']['p50'])} / {_n(after['latency_ms']['p95'])} "
+                f"| {row['stop_s']} | {row['ready_s']} | {row['error_count']} |"
+            )
     skipped = [s for s in results["servers"] if s["skipped"]]
     for s in skipped:
         lines += ["", f"Skipped {s['label']}: {s['skipped']}."]
@@ -439,7 +521,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="cold single prompts of these lengths (e.g. 8192,32768)",
     )  # fmt: skip
     parser.add_argument("--variant", dest="variants", type=Variant.parse, action="append")
+    parser.add_argument(
+        "--restart", type=Point.parse, default=None,
+        help="also CxT with a restart halfway, this server without and with --prompt-cache-dir",
+    )  # fmt: skip
     parser.add_argument("--llama-server", type=Path)
+    parser.add_argument(
+        "--name", default=None,
+        help="the results' file name (default conversations, or conversations_distinct)",
+    )  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "bench-models")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -472,14 +562,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "n_threads": args.n_threads,
             "points": [p.label for p in args.points],
             "long": args.long,
+            "restart": None if args.restart is None else args.restart.label,
         },
     }
     results |= measure(args, model)
+    if args.restart is not None:
+        results["restart"] = measure_restart(args, model)
     results["machine"]["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
     text = markdown(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "conversations_distinct" if args.distinct_systems else "conversations"
+    stem = args.name or ("conversations_distinct" if args.distinct_systems else "conversations")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(text)
     print(text)

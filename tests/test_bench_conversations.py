@@ -74,7 +74,29 @@ def test_the_conversations_bench_figures_are_consistent(quick_run: dict[str, Any
     assert cached > rows["qwen3-moe-serve --cache-ram 0"]["later_turns"]["cached_share"]
 
 
-@pytest.mark.parametrize("stem", ["conversations", "conversations_distinct"])
+@pytest.mark.slow
+def test_a_restart_keeps_the_cache_only_with_a_prompt_cache_dir(tmp_path: Path) -> None:
+    """``--restart``: after a restart the turns are served from cache only where the server
+    wrote its prompt cache to disk on the way down and read it back on start."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.conversations", "--points", "", "--restart", "4x2",
+         "--parallel", "2", "--concurrency", "2", "--system-tokens", "400",
+         "--user-words", "10", "--max-tokens", "8", "--variant", "qwen3-moe-serve",
+         "--out", str(tmp_path), "--cache-dir", str(tmp_path / "models")],
+        capture_output=True, text=True, timeout=600, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "conversations.json").read_text())
+    cold, kept = results["restart"]
+    assert "--prompt-cache-dir" in kept["server"] and "--prompt-cache-dir" not in cold["server"]
+    assert cold["error_count"] == kept["error_count"] == 0
+    assert cold["after_restart"]["turns"] == kept["after_restart"]["turns"] == 4
+    assert cold["after_restart"]["cached_share"] < 0.5 < kept["after_restart"]["cached_share"]
+
+
+@pytest.mark.parametrize(
+    "stem", ["conversations", "conversations_distinct", "conversations_restart"]
+)
 def test_the_committed_conversations_run_is_the_report_of_its_figures(stem: str) -> None:
     """bench/results/<stem>.md is the report of <stem>.json (no figure typed in), and every
     row docs/performance.md shows of that run is a row of that report."""

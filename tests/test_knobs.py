@@ -32,6 +32,7 @@ from app.engine import Backend, SamplingParams, ThinkingBudget, host_memory, loa
 from app.engine.batched import BatchedLlamaBackend
 from app.engine.llama import kv_cache_bytes
 from app.engine.prompt_cache import PromptCache, SavedPrompt
+from app.engine.protocol import PromptCacheStats
 from app.engine.single import LlamaBackend
 from app.engine.thinking import BudgetTracker
 from app.main import create_app
@@ -526,6 +527,59 @@ async def test_the_prompt_cache_stays_within_its_size_when_filled_past_it(
     assert cached_newest == len(first_turns[3]) + len(replies[3]) - 1
     assert cached_evicted == 0
     assert reply_evicted == (await generate(cold, evicted))[0]
+
+
+@pytest.mark.falsifies("QWEN3_MOE_LLAMA_KNOBS_V1_003")
+async def test_conversations_come_back_from_disk_after_a_restart(
+    slow_model_path: Path, cold: BatchedLlamaBackend, tmp_path: Path
+) -> None:
+    """--prompt-cache-dir: A's state (saved when B took the slot) and B's (still in the slot)
+    are written when the engine closes and read when a new one starts: both next turns
+    restore their whole history and answer as a cold prefill does. A folder written by
+    another KV layout is not read, and a file cut short is skipped."""
+    store = tmp_path / "prompt-cache"
+    knobs = {"cache_ram": 64, "prompt_cache_dir": store}
+    rng = random.Random(37)
+    a1, b1 = random_prompt(rng, 300), random_prompt(rng, 300)
+    first = load_backend(settings(slow_model_path, **knobs), slow_model_path)
+    try:
+        reply_a, _ = await generate(first, a1)
+        reply_b, _ = await generate(first, b1)
+    finally:
+        first.close()
+    assert len(list(store.glob("*.kvstate"))) == 2
+    a2 = a1 + reply_a + random_prompt(rng, 20)
+    b2 = b1 + reply_b + random_prompt(rng, 20)
+    other_layout = load_backend(
+        settings(slow_model_path, **knobs, cache_type_k="q8_0"), slow_model_path
+    )
+    try:
+        assert other_layout.prompt_cache_stats() == PromptCacheStats(
+            hits=0, misses=0, saved_bytes=0, restored_bytes=0, restored_tokens=0,
+            evictions=0, bytes=0, entries=0, limit_bytes=64 * 2**20,
+        )  # fmt: skip
+    finally:
+        other_layout.close()  # writes its own (empty) cache: the folder is its now
+    first = load_backend(settings(slow_model_path, **knobs), slow_model_path)
+    try:
+        await generate(first, a1)
+        await generate(first, b1)
+    finally:
+        first.close()
+    (newest, *_) = sorted(store.glob("*.kvstate"), reverse=True)
+    newest.write_bytes(newest.read_bytes()[:-10])  # cut short: skipped
+    second = load_backend(settings(slow_model_path, **knobs), slow_model_path)
+    try:
+        loaded = second.prompt_cache_stats()
+        reply_a2, cached_a2 = await generate(second, a2, 24)
+        reply_b2, cached_b2 = await generate(second, b2, 24)
+    finally:
+        second.close()
+    assert loaded is not None and loaded.entries == 1
+    restored = {cached_a2 == len(a1) + len(reply_a) - 1, cached_b2 == len(b1) + len(reply_b) - 1}
+    assert restored == {True, False}  # one of the two files was cut short
+    assert reply_a2 == (await generate(cold, a2, 24))[0]
+    assert reply_b2 == (await generate(cold, b2, 24))[0]
 
 
 def test_a_borrowed_opening_goes_back_and_a_continued_conversation_stays_with_its_slot() -> None:

@@ -80,12 +80,14 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import count
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
+from app.engine import prompt_store
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
 from app.engine.host_memory import auto_prompt_cache_mib, available_bytes
@@ -216,6 +218,19 @@ class BatchedLlamaBackend:
         self._prompt_cache = (
             PromptCache(None if mib < 0 else mib * 1024 * 1024) if mib != 0 else None
         )
+        self._store: tuple[Path, dict[str, Any]] | None = None
+        if self._prompt_cache is not None and config.prompt_cache_dir is not None:
+            who = prompt_store.identity(
+                config.model_path,
+                llama_cpp_python=llama_cpp.__version__,
+                cache_type_k=config.cache_type_k,
+                cache_type_v=config.cache_type_v,
+                flash_attn=config.flash_attn,
+                kv_unified=config.kv_unified,
+            )
+            self._store = (config.prompt_cache_dir, who)
+            if config.prompt_cache_dir.is_dir():
+                prompt_store.read(config.prompt_cache_dir, who, self._prompt_cache)
 
         self._slots = [_Slot(seq_id) for seq_id in range(parallel)]
         self._uses = count(1)
@@ -662,6 +677,22 @@ class BatchedLlamaBackend:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    def _keep_prompt_cache(self, folder: Path, who: dict[str, Any]) -> None:
+        """On close: the slots' conversations join the cache, which goes to ``folder``."""
+        cache = self._prompt_cache
+        assert cache is not None
+        started = time.perf_counter()
+        for slot in sorted(self._slots, key=lambda s: s.last_used):
+            self._save_slot(slot, cache)
+        written, size = prompt_store.write(cache, folder, who)
+        logger.info(
+            "prompt cache: %d saved state(s), %.1f MiB, written to %s in %.2fs",
+            written,
+            size / 2**20,
+            folder,
+            time.perf_counter() - started,
+        )
+
     def close(self) -> None:
         """Fail what is queued or running, stop the scheduler, free the context and model."""
         with self._work:
@@ -670,6 +701,8 @@ class BatchedLlamaBackend:
             self._closing = True
             self._work.notify_all()
         self._scheduler.join()
+        if self._store is not None:
+            self._keep_prompt_cache(*self._store)
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         self._model.close()

@@ -103,6 +103,9 @@ class EngineConfig:
     """Host-RAM prompt cache (``--cache-ram``): MiB, -1 unlimited, 0 off, None: sized from
     the host memory available once the model has loaded (``app.engine.host_memory``)."""
 
+    prompt_cache_dir: Path | None = None
+    """Where the prompt cache is written on close and read back at start (None: not kept)."""
+
     @classmethod
     def from_settings(cls, settings: Settings, model_path: Path) -> EngineConfig:
         cpus = multiprocessing.cpu_count()
@@ -132,6 +135,7 @@ class EngineConfig:
             cache_type_k=settings.cache_type_k,
             cache_type_v=settings.cache_type_v,
             prompt_cache_mib=None if settings.cache_ram == "auto" else settings.cache_ram,
+            prompt_cache_dir=settings.prompt_cache_dir,
         )
 
     @property

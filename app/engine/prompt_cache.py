@@ -196,6 +196,15 @@ class PromptCache:
         if tokens < entry.prompt_len:
             self.give_back(entry)
 
+    def keep(self, entry: SavedPrompt) -> bool:
+        """Hold ``entry`` as the most recently saved (one read back from disk); False if it is
+        not kept."""
+        return self._insert(entry)
+
+    def entries(self) -> list[SavedPrompt]:
+        """The entries, least recently saved first."""
+        return list(self._entries)
+
     def give_back(self, entry: SavedPrompt) -> None:
         """A taken entry that was only copied returns (unless a newer state covers it)."""
         self._insert(entry)
