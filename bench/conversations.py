@@ -435,14 +435,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"{settings['max_tokens']} greedy tokens answered, streamed; {settings['concurrency']} "
         f"requests in flight; model `{results['model']['file']}` ({results['model']['label']}). "
         "Each server with its own defaults (prefill batch, prompt cache) unless the row says.",
-        "",
-        "| point | run | server | cached share, turns ≥ 2 | decoded / turn | TTFT p50 / p95 ms "
-        "| turn p50 / p95 ms | turn 1: decoded / turn, turn p50 ms | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in results["rows"]:
-        if row["point"].startswith("long"):
-            continue
+    point_rows = [row for row in results["rows"] if not row["point"].startswith("long")]
+    if point_rows:
+        lines += [
+            "",
+            "| point | run | server | cached share, turns ≥ 2 | decoded / turn "
+            "| TTFT p50 / p95 ms | turn p50 / p95 ms | turn 1: decoded / turn, turn p50 ms "
+            "| errors |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
+    for row in point_rows:
         later, first = row["later_turns"], row["first_turns"]
         lines.append(
             f"| {row['point']} | {row['run']} | {row['server']} | {_pct(later['cached_share'])} "
