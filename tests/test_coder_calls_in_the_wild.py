@@ -182,6 +182,20 @@ def test_text_is_held_only_while_it_could_still_open_a_call(
     assert sent == text[: len(text) - partial_tag_suffix(text, ("<tool_call>", "<function="))]
 
 
+def test_an_answer_that_ends_like_the_start_of_a_tag_keeps_it_unless_cut() -> None:
+    """With tools offered, a trailing ``<`` or ``<func`` is held while it could open a call:
+    when the model then ends its answer itself it is answer text; only a generation cut by
+    max_tokens drops it as the start of a call it never wrote."""
+    for ending in ("<", "<func", "<tool_ca"):
+        text = f"Use a < b, then {ending}"
+        pieces = [piece.encode() for piece in text]
+        for cut, expected in ((False, text), (True, text[: -len(ending)])):
+            pipeline = TextPipeline(dict(enumerate(pieces)).__getitem__, CODER_OPTIONS)
+            sent = "".join(d.content for i in range(len(pieces)) for d in pipeline.push(i))
+            sent += "".join(d.content for d in pipeline.finish(cut=cut))
+            assert sent == expected, (ending, cut)
+
+
 # The shapes one at a time: what each gives, whole and split into characters.
 SHAPES = {
     "no wrapper": (

@@ -157,7 +157,7 @@ class GenerationService:
         if result.finish_reason == "cancelled" and not pipeline.finished:
             return  # the client left (or the request was aborted): nobody is reading
         pending.clear()  # end-of-turn and stop-string tokens have no text to carry them
-        for delta in pipeline.finish():
+        for delta in pipeline.finish(cut=result.finish_reason == "length"):
             output.put(Event(delta))
         finish: FinishReason = "length" if result.finish_reason == "length" else "stop"
         if finish == "stop" and pipeline.tool_calls:

@@ -123,14 +123,16 @@ class CoderToolCallParser(CallParser):
         self._parameters = 0  # parameters written into the current call's arguments
         self._current = _Value(frozenset())
 
-    def finish(self) -> list[AnswerPart]:
+    def finish(self, *, cut: bool = True) -> list[AnswerPart]:
         parts = self.push("")
         rest, self._held = self._held, ""
         if self._state == "text":
-            # Held only because it could still open a call: at the end it is the start of a
-            # call cut short, not answer text.
+            # Held only because it could still open a call: where the generation was cut, it
+            # is the start of a call cut short, not answer text; where the model ended its
+            # answer itself, it is text ("x <").
+            unopened = partial_tag_suffix(rest, _OPENS) if cut else 0
             emit_text(
-                rest[: len(rest) - partial_tag_suffix(rest, _OPENS)],
+                rest[: len(rest) - unopened],
                 called=self.called,
                 parts=parts,
             )

@@ -101,13 +101,15 @@ class TextPipeline:
         text = self._stop.push(self._utf8.push(token_id))
         return self._route(self._reasoning.push(text), final=False) if text else []
 
-    def finish(self) -> list[Delta]:
-        """End of generation: release what every stage still holds."""
+    def finish(self, *, cut: bool = True) -> list[Delta]:
+        """End of generation: release what every stage still holds. ``cut``: the generation
+        may have stopped mid-markup (``max_tokens``); False when the model ended its answer
+        itself, so that text held only because it could still open a tool call is text."""
         text = self._stop.push(self._utf8.finish()) + self._stop.flush()
         segments = self._reasoning.push(text) if text else []
-        return self._route(segments + self._reasoning.finish(), final=True)
+        return self._route(segments + self._reasoning.finish(), final=True, cut=cut)
 
-    def _route(self, segments: list[Segment], *, final: bool) -> list[Delta]:
+    def _route(self, segments: list[Segment], *, final: bool, cut: bool = True) -> list[Delta]:
         deltas: list[Delta] = []
         for kind, text in segments:
             if kind == "reasoning":
@@ -121,7 +123,7 @@ class TextPipeline:
             else:
                 deltas += _answer(self._tools.push(text))
         if final and self._tools is not None:
-            deltas += _answer(self._tools.finish())
+            deltas += _answer(self._tools.finish(cut=cut))
         return deltas
 
 

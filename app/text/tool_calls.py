@@ -161,7 +161,9 @@ class ToolCallParser(CallParser):
         self._state: Literal["text", "head", "arguments", "tail"] = "text"
         self._value: _JsonValueEnd | None = None
 
-    def finish(self) -> list[AnswerPart]:
+    def finish(self, *, cut: bool = True) -> list[AnswerPart]:
+        """What is still held, at the end of generation (``cut`` does not matter here: held
+        answer text and an unfinished head are shown as text either way)."""
         parts = self.push("")
         rest, self._held = self._held, ""
         if self._state == "head":
