@@ -307,8 +307,10 @@ def prepare(variant: Variant, settings: ServerSettings, llama_server: Path | Non
     return found
 
 
-def measure(args: argparse.Namespace, model: Path) -> dict[str, Any]:
-    settings = ServerSettings(
+def server_settings(args: argparse.Namespace, model: Path) -> ServerSettings:
+    """What every server is started with (``n_batch`` is left out of the commands: each
+    server runs its own prefill defaults)."""
+    return ServerSettings(
         model=model,
         n_ctx=N_CTX,
         n_threads=args.n_threads,
@@ -316,6 +318,10 @@ def measure(args: argparse.Namespace, model: Path) -> dict[str, Any]:
         parallel=args.parallel,
         flash_attn="auto",
     )
+
+
+def measure(args: argparse.Namespace, model: Path) -> dict[str, Any]:
+    settings = server_settings(args, model)
     servers = [prepare(v, settings, args.llama_server) for v in args.variants]
     rows: list[dict[str, Any]] = []
     logs = args.out / "logs"
@@ -370,14 +376,7 @@ def measure_restart(args: argparse.Namespace, model: Path) -> list[dict[str, Any
     """``--restart CxT``: the first half of the turns, a restart (SIGTERM, then a fresh
     start), the second half; this server without and with ``--prompt-cache-dir``."""
     point = args.restart
-    settings = ServerSettings(
-        model=model,
-        n_ctx=N_CTX,
-        n_threads=args.n_threads,
-        n_batch=512,
-        parallel=args.parallel,
-        flash_attn="auto",
-    )
+    settings = server_settings(args, model)
     store = args.out / "logs" / "prompt-cache"
     variants = [Variant(OURS), Variant(OURS, ("--prompt-cache-dir", str(store)))]
     before = range(point.turns // 2)
