@@ -22,6 +22,7 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.formats import ChatFormat, CompletionFormat, Format
+from app.api.hosted_tools import UnsupportedTools
 from app.api.messages_format import MessagesWire
 from app.api.responses_format import ResponsesWire
 from app.api.responses_request import ResponsesRequest, to_chat
@@ -209,7 +210,7 @@ def test_text_chunks_render_as_pydantic_does_for_every_character() -> None:
 def _agent_wires() -> Iterator[tuple[Any, Any]]:
     """A Responses and a Messages wire, each with a block of every kind open: (wire, block)."""
     request = ResponsesRequest.model_validate({"input": "x"})
-    responses = ResponsesWire("m", request, to_chat(request, reject_unsupported_tools=False))
+    responses = ResponsesWire("m", request, to_chat(request, UnsupportedTools(reject=False)))
     messages = MessagesWire("m", prompt_tokens=1)
     call = ToolCallDelta(index=0, id="call_1", name="get_weather", arguments="")
     for wire in (responses, messages):

@@ -37,7 +37,6 @@ the ``anthropic-beta`` and ``anthropic-version`` headers and the ``?beta=true`` 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -46,8 +45,6 @@ from pydantic import Discriminator, Field, Tag, ValidationError
 from app.api.hosted_tools import UnsupportedTools
 from app.api.schemas import ChatCompletionRequest, RequestModel
 from app.errors import InvalidRequest, validation_error
-
-logger = logging.getLogger(__name__)
 
 
 class TextBlock(RequestModel):

@@ -14,6 +14,7 @@ from fastapi.responses import Response
 
 from app.api.deps import ServiceDep, SettingsDep
 from app.api.generation import read_body, respond
+from app.api.hosted_tools import UnsupportedTools
 from app.api.responses_format import ResponsesWire
 from app.api.responses_request import ResponsesRequest, to_chat
 
@@ -24,8 +25,9 @@ router = APIRouter()
 async def responses(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     arrived = time.perf_counter()
     body = await read_body(request, ResponsesRequest)
-    translation = to_chat(body, reject_unsupported_tools=settings.reject_unsupported_tools)
-    translation.unsupported.report(request, "responses")
+    unsupported = UnsupportedTools(reject=settings.reject_unsupported_tools)
+    translation = to_chat(body, unsupported)
+    unsupported.report(request, "responses")
     job = await service.prepare_chat(translation.chat)
     wire = ResponsesWire(service.model_id, body, translation)
     return await respond(request, service, settings, job, wire, stream=body.stream, arrived=arrived)

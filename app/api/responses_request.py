@@ -32,7 +32,6 @@ stateless server are accepted and ignored: ``store`` (nothing is ever stored), `
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
@@ -41,8 +40,6 @@ from pydantic import Discriminator, Field, Tag, ValidationError
 from app.api.hosted_tools import UnsupportedTools
 from app.api.schemas import ChatCompletionRequest, ReasoningEffort, RequestModel
 from app.errors import InvalidRequest, validation_error
-
-logger = logging.getLogger(__name__)
 
 TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
 
@@ -234,13 +231,12 @@ class ChatTranslation:
     """Offered tool name -> (namespace, function name), for each flattened namespace tool."""
     tools: list[dict[str, Any]]
     """The function tools offered, as chat tools (flattened names)."""
-    unsupported: UnsupportedTools
-    """The tools left out, for the route to report."""
 
 
-def to_chat(req: ResponsesRequest, *, reject_unsupported_tools: bool) -> ChatTranslation:
+def to_chat(req: ResponsesRequest, unsupported: UnsupportedTools) -> ChatTranslation:
+    """The chat request ``req`` asks for; the tools it offers that cannot run here are left
+    out into ``unsupported`` (or refused, as it says)."""
     _refuse_stateful(req)
-    unsupported = UnsupportedTools(reject=reject_unsupported_tools)
     tools, namespaces = _tools(req.tools or [], unsupported)
     body: dict[str, Any] = {
         "model": req.model,
@@ -277,7 +273,7 @@ def to_chat(req: ResponsesRequest, *, reject_unsupported_tools: bool) -> ChatTra
         chat = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from exc
-    return ChatTranslation(chat, namespaces, tools, unsupported)
+    return ChatTranslation(chat, namespaces, tools)
 
 
 def _function(tool: FunctionTool, name: str) -> dict[str, Any]:

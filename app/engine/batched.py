@@ -159,8 +159,14 @@ class _Slot:
     sequence: _Sequence | None = None
     last_used: int = 0
     prompt_len: int = 0
-    """Length of the prompt of the generation that last ran here: a new prompt that holds all
-    of it continues that conversation; one that leaves the slot before it is another."""
+    """Length of the prompt of the generation that last ran here."""
+
+    @property
+    def held_prompt(self) -> int:
+        """How much of that prompt the slot's cells still hold (less after a cancelled
+        prefill): a new prompt that holds all of it continues that conversation; one that
+        leaves the slot before it is another."""
+        return min(self.prompt_len, len(self.tokens))
 
 
 def default_parallel(n_gpu_layers: int) -> int:
@@ -212,8 +218,8 @@ class BatchedLlamaBackend:
         self.max_concurrency = parallel
         mib = config.prompt_cache_mib
         if mib is None:
-            on_host = 0 if self.info.gpu_offload and not config.tensor_overrides else None
-            weights = config.model_path.stat().st_size if on_host is None else on_host
+            offloaded = self.info.gpu_offload and not config.tensor_overrides
+            weights = 0 if offloaded else config.model_path.stat().st_size
             mib = auto_prompt_cache_mib(weights, available_bytes())
         self._prompt_cache = (
             PromptCache(None if mib < 0 else mib * 1024 * 1024) if mib != 0 else None
@@ -467,7 +473,7 @@ class BatchedLlamaBackend:
         cache = self._prompt_cache
         reuse = common_prefix(slot.tokens, sequence.prompt)
         restore, sequence.restore = sequence.restore, None
-        displaced = reuse < min(slot.prompt_len, len(slot.tokens))
+        displaced = reuse < slot.held_prompt
         if cache is not None and (restore is not None or displaced):
             self._save_slot(slot, cache)  # the cells of the conversation this one displaces
         if cache is not None and restore is not None:
@@ -506,7 +512,7 @@ class BatchedLlamaBackend:
                 "prompt cache: slot %d state not saved (%d of %d bytes)", slot.seq_id, written, size
             )
             return
-        cache.save(slot.tokens, state, min(slot.prompt_len, len(slot.tokens)))
+        cache.save(slot.tokens, state, slot.held_prompt)
 
     def _restore_slot(
         self, slot: _Slot, cache: PromptCache, entry: SavedPrompt, shared: int

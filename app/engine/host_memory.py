@@ -44,12 +44,11 @@ def _cgroup_headroom(cgroup_root: Path) -> int | None:
     for folder in (cgroup_root / relative, cgroup_root):
         try:
             limit = (folder / "memory.max").read_text().strip()
-            current = int((folder / "memory.current").read_text().strip())
+            if limit == "max":
+                return None
+            return max(int(limit) - int((folder / "memory.current").read_text().strip()), 0)
         except (OSError, ValueError):
             continue
-        if limit == "max":
-            return None
-        return max(int(limit) - current, 0)
     return None
 
 

@@ -123,7 +123,7 @@ class EngineConfig:
             n_threads=settings.n_threads or max(cpus // 2, 1),
             n_threads_batch=settings.n_threads or cpus,
             n_batch=settings.n_batch,
-            n_ubatch=min(settings.n_ubatch, settings.n_batch),
+            n_ubatch=settings.n_ubatch,
             flash_attn=settings.flash_attn,
             kv_unified=settings.kv_unified,
             chat_template=template,
@@ -156,11 +156,16 @@ class EngineConfig:
         params.n_gpu_layers = 0x7FFFFFFF if self.n_gpu_layers == -1 else self.n_gpu_layers
         return placement.apply(params) if placement is not None else params
 
+    def micro_batch(self, n_batch: int) -> int:
+        """The physical micro-batch for a logical batch of ``n_batch``: ``n_ubatch``, at most
+        ``n_batch``."""
+        return min(self.n_ubatch or n_batch, n_batch)
+
     def context_params(self, *, n_ctx: int, n_batch: int, n_seq_max: int) -> Any:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
-        params.n_ubatch = min(self.n_ubatch or n_batch, n_batch)
+        params.n_ubatch = self.micro_batch(n_batch)
         params.n_seq_max = n_seq_max
         params.kv_unified = self.kv_unified
         params.n_threads = self.n_threads

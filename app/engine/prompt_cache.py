@@ -194,20 +194,17 @@ class PromptCache:
         self.restored_bytes += entry.size
         self.restored_tokens += tokens
         if tokens < entry.prompt_len:
-            self.give_back(entry)
+            self.keep(entry)
 
     def keep(self, entry: SavedPrompt) -> bool:
-        """Hold ``entry`` as the most recently saved (one read back from disk); False if it is
-        not kept."""
+        """Hold ``entry`` as the most recently saved, with no bytes counted as saved: a taken
+        entry that was only copied, or one read back from disk. False if it is not kept (a
+        newer state covers it, or it is larger than the whole size)."""
         return self._insert(entry)
 
     def entries(self) -> list[SavedPrompt]:
         """The entries, least recently saved first."""
         return list(self._entries)
-
-    def give_back(self, entry: SavedPrompt) -> None:
-        """A taken entry that was only copied returns (unless a newer state covers it)."""
-        self._insert(entry)
 
     def missed(self) -> None:
         self.misses += 1

@@ -100,7 +100,7 @@ class LlamaBackend:
             n_threads=config.n_threads,
             n_threads_batch=config.n_threads_batch,
             n_batch=config.n_batch,
-            n_ubatch=min(config.n_ubatch or config.n_batch, config.n_batch),
+            n_ubatch=config.micro_batch(config.n_batch),
             # Llama takes on/off only: auto is on, which is what llama.cpp's auto resolves to
             # on CPU and CUDA devices.
             flash_attn=config.flash_attn != "off",
