@@ -28,7 +28,14 @@ from app.cli import main as cli_main
 from app.cli import parse_settings
 from app.core.thinking import EFFORT_BUDGETS
 from app.demo_model import DEFAULT_SCRIPT
-from app.engine import Backend, SamplingParams, ThinkingBudget, host_memory, load_backend
+from app.engine import (
+    Backend,
+    SamplingParams,
+    ThinkingBudget,
+    host_memory,
+    load_backend,
+    prompt_store,
+)
 from app.engine.batched import BatchedLlamaBackend
 from app.engine.llama import kv_cache_bytes
 from app.engine.prompt_cache import PromptCache, SavedPrompt
@@ -580,6 +587,21 @@ async def test_conversations_come_back_from_disk_after_a_restart(
     assert restored == {True, False}  # one of the two files was cut short
     assert reply_a2 == (await generate(cold, a2, 24))[0]
     assert reply_b2 == (await generate(cold, b2, 24))[0]
+
+
+def test_a_smaller_cache_reads_back_only_the_newest_states_that_fit(tmp_path: Path) -> None:
+    """A folder written by a larger cache, read by one with room for two of its three states:
+    the two most recently saved come back, in their order, and the read stops there."""
+    who = {"model": "x"}
+    written = PromptCache(limit_bytes=None)
+    for n in range(3):
+        written.save([n, n + 1, n + 2], state(40), 2)
+    assert prompt_store.write(written, tmp_path, who)[0] == 3
+    smaller = PromptCache(limit_bytes=100)
+    assert prompt_store.read(tmp_path, who, smaller) == (2, 80)
+    assert [tuple(e.tokens) for e in smaller.entries()] == [(1, 2, 3), (2, 3, 4)]
+    assert smaller.evictions == 0 and smaller.saved_bytes == 0
+    assert prompt_store.read(tmp_path, {"model": "y"}, PromptCache(None)) == (0, 0)
 
 
 def test_a_borrowed_opening_goes_back_and_a_continued_conversation_stays_with_its_slot() -> None:

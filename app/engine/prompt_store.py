@@ -104,17 +104,19 @@ def _read_one(path: Path, who: Mapping[str, Any]) -> tuple[int, SavedPrompt] | N
         tokens = np.frombuffer(source.read(4 * n_tokens), dtype="<i4").astype(np.int32)
         state = np.frombuffer(bytearray(source.read(n_bytes)), dtype=np.uint8)
         if len(tokens) != n_tokens or len(state) != n_bytes or source.read(1):
-            return None
+            raise ValueError("its size is not what its header says")
     return int(head["order"]), SavedPrompt(tokens, state, int(head["prompt_len"]))
 
 
 def read(folder: Path, who: Mapping[str, Any], cache: PromptCache) -> tuple[int, int]:
-    """Put the states ``folder`` holds for this identity into ``cache`` (oldest first, so the
-    newest are kept when they do not all fit); the number of states and bytes read."""
+    """Put the newest states ``folder`` holds for this identity into ``cache``, as many as
+    its size takes (read newest first, and no further once it is full, so a smaller cache
+    than the one that wrote them never holds the whole folder in memory); the number of
+    states and bytes held."""
     started = time.perf_counter()
     found: list[tuple[int, SavedPrompt]] = []
-    other = 0
-    for path in sorted(folder.glob(f"*{SUFFIX}")):
+    held = other = 0
+    for path in sorted(folder.glob(f"*{SUFFIX}"), reverse=True):  # file names are the order
         try:
             one = _read_one(path, who)
         except (OSError, ValueError, KeyError, struct.error) as exc:
@@ -123,10 +125,12 @@ def read(folder: Path, who: Mapping[str, Any], cache: PromptCache) -> tuple[int,
         if one is None:
             other += 1
             continue
+        held += one[1].size
+        if cache.limit_bytes is not None and held > cache.limit_bytes:
+            break
         found.append(one)
-    found.sort(key=lambda item: item[0])
-    for _, entry in found:
-        cache.keep(entry)  # past the cache's size the oldest go again
+    for _, entry in sorted(found, key=lambda item: item[0]):
+        cache.keep(entry)  # oldest first: the least recently saved stays first to go
     logger.info(
         "prompt cache: %d saved state(s), %.1f MiB, read from %s in %.2fs%s",
         len(cache),
