@@ -99,6 +99,15 @@ _QWEN3_ADDED_TOKENS: Final[tuple[tuple[str, bool], ...]] = (
     ("</think>", False),
 )
 _EOS_TEXT: Final = "<|im_end|>"
+# What llama.cpp ends a generation at in Qwen's vocabulary: the chat turn's end, and the
+# fill-in-the-middle answer's (``<|endoftext|>``, or a token that would open the next file).
+_SCRIPT_ENDS: Final = (
+    _EOS_TEXT.encode(),
+    b"<|endoftext|>",
+    b"<|fim_pad|>",
+    b"<|file_sep|>",
+    b"<|repo_name|>",
+)
 _BOS_TEXT: Final = "<|endoftext|>"
 _PAD_TEXT: Final = "<|endoftext|>"
 
@@ -284,8 +293,21 @@ def _token_text(piece: bytes) -> str:
     return "".join(table[byte] for byte in piece)
 
 
-def _build_vocab(extra_pieces: Sequence[bytes]) -> _Vocab:
-    """Lay out the vocabulary like Qwen's: bytes, merged tokens, then the added tokens last."""
+_FIM_TEXTS: Final = frozenset(
+    (
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+    )
+)
+
+
+def _build_vocab(extra_pieces: Sequence[bytes], *, fim: bool = True) -> _Vocab:
+    """Lay out the vocabulary like Qwen's: bytes, merged tokens, then the added tokens last
+    (without ``fim``, the fill-in-the-middle ones left out: a model that cannot infill)."""
     table = _byte_table()
     tokens: list[str] = [table[byte] for byte in _byte_token_order()]
     token_types: list[int] = [int(gguf.TokenType.NORMAL)] * len(tokens)
@@ -305,6 +327,8 @@ def _build_vocab(extra_pieces: Sequence[bytes]) -> _Vocab:
         if text not in added:
             add(text, gguf.TokenType.NORMAL)
     for text, special in _QWEN3_ADDED_TOKENS:
+        if not fim and text in _FIM_TEXTS:
+            continue
         add(text, gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
     merges = tuple(f"{left} {right}" for left, right in _MERGES)
     return _Vocab(tuple(tokens), tuple(token_types), merges, ids)
@@ -313,8 +337,8 @@ def _build_vocab(extra_pieces: Sequence[bytes]) -> _Vocab:
 def _check_script(script: Sequence[bytes]) -> tuple[bytes, ...]:
     """Validate a script, returning it as a tuple; every rule protects the construction."""
     pieces = tuple(script)
-    if not pieces or pieces[-1] != _EOS_TEXT.encode():
-        raise ValueError(f"a script must end with {_EOS_TEXT}")
+    if not pieces or pieces[-1] not in _SCRIPT_ENDS:
+        raise ValueError(f"a script must end with {_EOS_TEXT} (or another end: {_SCRIPT_ENDS})")
     for piece in pieces:
         if not isinstance(piece, bytes) or not piece:
             raise ValueError(f"script pieces must be non-empty bytes, got {piece!r}")
@@ -334,7 +358,7 @@ def _check_script(script: Sequence[bytes]) -> tuple[bytes, ...]:
         )
     added = _added_token_texts()
     for piece in pieces[:-1]:
-        if added.get(piece.decode("utf-8", errors="replace"), False):
+        if piece in _SCRIPT_ENDS or added.get(piece.decode("utf-8", errors="replace"), False):
             # Control tokens end the generation or vanish from the text.
             raise ValueError(f"control token {piece!r} may only end the script")
     try:
@@ -569,6 +593,7 @@ def write_demo_model(
     n_ctx: int = 4096,
     template: ChatTemplateName = "qwen3",
     after_tool_script: Sequence[bytes] | None = None,
+    fim: bool = True,
 ) -> Path:
     """Write a demo model whose greedy answer to any chat prompt is ``script``.
 
@@ -579,10 +604,13 @@ def write_demo_model(
     answer is that second script instead once the conversation holds a tool result (a
     ``<tool_response>`` token, as both templates render ``tool`` messages): a tool-calling
     script, then the answer after the tool ran, which is what an agent's round trip needs.
-    The two scripts share no piece but their final end-of-turn. Returns ``path``.
+    The two scripts share no piece but their final end-of-turn. The vocabulary holds Qwen's
+    fill-in-the-middle tokens, so a fill-in-the-middle prompt (any prompt) is answered with
+    the script too (end it with ``<|endoftext|>`` as Qwen's code models do); without ``fim``
+    they are left out, a model that cannot infill. Returns ``path``.
     """
     pieces, second = _check_scripts(script, after_tool_script)
-    vocab = _build_vocab(pieces + (second or ()))
+    vocab = _build_vocab(pieces + (second or ()), fim=fim)
     distinguished = len(set(pieces + (second or ()))) + (3 if second else 1)
     shape = _demo_shape(distinguished, n_ctx)
     return _write_gguf(
@@ -652,17 +680,22 @@ def ensure_demo_model(
     *,
     template: ChatTemplateName = "qwen3",
     after_tool_script: Sequence[bytes] | None = None,
+    fim: bool = True,
 ) -> Path:
-    """Return the demo model for ``script`` (and ``template``, and ``after_tool_script``) in
-    ``cache_dir``, building it only if missing."""
+    """Return the demo model for ``script`` (and ``template``, ``after_tool_script`` and
+    ``fim``) in ``cache_dir``, building it only if missing."""
     pieces, second = _check_scripts(script, after_tool_script)
     payload: dict[str, object] = {"script": [piece.hex() for piece in pieces]}
     if second is not None:
         payload["after_tool_script"] = [piece.hex() for piece in second]
+    if not fim:
+        payload["fim"] = False
     name = _cache_name("demo", payload, template)
     return _ensure(
         cache_dir / name,
-        lambda path: write_demo_model(path, pieces, template=template, after_tool_script=second),
+        lambda path: write_demo_model(
+            path, pieces, template=template, after_tool_script=second, fim=fim
+        ),
     )
 
 

@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import chat, completions, messages, ops, responses
+from app.api import chat, completions, infill, messages, ops, responses
 from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics
 from app.api.observability import RequestLogMiddleware
@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app = FastAPI(title="qwen3-moe-serve", version=__version__, lifespan=lifespan)
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    for module in (chat, completions, responses, messages, ops):
+    for module in (chat, completions, infill, responses, messages, ops):
         app.include_router(module.router)
     _install_middleware(app, settings)
     return app

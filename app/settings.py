@@ -215,6 +215,16 @@ class Settings(BaseSettings):
         "off. Runs --parallel 1 on the batching engine unless 0.",
     )
 
+    cache_reuse: int = Field(
+        256,
+        ge=0,
+        description="KV chunk reuse (llama-server's --cache-reuse): when a prompt shares a run "
+        "of at least this many tokens with what its slot holds, but not at the same place (an "
+        "editor's ring of context chunks rotated, the cursor moved, a chat template dropped an "
+        "earlier turn's reasoning), those cells are moved to their new positions instead of "
+        "being decoded again. 0 = off (only a common prefix is reused). Batching engine only.",
+    )
+
     prompt_cache_dir: Path | None = Field(
         None,
         description="Keep the host-RAM prompt cache across restarts: on shutdown (after the "

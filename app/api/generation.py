@@ -239,3 +239,82 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client has gone (the body was read before the route ran)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def respond_each(
+    request: Request,
+    service: GenerationService,
+    settings: Settings,
+    jobs: list[PreparedGeneration],
+    wires: list[Wire],
+    *,
+    stream: bool,
+    arrived: float,
+) -> Response:
+    """Several generations of one request (``/infill``'s ``n_cmpl``), each on its own wire:
+    buffered, a JSON array of their bodies in order; streamed, their events as they come,
+    interleaved (each carries its own index)."""
+    if len(jobs) == 1:
+        return await respond(
+            request, service, settings, jobs[0], wires[0], stream=stream, arrived=arrived
+        )
+    if not stream:
+        collecting = asyncio.gather(
+            *(
+                _collect(observed(request, service, job, arrived), wire)
+                for job, wire in zip(jobs, wires, strict=True)
+            )
+        )
+        bodies = await _unless_disconnected(request, _as_list(collecting))
+        if bodies is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return JSONResponse(bodies)
+    return event_stream(
+        _interleaved(request, service, settings, jobs, wires, arrived),
+        keepalive_s=settings.sse_keepalive_s,
+        headers=SSE_HEADERS,
+        keepalive=wires[0].keepalive,
+    )
+
+
+async def _as_list(gathering: asyncio.Future[list[dict[str, Any]]]) -> Any:
+    try:
+        return list(await gathering)
+    finally:
+        gathering.cancel()
+
+
+async def _interleaved(
+    request: Request,
+    service: GenerationService,
+    settings: Settings,
+    jobs: list[PreparedGeneration],
+    wires: list[Wire],
+    arrived: float,
+) -> AsyncGenerator[bytes, None]:
+    """The streams of several generations merged: each is framed by its own wire as in
+    ``respond``; the merged stream ends when the last of them has."""
+    frames: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def pump(job: PreparedGeneration, wire: Wire) -> None:
+        try:
+            events = _stream_events(
+                request, observed(request, service, job, arrived), wire, settings.sse_keepalive_s
+            )
+            async for chunk in events:
+                await frames.put(chunk)
+        finally:
+            await frames.put(None)
+
+    pumps = [asyncio.ensure_future(pump(job, wire)) for job, wire in zip(jobs, wires, strict=True)]
+    try:
+        running = len(pumps)
+        while running:
+            chunk = await frames.get()
+            if chunk is None:
+                running -= 1
+            else:
+                yield chunk
+    finally:
+        for task in pumps:
+            task.cancel()

@@ -2,7 +2,7 @@
 
 Request models ignore fields they do not know (clients and UIs send vendor extensions such as
 ``user`` or ``cache_prompt``), but a field we know and cannot honour is a 400, never a silent
-drop: ``n > 1``, ``echo``, ``suffix``, ``logprobs`` on text completions. No number may be NaN
+drop: ``n > 1``, ``echo``, ``logprobs`` on text completions. No number may be NaN
 or infinite.
 Defaults for unset sampling fields are llama.cpp's (``temperature`` 0.8, ``top_p`` 0.95,
 ``top_k`` 40, ``min_p`` 0.05); ``temperature: 0`` means greedy decoding.
@@ -230,7 +230,6 @@ class CompletionRequest(GenerationRequest):
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
         _reject_truthy(self.echo, "echo")
-        _reject_truthy(self.suffix, "suffix")
         _reject_truthy(self.logprobs, "logprobs")
         prompt = self.prompt
         if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str):

@@ -27,6 +27,7 @@ import asyncio
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, ParamSpec, TypeVar
 
 from app.api.schemas import (
@@ -37,6 +38,7 @@ from app.api.schemas import (
 )
 from app.core.admission import Admission, Ticket
 from app.core.chat_template import ChatTemplate
+from app.core.infill import FimRequest, FimWindow, fim_prompt
 from app.core.limits import Limits, check_json, lone_surrogate_at
 from app.core.prompt import ClientText
 from app.core.thinking import ThinkingTags, prompt_opens_thinking, requested_budget
@@ -57,6 +59,9 @@ millisecond); longer ones on a worker thread, so they do not hold up other reque
 INLINE_SCHEMA_BYTES = 16 * 1024
 """Schemas up to this large (all of a request's together) become a grammar on the event loop;
 larger ones on a worker thread."""
+FIM_DEFAULT_RESERVE = 256
+"""Completion tokens a fill-in-the-middle prompt leaves room for when the request sets no
+``n_predict`` (it may then generate until the context is full)."""
 TOOL_WEIGHT_CHARS = 512
 """What one tool counts for, in prompt characters, when deciding where to render a prompt."""
 
@@ -90,6 +95,8 @@ class PreparedGeneration:
     text: TextOptions
     ticket: Ticket = field(compare=False, repr=False)
     """The request's place in ``app.core.admission``, taken when it was prepared."""
+    truncated: bool = False
+    """The prompt was cut to fit (``app.core.infill``)."""
 
 
 @dataclass(frozen=True)
@@ -329,6 +336,8 @@ class Preparer:
         return tokens, prompt_opens_thinking(prompt)
 
     async def completion(self, req: CompletionRequest) -> PreparedGeneration:
+        if req.suffix is not None and (req.suffix or self._backend.tokenizer.fim is not None):
+            return await self.completion_with_suffix(req)
         self.check_model(req.model)
         self._limits.check_stop(req.stop_list())
         self._check_max_tokens(req.max_tokens)
@@ -348,6 +357,77 @@ class Preparer:
             )
         options = TextOptions(stop=tuple(req.stop_list()))
         return self._admitted(req, tokens, req.max_tokens, options, param="prompt")
+
+    async def completion_with_suffix(self, req: CompletionRequest) -> PreparedGeneration:
+        """A text completion with OpenAI's ``suffix``: the model's fill-in-the-middle prompt
+        around the cursor between ``prompt`` and ``suffix`` (as Ollama honours it)."""
+        prompt = req.prompt
+        if not isinstance(prompt, str) and not (prompt and isinstance(prompt[0], str)):
+            raise InvalidRequest("'suffix' needs a text 'prompt' (not token ids).", param="prompt")
+        text = prompt if isinstance(prompt, str) else str(prompt[0])
+        fim = FimRequest(
+            prefix=text,
+            suffix=req.suffix or "",
+            n_predict=req.max_tokens,
+            stop=tuple(req.stop_list()),
+        )
+        (job,) = await self.infill(req, fim, param="suffix")
+        return job
+
+    async def infill(
+        self, req: GenerationRequest, fim: FimRequest, *, param: str = "input_prefix"
+    ) -> list[PreparedGeneration]:
+        """Fill-in-the-middle: the model's own FIM prompt (``app.core.infill``), one admitted
+        generation per completion asked (``n_cmpl``; the engine prefills their prompt once)."""
+        self.check_model(req.model)
+        fim_tokens = self._backend.tokenizer.fim
+        if fim_tokens is None:
+            raise InvalidRequest(
+                "This model has no fill-in-the-middle tokens (<|fim_prefix|>, <|fim_suffix|>, "
+                "<|fim_middle|>): code completion needs a model trained for it, such as "
+                "Qwen3-Coder or Qwen2.5-Coder.",
+                param=param,
+                code="fim_not_supported",
+            )
+        self._limits.check_stop(list(fim.stop))
+        self._check_max_tokens(fim.n_predict)
+        if fim.n_cmpl > self._backend.max_concurrency:
+            raise InvalidRequest(
+                f"n_cmpl is {fim.n_cmpl}; this server decodes at most "
+                f"{self._backend.max_concurrency} generations together (--parallel).",
+                param="n_cmpl",
+            )
+        self._limits.check_prompt_bytes(fim.size, param=param)
+        info = self._backend.info
+        reserve = FIM_DEFAULT_RESERVE if fim.n_predict is None else fim.n_predict
+        window = FimWindow.of(n_batch=info.n_batch, n_ctx=info.n_ctx, n_predict=reserve)
+        built = await _offloaded(
+            fim.size > INLINE_TOKENIZE_CHARS,
+            partial(
+                fim_prompt,
+                self._backend.tokenizer,
+                fim_tokens,
+                prefix=fim.prefix,
+                suffix=fim.suffix,
+                middle=fim.middle,
+                extra=fim.extra,
+                window=window,
+            ),
+        )
+        options = TextOptions(
+            stop=fim.stop, n_indent=fim.n_indent, t_max_predict_ms=fim.t_max_predict_ms
+        )
+        count = 1 if fim.n_predict == 0 else fim.n_cmpl
+        jobs: list[PreparedGeneration] = []
+        try:
+            for _ in range(count):
+                job = self._admitted(req, built.tokens, fim.n_predict, options, param=param)
+                jobs.append(replace(job, truncated=built.truncated))
+        except BaseException:
+            for job in jobs:
+                job.ticket.release()
+            raise
+        return jobs
 
     def _completion_tokens(self, text: str, completion: int) -> list[int]:
         """A raw prompt: control token texts are those tokens (``--completions-parse-special``,

@@ -49,3 +49,7 @@ class Finished:
     Anthropic's ``stop_reason`` tells it apart from the end of the model's turn."""
     reasoning_tokens: int = 0
     """Completion tokens spent in the ``<think>`` block (``TextPipeline.reasoning_tokens``)."""
+    line_limit: str | None = None
+    """The editor's line limit that ended the generation (``n_indent``, ``t_max_predict_ms``)."""
+    truncated: bool = False
+    """The prompt was cut to fit (a fill-in-the-middle prompt's far context left out)."""

@@ -17,8 +17,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from app.api.schemas import ChatCompletionRequest, CompletionRequest
+from app.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from app.core.admission import Admission
+from app.core.infill import FimRequest
 from app.core.limits import Limits
 from app.core.output import Failed, Output
 from app.core.prepare import ChatSemantics, PreparedGeneration, Preparer
@@ -78,6 +79,12 @@ class GenerationService:
 
     async def prepare_completion(self, req: CompletionRequest) -> PreparedGeneration:
         return await self._preparer.completion(req)
+
+    async def prepare_infill(
+        self, req: GenerationRequest, fim: FimRequest
+    ) -> list[PreparedGeneration]:
+        """One prepared generation per completion asked (``fim.n_cmpl``), of one prompt."""
+        return await self._preparer.infill(req, fim)
 
     async def aclose(self) -> None:
         """Cancel this service's generations still on the engine (the app is shutting down)."""
@@ -176,5 +183,7 @@ class GenerationService:
                 ),
                 stop_sequence=pipeline.stop_sequence,
                 reasoning_tokens=min(pipeline.reasoning_tokens, result.completion_tokens),
+                line_limit=pipeline.line_limit,
+                truncated=job.truncated,
             )
         )

@@ -88,6 +88,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.engine import prompt_store
+from app.engine.chunk_reuse import ReusePlan, plan_reuse
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
 from app.engine.host_memory import auto_prompt_cache_mib, available_bytes
@@ -140,6 +141,9 @@ class _Sequence(Requester):
     budget: BudgetTracker | None = None
     restore: tuple[SavedPrompt, int] | None = None
     """A saved state to copy into the slot before its prefill (and how much of it matches)."""
+    leader: _Sequence | None = None
+    """A generation with the same prompt placed before this one (``n_cmpl``, or two clients
+    asking alike) whose prefill this one waits for, then copies, instead of decoding its own."""
 
     @property
     def parked(self) -> bool:
@@ -177,14 +181,28 @@ def default_parallel(n_gpu_layers: int) -> int:
     return 1
 
 
-def choose_slot(free: Sequence[_Slot], prompt: Sequence[int]) -> _Slot:
+def choose_slot(free: Sequence[_Slot], prompt: Sequence[int], *, min_chunk: int = 0) -> _Slot:
     """The free slot whose cells share the longest prefix with ``prompt``, if that covers
-    more than ``SLOT_PROMPT_SIMILARITY`` of it; else the least recently used (an empty one
+    more than ``SLOT_PROMPT_SIMILARITY`` of it; else (with chunk reuse) the one whose cells
+    the prompt can keep the most of, moved; else the least recently used (an empty one
     first), so that a chat template's common opening does not evict another conversation."""
+    enough = SLOT_PROMPT_SIMILARITY * len(prompt)
     best = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
-    if common_prefix(best.tokens, prompt) > SLOT_PROMPT_SIMILARITY * len(prompt):
+    if common_prefix(best.tokens, prompt) > enough:
         return best
+    if min_chunk > 0:
+        kept = {slot.seq_id: reuse_plan(slot, prompt, min_chunk).kept for slot in free}
+        best = max(free, key=lambda s: (kept[s.seq_id], -s.last_used))
+        if kept[best.seq_id] > enough:
+            return best
     return min(free, key=lambda s: s.last_used)
+
+
+def reuse_plan(slot: _Slot, prompt: Sequence[int], min_chunk: int) -> ReusePlan:
+    """What of the slot's cells ``prompt`` keeps: the common prefix, and (``min_chunk`` > 0)
+    the runs chunk reuse moves (``app.engine.chunk_reuse``)."""
+    prefix = common_prefix(slot.tokens, prompt)
+    return plan_reuse(slot.tokens, prompt, prefix=prefix, min_chunk=min_chunk)
 
 
 class BatchedLlamaBackend:
@@ -210,6 +228,10 @@ class BatchedLlamaBackend:
             self._model.close()
             raise RuntimeError(f"could not create a llama.cpp context for {config.model_path}")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._cache_reuse = config.cache_reuse
+        if self._cache_reuse and not llama_cpp.llama_memory_can_shift(self._memory):
+            logger.warning("--cache-reuse is off: this model's KV cache cannot shift positions")
+            self._cache_reuse = 0
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self.info = model_info(self._model, config, n_ctx=per_slot)
         self._n_vocab = self.info.n_vocab
@@ -406,24 +428,51 @@ class BatchedLlamaBackend:
         for slot, tokens in fed.items():
             slot.tokens.extend(tokens)
         updates = ended
-        greedy = self._greedy_tokens(outputs)
-        for row, (index, slot) in enumerate(outputs):
+        rows = [(index, row, slot) for row, (index, slot) in enumerate(outputs)]
+        rows += self._copy_to_followers(rows)
+        greedy = self._greedy_tokens(rows, len(outputs))
+        for index, row, slot in rows:
             updates += self._sample(slot, index, None if greedy is None else int(greedy[row]))
         self._post(updates)
         return True
 
-    def _greedy_tokens(self, outputs: list[tuple[int, _Slot]]) -> npt.NDArray[np.intp] | None:
+    def _copy_to_followers(
+        self, rows: list[tuple[int, int, _Slot]]
+    ) -> list[tuple[int, int, _Slot]]:
+        """Generations waiting for a leader whose prompt this step finished get its cells
+        (``llama_memory_seq_cp``; across KV streams llama.cpp copies the buffer) and sample
+        their first token from its logits: one prefill for all (llama-server's ``n_cmpl``)."""
+        copied: list[tuple[int, int, _Slot]] = []
+        for index, row, slot in rows:
+            leader = slot.sequence
+            if leader is None or leader.next_token is not None or leader.sampled:
+                continue
+            for other in self._slots:
+                follower = other.sequence
+                if follower is None or follower.leader is not leader:
+                    continue
+                llama_cpp.llama_memory_seq_rm(self._memory, other.seq_id, -1, -1)
+                llama_cpp.llama_memory_seq_cp(self._memory, slot.seq_id, other.seq_id, -1, -1)
+                other.tokens[:] = slot.tokens
+                follower.leader = None
+                follower.cached = len(follower.prompt)  # none of it decoded for this one
+                copied.append((index, row, other))
+        return copied
+
+    def _greedy_tokens(
+        self, rows: list[tuple[int, int, _Slot]], n_rows: int
+    ) -> npt.NDArray[np.intp] | None:
         """The most likely token of every output row, in one numpy pass over the step's logits,
         when any sequence samples plain greedy (else None). llama.cpp's own greedy sampler
         builds a candidate array of the whole vocabulary per sequence: ~0.3 ms each for Qwen's
         151,936 tokens, 20 ms a step at 64 streams, against ~5 ms for one argmax over all."""
         if not any(
-            slot.sequence is not None and slot.sequence.sampler is None for _, slot in outputs
+            slot.sequence is not None and slot.sequence.sampler is None for _, _, slot in rows
         ):
             return None
         logits = llama_cpp.llama_get_logits(self._ctx)
-        rows = np.ctypeslib.as_array(logits, shape=(len(outputs), self._n_vocab))
-        best: npt.NDArray[np.intp] = np.argmax(rows, axis=1)
+        scores = np.ctypeslib.as_array(logits, shape=(n_rows, self._n_vocab))
+        best: npt.NDArray[np.intp] = np.argmax(scores, axis=1)
         return best
 
     def _has_running(self) -> bool:
@@ -441,12 +490,33 @@ class BatchedLlamaBackend:
             if not free:
                 break
             self._waiting.popleft()
-            slot = choose_slot(free, sequence.prompt)
-            if self._prompt_cache is not None:
-                slot = self._consult_prompt_cache(sequence, slot, free)
+            sequence.leader = self._prefilling_alike(sequence)
+            if sequence.leader is not None:  # its cells will be the leader's: the emptiest slot
+                slot = min(free, key=lambda s: s.last_used)
+            else:
+                slot = choose_slot(free, sequence.prompt, min_chunk=self._cache_reuse)
+                if self._prompt_cache is not None:
+                    slot = self._consult_prompt_cache(sequence, slot, free)
             slot.sequence = sequence
             placed.append(slot)
         return placed
+
+    def _prefilling_alike(self, sequence: _Sequence) -> _Sequence | None:
+        """A placed generation still prefilling the very same prompt, if there is one."""
+        prompt = sequence.prompt
+        for slot in self._slots:
+            other = slot.sequence
+            if (
+                other is not None
+                and other.leader is None
+                and other.next_token is None
+                and other.sampled == 0
+                and not other.cancelled
+                and len(other.prompt) == len(prompt)
+                and other.prompt == prompt
+            ):
+                return other
+        return None
 
     def _consult_prompt_cache(self, sequence: _Sequence, slot: _Slot, free: list[_Slot]) -> _Slot:
         """The slot for ``sequence`` once the prompt cache is asked: the least recently used
@@ -455,7 +525,7 @@ class BatchedLlamaBackend:
         cache = self._prompt_cache
         assert cache is not None
         prompt = sequence.prompt
-        held = common_prefix(slot.tokens, prompt)
+        held = reuse_plan(slot, prompt, self._cache_reuse).kept
         found = cache.find(prompt, better_than=held, min_share=SLOT_PROMPT_SIMILARITY)
         if found is None:
             if held <= SLOT_PROMPT_SIMILARITY * len(prompt):
@@ -471,15 +541,18 @@ class BatchedLlamaBackend:
         assert sequence is not None
         sequence.started = time.perf_counter()
         cache = self._prompt_cache
-        reuse = common_prefix(slot.tokens, sequence.prompt)
+        prompt = sequence.prompt
+        plan = reuse_plan(slot, prompt, self._cache_reuse)
         restore, sequence.restore = sequence.restore, None
-        displaced = reuse < slot.held_prompt
-        if cache is not None and (restore is not None or displaced):
+        if cache is not None and (restore is not None or self._displaces(slot, plan)):
             self._save_slot(slot, cache)  # the cells of the conversation this one displaces
-        if cache is not None and restore is not None:
+        if sequence.leader is not None:
+            plan = ReusePlan(0)  # the leader's cells replace these once its prompt is decoded
+        elif cache is not None and restore is not None:
             self._restore_slot(slot, cache, *restore)
-            reuse = common_prefix(slot.tokens, sequence.prompt)
-        if reuse == len(sequence.prompt):
+            plan = reuse_plan(slot, prompt, self._cache_reuse)
+        reuse = self._keep(slot, plan)
+        if reuse == len(prompt):
             reuse -= 1  # the last prompt token is decoded again: its logits are the first sample
         if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
@@ -496,6 +569,30 @@ class BatchedLlamaBackend:
         budget = sequence.sampling.thinking_budget
         if budget is not None:
             sequence.budget = BudgetTracker(budget, self.tokenizer.token_bytes)
+
+    @staticmethod
+    def _displaces(slot: _Slot, plan: ReusePlan) -> bool:
+        """The new prompt leaves the slot's conversation before its end, so that conversation
+        is gone once the prompt is decoded. A prompt that keeps half of it or more by moving
+        chunks continues the same document (an editor's next keystroke): saving its cells each
+        time would copy the whole state per request for a version never asked for again."""
+        if plan.kept >= slot.held_prompt:
+            return False
+        return not plan.moves or plan.kept < slot.held_prompt // 2
+
+    def _keep(self, slot: _Slot, plan: ReusePlan) -> int:
+        """Make the plan's moves in the slot's cells and tokens; the tokens now kept."""
+        seq_id = slot.seq_id
+        for move in plan.moves:
+            end = move.cache_at + move.length
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, move.prompt_at, move.cache_at)
+            llama_cpp.llama_memory_seq_add(
+                self._memory, seq_id, move.cache_at, end, move.prompt_at - move.cache_at
+            )
+            slot.tokens[move.prompt_at : move.prompt_at + move.length] = slot.tokens[
+                move.cache_at : end
+            ]
+        return plan.kept
 
     def _save_slot(self, slot: _Slot, cache: PromptCache) -> None:
         """Copy the slot's KV state, with the tokens it holds, into the prompt cache."""
@@ -554,7 +651,8 @@ class BatchedLlamaBackend:
             sequence = slot.sequence
             assert sequence is not None
             if sequence.next_token is None:
-                prefilling.append(slot)
+                if sequence.leader is None:  # a follower waits for its leader's cells
+                    prefilling.append(slot)
             elif not sequence.parked:
                 fed[slot] = [sequence.next_token]
                 budget -= 1
@@ -598,6 +696,9 @@ class BatchedLlamaBackend:
         sequence = slot.sequence
         assert sequence is not None
         sequence.next_token = None
+        if sequence.max_tokens == 0:  # a cache warm-up: the prompt is decoded, nothing sampled
+            self._release(slot)
+            return [(sequence, Ended("length"))]
         budget = sequence.budget
         forced = budget.forced() if budget is not None else None
         if forced is not None:
@@ -680,6 +781,9 @@ class BatchedLlamaBackend:
             if sampler is not None:
                 llama_cpp.llama_sampler_free(sampler)
         sequence.sampler = sequence.grammar = None
+        for other in self._slots:  # its followers prefill for themselves now
+            if other.sequence is not None and other.sequence.leader is sequence:
+                other.sequence.leader = None
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -105,6 +105,8 @@ class EngineConfig:
 
     prompt_cache_dir: Path | None = None
     """Where the prompt cache is written on close and read back at start (None: not kept)."""
+    cache_reuse: int = 0
+    """Shortest run of tokens moved to a new position instead of decoded again; 0: off."""
 
     @classmethod
     def from_settings(cls, settings: Settings, model_path: Path) -> EngineConfig:
@@ -136,6 +138,7 @@ class EngineConfig:
             cache_type_v=settings.cache_type_v,
             prompt_cache_mib=None if settings.cache_ram == "auto" else settings.cache_ram,
             prompt_cache_dir=settings.prompt_cache_dir,
+            cache_reuse=settings.cache_reuse,
         )
 
     @property
@@ -269,6 +272,7 @@ def model_info(model: Any, config: EngineConfig, *, n_ctx: int) -> ModelInfo:
         bos_token=token_text(model, int(model.token_bos())),
         eos_token=token_text(model, int(model.token_eos())),
         gpu_offload=config.gpu_offload,
+        n_batch=config.n_batch,
     )
 
 

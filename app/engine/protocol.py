@@ -163,10 +163,27 @@ class ModelInfo:
     bos_token: str
     eos_token: str
     gpu_offload: bool
+    n_batch: int = 2048
+    """Tokens the engine decodes in one ``llama_decode`` (``--n-batch``): the window a
+    fill-in-the-middle prompt keeps around the cursor, as llama-server sizes it."""
 
 
 PromptPart = str | int
 """A piece of a prompt: text, or a token id placed as it is."""
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    """The model's fill-in-the-middle tokens (Qwen's ``<|fim_prefix|>`` …), as llama.cpp
+    reads them from the GGUF: ``tokenizer.ggml.fim_*_token_id``, else found by their text."""
+
+    prefix: int
+    suffix: int
+    middle: int
+    repo_name: int | None = None
+    """``<|repo_name|>``: opens the repository-level context (Qwen2.5/3-Coder)."""
+    file_sep: int | None = None
+    """``<|file_sep|>``: opens each file of that context."""
 
 
 class Tokenizer(Protocol):
@@ -175,6 +192,8 @@ class Tokenizer(Protocol):
     max_token_bytes: int
     """The most bytes of text one token stands for (a lower bound on a text's token count is
     its UTF-8 length divided by this)."""
+    fim: FimTokens | None
+    """The fill-in-the-middle tokens, or None when the model has no prefix, suffix and middle."""
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids for ``text``, BOS added when the model wants it; with ``special``, the texts
@@ -188,6 +207,15 @@ class Tokenizer(Protocol):
     def tokenize_parts(self, parts: Iterable[PromptPart]) -> list[int]:
         """Token ids for a prompt given as parts: an id as it is, a text as text (it never
         yields a control token); BOS added when the model wants it."""
+        ...
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """Token ids for ``text`` as text (never a control token), no BOS or EOS."""
+        ...
+
+    @property
+    def bos(self) -> int | None:
+        """The token a prompt starts with when the model wants one (Qwen: none)."""
         ...
 
     def token_bytes(self, token_id: int) -> bytes:

@@ -190,6 +190,10 @@ class LlamaBackend:
         top_logprobs = sampling.top_logprobs if run.on_logprobs is not None else None
         self._llm.set_seed(seed & 0xFFFFFFFF)  # llama.cpp's seeds are 32-bit, as batched takes them
         run.cached = self._cached_prefix(prompt)
+        if max_tokens == 0:  # a cache warm-up: decode the prompt, sample nothing
+            self._llm.n_tokens = run.cached
+            self._llm.eval(prompt[run.cached :])
+            return "length"
         sampled = 0
         budget = (
             BudgetTracker(sampling.thinking_budget, self.tokenizer.token_bytes)

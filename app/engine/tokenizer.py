@@ -37,6 +37,7 @@ from typing import Any
 
 import llama_cpp
 
+from app.engine.protocol import FimTokens
 from app.engine.protocol import PromptPart as Part
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class LlamaTokenizer:
         self.max_token_bytes = longest
         """The most bytes of text one token stands for: a prompt of more than ``n`` times this
         many bytes has more than ``n`` tokens."""
+        self.fim = fim_tokens(vocab)
         self._pieces: dict[int, bytes] = {}
         overlaps = overlapping([*control, *user_defined])
         if overlaps or stripping:
@@ -138,6 +140,10 @@ class LlamaTokenizer:
                 overlaps[:3],
                 stripping[:3],
             )
+
+    @property
+    def bos(self) -> int | None:
+        return self._bos if self._add_bos else None
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids for ``text``, BOS (and EOS) as the model wants them; with ``special``,
@@ -156,19 +162,29 @@ class LlamaTokenizer:
         for part in parts:
             if isinstance(part, int):
                 tokens.append(part)
-                continue
-            for piece in self.user_defined.split(part):
-                if isinstance(piece, int):
-                    tokens.append(piece)
-                elif len(piece) > _CACHED_FRAGMENT_CHARS:
-                    tokens += self._text_tokens(piece)
-                else:
-                    cached = cache.get(piece)
-                    if cached is None:
-                        cached = cache[piece] = self._text_tokens(piece)
-                    tokens += cached
+            else:
+                tokens += self._text(part, cache)
         if self._add_bos and self._add_eos:
             tokens.append(self._eos)
+        return tokens
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """Token ids for ``text`` as text (never a CONTROL token), with no BOS or EOS: a piece
+        of a prompt that is put together from several."""
+        return self._text(text, {})
+
+    def _text(self, text: str, cache: dict[str, list[int]]) -> list[int]:
+        tokens: list[int] = []
+        for piece in self.user_defined.split(text):
+            if isinstance(piece, int):
+                tokens.append(piece)
+            elif len(piece) > _CACHED_FRAGMENT_CHARS:
+                tokens += self._text_tokens(piece)
+            else:
+                cached = cache.get(piece)
+                if cached is None:
+                    cached = cache[piece] = self._text_tokens(piece)
+                tokens += cached
         return tokens
 
     def _text_tokens(self, text: str) -> list[int]:
@@ -200,3 +216,26 @@ class LlamaTokenizer:
             if n >= 0:
                 return buffer.raw[:n]
             size = -n
+
+
+def fim_tokens(vocab: Any) -> FimTokens | None:
+    """llama.cpp's fill-in-the-middle token ids for ``vocab`` (from the GGUF's
+    ``tokenizer.ggml.fim_*_token_id``, or found by text at load: ``<|fim_prefix|>`` …), or None
+    when prefix, suffix or middle is missing."""
+
+    def token(read: Any) -> int | None:
+        token_id = int(read(vocab))
+        return None if token_id < 0 else token_id
+
+    prefix = token(llama_cpp.llama_vocab_fim_pre)
+    suffix = token(llama_cpp.llama_vocab_fim_suf)
+    middle = token(llama_cpp.llama_vocab_fim_mid)
+    if prefix is None or suffix is None or middle is None:
+        return None
+    return FimTokens(
+        prefix,
+        suffix,
+        middle,
+        repo_name=token(llama_cpp.llama_vocab_fim_rep),
+        file_sep=token(llama_cpp.llama_vocab_fim_sep),
+    )

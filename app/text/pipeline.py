@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from app.text.coder_tool_calls import CoderToolCallParser
+from app.text.lines import LineLimit, LineLimits
 from app.text.reasoning import Mode, ReasoningSplitter, Segment
 from app.text.stops import StopMatcher
 from app.text.tool_calls import AnswerPart, ParsedToolCall, ToolCallDelta, ToolCallParser
@@ -52,6 +53,10 @@ class TextOptions:
         default_factory=dict, hash=False
     )
     """The offered tools' ``parameters`` schemas by name: the Coder format types values by them."""
+    n_indent: int = 0
+    """An editor's completion ends at a later line indented less (``app.text.lines``)."""
+    t_max_predict_ms: float = 0.0
+    """An editor's completion ends at the first newline after this long generating."""
 
 
 class TextPipeline:
@@ -67,6 +72,11 @@ class TextPipeline:
                 else ToolCallParser()
             )
         self._single_call = options.single_tool_call
+        self._lines = (
+            LineLimits(options.n_indent, options.t_max_predict_ms)
+            if options.n_indent > 0 or options.t_max_predict_ms > 0
+            else None
+        )
         self._pushed = 0  # tokens pushed so far
         self._thought_until = 0  # tokens pushed when the last reasoning delta came out
         self._answer_from: int | None = None  # tokens pushed before the answer's first delta
@@ -74,7 +84,7 @@ class TextPipeline:
     @property
     def finished(self) -> bool:
         """The text says the generation is over: a stop string, or the one tool call asked."""
-        if self._stop.stopped:
+        if self._stop.stopped or self.line_limit is not None:
             return True
         return self._single_call and self._tools is not None and self._tools.completed > 0
 
@@ -88,6 +98,11 @@ class TextPipeline:
         return self._thought_until if self._answer_from is None else self._answer_from
 
     @property
+    def line_limit(self) -> LineLimit | None:
+        """The editor's line limit that ended the generation, if one did."""
+        return self._lines.stopped if self._lines is not None else None
+
+    @property
     def stop_sequence(self) -> str | None:
         """The stop string that ended the generation, if one did."""
         return self._stop.matched
@@ -99,6 +114,8 @@ class TextPipeline:
     def push(self, token_id: int) -> list[Delta]:
         self._pushed += 1
         text = self._stop.push(self._utf8.push(token_id))
+        if self._lines is not None:
+            text = self._lines.push(text)
         return self._route(self._reasoning.push(text), final=False) if text else []
 
     def finish(self, *, cut: bool = True) -> list[Delta]:
@@ -106,6 +123,8 @@ class TextPipeline:
         may have stopped mid-markup (``max_tokens``); False when the model ended its answer
         itself, so that text held only because it could still open a tool call is text."""
         text = self._stop.push(self._utf8.finish()) + self._stop.flush()
+        if self._lines is not None:
+            text = self._lines.push(text) + self._lines.finish()
         segments = self._reasoning.push(text) if text else []
         return self._route(segments + self._reasoning.finish(), final=True, cut=cut)
 

@@ -1,0 +1,35 @@
+"""``POST /infill``: fill-in-the-middle code completion for editors, llama-server's API.
+
+llama.vim and llama.vscode post here (``app.api.infill_request`` for the fields, and
+``app.api.infill_format`` for the answer); the prompt is the model's own FIM format
+(``app.core.infill``). ``/v1/completions`` with OpenAI's ``suffix`` builds the same prompt.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from app.api.deps import ServiceDep, SettingsDep
+from app.api.generation import read_body, respond_each
+from app.api.infill_format import InfillWire
+from app.api.infill_request import InfillRequest
+from app.api.wire import Wire
+
+router = APIRouter()
+
+
+@router.post("/infill", response_model=None)
+async def infill(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
+    arrived = time.perf_counter()
+    body = await read_body(request, InfillRequest)
+    jobs = await service.prepare_infill(body.sampling_request(), body.fim())
+    wires: list[Wire] = [
+        InfillWire(service.model_id, index=index, response_fields=body.response_fields)
+        for index in range(len(jobs))
+    ]
+    return await respond_each(
+        request, service, settings, jobs, wires, stream=body.stream, arrived=arrived
+    )

@@ -1,0 +1,129 @@
+"""``/infill`` responses as llama-server writes them (``to_json_non_oaicompat``).
+
+A buffered response is one object: ``content``, ``stop: true``, ``stop_type`` (``eos``: the
+model ended the middle; ``limit``: ``n_predict``, ``n_indent`` or ``t_max_predict_ms``;
+``word``: a stop string, in ``stopping_word``), ``tokens_predicted``, ``tokens_evaluated`` (the
+prompt's tokens), ``tokens_cached`` (prompt tokens served from the KV cache, not decoded),
+``truncated`` (the prompt was cut to fit), ``timings`` (llama-server's keys, ``cache_n`` and
+``prompt_n`` among them). ``response_fields`` picks keys, flattened (``"timings/prompt_n"``),
+as llama-server's ``json_get_nested_values`` does; a path that is not there is left out (the
+warm-up's ``[""]`` gives ``{}``). A stream is bare ``data:`` events: ``{"content", "stop":
+false}`` per delta, then the final object with an empty ``content``; no ``[DONE]``. With
+``n_cmpl`` every object carries its completion's ``index``.
+
+``tokens_cached`` here is what its name and llama-server's README say, the prompt tokens reused;
+llama-server's code reports every token its slot holds at the end, completion included.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.api.formats import Answer
+from app.api.sse import frame
+from app.core.results import Event, Finished
+from app.errors import ApiError
+
+
+def timings(finished: Finished) -> dict[str, float | int]:
+    t = finished.times
+    decoded = finished.prompt_tokens - finished.cached_tokens
+    predicted = finished.completion_tokens
+    return {
+        "cache_n": finished.cached_tokens,
+        "prompt_n": decoded,
+        "prompt_ms": round(t.prompt_ms, 3),
+        "prompt_per_token_ms": round(t.prompt_ms / decoded, 3) if decoded else 0.0,
+        "prompt_per_second": round(decoded / t.prompt_ms * 1000, 2) if t.prompt_ms > 0 else 0.0,
+        "predicted_n": predicted,
+        "predicted_ms": round(t.decode_ms, 3),
+        "predicted_per_token_ms": round(t.decode_ms / predicted, 3) if predicted else 0.0,
+        "predicted_per_second": (
+            round(max(predicted - 1, 0) / t.decode_ms * 1000, 2) if t.decode_ms > 0 else 0.0
+        ),
+    }
+
+
+def stop_type(finished: Finished) -> str:
+    if finished.stop_sequence is not None:
+        return "word"
+    if finished.finish_reason == "length" or finished.line_limit is not None:
+        return "limit"
+    return "eos"
+
+
+def picked(fields: list[str] | None, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` reduced to ``fields`` (slash-separated paths), or whole without them."""
+    if fields is None:
+        return result
+    out: dict[str, Any] = {}
+    for path in fields:
+        value: Any = result
+        for key in path.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            out[path] = value
+    return out
+
+
+class InfillWire:
+    """One completion of an ``/infill`` request (``index``) on the wire."""
+
+    def __init__(self, model: str, *, index: int, response_fields: list[str] | None) -> None:
+        self._model = model
+        self._index = index
+        self._fields = response_fields
+        self._answer = Answer()
+        self._new_line = False
+
+    def keepalive(self) -> None:
+        return None
+
+    def waiting(self) -> bytes:
+        return b""
+
+    def opening(self) -> bytes:
+        return b""
+
+    def event(self, event: Event) -> bytes:
+        text = event.delta.content
+        self._new_line = self._new_line or "\n" in text
+        payload = {"index": self._index, "content": text, "tokens": [], "stop": False}
+        return frame(json.dumps(payload, ensure_ascii=False))
+
+    def closing(self, finished: Finished) -> bytes:
+        result = self._result("", finished)
+        return frame(json.dumps(result, ensure_ascii=False))
+
+    def failure(self, error: ApiError) -> bytes:
+        return frame(json.dumps(error.envelope()))
+
+    def add(self, event: Event) -> None:
+        self._answer.add(event)
+
+    def body(self, finished: Finished) -> dict[str, Any]:
+        content = "".join(self._answer.content)
+        self._new_line = "\n" in content
+        return self._result(content, finished)
+
+    def _result(self, content: str, finished: Finished) -> dict[str, Any]:
+        result = {
+            "index": self._index,
+            "content": content,
+            "tokens": [],
+            "id_slot": -1,
+            "stop": True,
+            "model": self._model,
+            "tokens_predicted": finished.completion_tokens,
+            "tokens_evaluated": finished.prompt_tokens,
+            "has_new_line": self._new_line,
+            "truncated": finished.truncated,
+            "stop_type": stop_type(finished),
+            "stopping_word": finished.stop_sequence or "",
+            "tokens_cached": finished.cached_tokens,
+            "timings": timings(finished),
+        }
+        return picked(self._fields, result)
