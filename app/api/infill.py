@@ -14,7 +14,7 @@ from fastapi.responses import Response
 
 from app.api.deps import ServiceDep, SettingsDep
 from app.api.generation import read_body, respond_each
-from app.api.infill_format import InfillWire
+from app.api.infill_format import InfillWire, generation_settings
 from app.api.infill_request import InfillRequest
 from app.api.wire import Wire
 
@@ -26,9 +26,15 @@ async def infill(request: Request, service: ServiceDep, settings: SettingsDep) -
     arrived = time.perf_counter()
     body = await read_body(request, InfillRequest)
     jobs = await service.prepare_infill(body.sampling_request(), body.fim())
+    n_ctx = service.backend.info.n_ctx
     wires: list[Wire] = [
-        InfillWire(service.model_id, index=index, response_fields=body.response_fields)
-        for index in range(len(jobs))
+        InfillWire(
+            service.model_id,
+            index=index,
+            response_fields=body.response_fields,
+            settings=generation_settings(job, n_ctx=n_ctx, model=service.model_id),
+        )
+        for index, job in enumerate(jobs)
     ]
     return await respond_each(
         request, service, settings, jobs, wires, stream=body.stream, arrived=arrived

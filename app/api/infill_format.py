@@ -22,8 +22,37 @@ from typing import Any
 
 from app.api.formats import Answer
 from app.api.sse import frame
+from app.core.prepare import PreparedGeneration
 from app.core.results import Event, Finished
 from app.errors import ApiError
+
+
+def compact(value: Any) -> str:
+    """JSON without spaces, as llama-server writes it: llama.vim finds the completion in the
+    raw text by ``"content":"`` and shows nothing when a space follows the colon."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def generation_settings(job: PreparedGeneration, *, n_ctx: int, model: str) -> dict[str, Any]:
+    """What the completion ran with, under llama-server's names (llama.vscode reads
+    ``generation_settings.n_ctx`` for its status line)."""
+    sampling = job.sampling
+    return {
+        "n_ctx": n_ctx,
+        "n_predict": job.max_tokens,
+        "model": model,
+        "seed": sampling.seed if sampling.seed is not None else -1,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "min_p": sampling.min_p,
+        "repeat_penalty": sampling.repeat_penalty,
+        "presence_penalty": sampling.presence_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+        "stop": list(job.text.stop),
+        "n_indent": job.text.n_indent,
+        "t_max_predict_ms": job.text.t_max_predict_ms,
+    }
 
 
 def timings(finished: Finished) -> dict[str, float | int]:
@@ -72,9 +101,17 @@ def picked(fields: list[str] | None, result: dict[str, Any]) -> dict[str, Any]:
 class InfillWire:
     """One completion of an ``/infill`` request (``index``) on the wire."""
 
-    def __init__(self, model: str, *, index: int, response_fields: list[str] | None) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        index: int,
+        response_fields: list[str] | None,
+        settings: dict[str, Any],
+    ) -> None:
         self._model = model
         self._index = index
+        self._settings = settings
         self._fields = response_fields
         self._answer = Answer()
         self._new_line = False
@@ -92,14 +129,14 @@ class InfillWire:
         text = event.delta.content
         self._new_line = self._new_line or "\n" in text
         payload = {"index": self._index, "content": text, "tokens": [], "stop": False}
-        return frame(json.dumps(payload, ensure_ascii=False))
+        return frame(compact(payload))
 
     def closing(self, finished: Finished) -> bytes:
         result = self._result("", finished)
-        return frame(json.dumps(result, ensure_ascii=False))
+        return frame(compact(result))
 
     def failure(self, error: ApiError) -> bytes:
-        return frame(json.dumps(error.envelope()))
+        return frame(compact(error.envelope()))
 
     def add(self, event: Event) -> None:
         self._answer.add(event)
@@ -119,6 +156,7 @@ class InfillWire:
             "model": self._model,
             "tokens_predicted": finished.completion_tokens,
             "tokens_evaluated": finished.prompt_tokens,
+            "generation_settings": self._settings,
             "has_new_line": self._new_line,
             "truncated": finished.truncated,
             "stop_type": stop_type(finished),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -52,6 +53,8 @@ from app.engine.grammar import (
 from app.errors import ContextLengthExceeded, InvalidRequest, NotFound
 from app.text import Mode, TextOptions, ToolCallFormat
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_SAMPLING = SamplingParams()
 INLINE_TOKENIZE_CHARS = 4096
 """Prompts up to this long are rendered and tokenized on the event loop (well under a
@@ -59,6 +62,7 @@ millisecond); longer ones on a worker thread, so they do not hold up other reque
 INLINE_SCHEMA_BYTES = 16 * 1024
 """Schemas up to this large (all of a request's together) become a grammar on the event loop;
 larger ones on a worker thread."""
+INFILL_NAMES_LOGGED = 16
 FIM_DEFAULT_RESERVE = 256
 """Completion tokens a fill-in-the-middle prompt leaves room for when the request sets no
 ``n_predict`` (it may then generate until the context is full)."""
@@ -145,6 +149,8 @@ class Preparer:
         self._admission = admission
         self.model_id = model_names[0]
         self._model_names = frozenset(model_names)
+        self._infill_names: set[str] = set()
+        """Model names editors sent to ``/infill`` that are not this server's (logged once)."""
         self._semantics = semantics
         self._max_tokens_limit = max_tokens_limit
         info = backend.info
@@ -371,6 +377,7 @@ class Preparer:
             n_predict=req.max_tokens,
             stop=tuple(req.stop_list()),
         )
+        self.check_model(req.model)
         (job,) = await self.infill(req, fim, param="suffix")
         return job
 
@@ -378,8 +385,14 @@ class Preparer:
         self, req: GenerationRequest, fim: FimRequest, *, param: str = "input_prefix"
     ) -> list[PreparedGeneration]:
         """Fill-in-the-middle: the model's own FIM prompt (``app.core.infill``), one admitted
-        generation per completion asked (``n_cmpl``; the engine prefills their prompt once)."""
-        self.check_model(req.model)
+        generation per completion asked (``n_cmpl``: the batching engine prefills their prompt
+        once; those beyond the free slots wait their turn, as llama-server queues them).
+
+        The model a request names is not checked: editors send a name of their own (llama.vim
+        an empty one, llama.vscode its chat model's, ``google/gemini-2.5-flash`` by default),
+        and llama-server's ``/infill`` ignores it too; a text completion's ``model`` is
+        checked by the route that takes it (``completion_with_suffix``)."""
+        self._note_infill_model(req.model)
         fim_tokens = self._backend.tokenizer.fim
         if fim_tokens is None:
             raise InvalidRequest(
@@ -391,12 +404,6 @@ class Preparer:
             )
         self._limits.check_stop(list(fim.stop))
         self._check_max_tokens(fim.n_predict)
-        if fim.n_cmpl > self._backend.max_concurrency:
-            raise InvalidRequest(
-                f"n_cmpl is {fim.n_cmpl}; this server decodes at most "
-                f"{self._backend.max_concurrency} generations together (--parallel).",
-                param="n_cmpl",
-            )
         self._limits.check_prompt_bytes(fim.size, param=param)
         info = self._backend.info
         reserve = FIM_DEFAULT_RESERVE if fim.n_predict is None else fim.n_predict
@@ -428,6 +435,19 @@ class Preparer:
                 job.ticket.release()
             raise
         return jobs
+
+    def _note_infill_model(self, name: str | None) -> None:
+        """Say once per name (for the first few names) that an editor's model name was not
+        this server's and the request was served by it anyway."""
+        if not name or name in self._model_names or name in self._infill_names:
+            return
+        if len(self._infill_names) < INFILL_NAMES_LOGGED:
+            self._infill_names.add(name)
+            logger.info(
+                "/infill named the model '%s'; served by '%s' (editors send names of their own)",
+                name[:200],
+                self.model_id,
+            )
 
     def _completion_tokens(self, text: str, completion: int) -> list[int]:
         """A raw prompt: control token texts are those tokens (``--completions-parse-special``,
