@@ -155,6 +155,7 @@ def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: P
         max_tokens_limit=settings.max_tokens_limit,
         limits=Limits.from_settings(settings),
         completions_parse_special=settings.completions_parse_special,
+        fim_window=settings.fim_window,
         accept_any_model=settings.accept_any_model,
     )
     admission = app.state.service.admission

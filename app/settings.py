@@ -215,6 +215,16 @@ class Settings(BaseSettings):
         "off. Runs --parallel 1 on the batching engine unless 0.",
     )
 
+    fim_window: int = Field(
+        1024,
+        ge=16,
+        description="Tokens of code around the cursor a fill-in-the-middle prompt (/infill, a "
+        "completion's suffix) keeps: three quarters before the cursor, a quarter after it, the "
+        "text nearest the cursor first; other files get what the context leaves. llama-server "
+        "sizes this window by its --batch-size (1024 in its --fim-qwen presets). Each "
+        "keystroke decodes the window from the cursor on again, so a wider one costs latency.",
+    )
+
     cache_reuse: int = Field(
         256,
         ge=0,

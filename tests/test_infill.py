@@ -386,3 +386,22 @@ async def test_bad_infill_bodies_are_400s(engine: Backend) -> None:
             assert response.status_code == 400, (bad, response.text)
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
         assert (await client.post("/infill", json=llama_vim_body())).status_code == 200
+
+
+@pytest.mark.falsifies("QWEN3_MOE_EDITOR_FIM_V1_001")
+async def test_a_file_larger_than_the_window_is_cut_and_says_so(engine: Backend) -> None:
+    """A prefix, a suffix and a ring of chunks far past the context still complete: the far
+    text is left out, the prompt fits with the completion, and ``truncated`` says so."""
+    long_prefix = "".join(f"line_{i} = {i}\n" for i in range(3000)) + PREFIX
+    long_suffix = SUFFIX + "".join(f"tail_{i} = {i}\n" for i in range(3000))
+    ring = [
+        {**chunk, "filename": f"big{i}-{chunk['filename']}"} for i in range(20) for chunk in CHUNKS
+    ]
+    answer = await infill(
+        engine, input_prefix=long_prefix, input_suffix=long_suffix, input_extra=ring
+    )
+    assert answer["content"] == ANSWER
+    assert answer["truncated"] is True
+    assert answer["tokens_evaluated"] + 128 <= 2048
+    short = await infill(engine, input_extra=[])
+    assert short["truncated"] is False

@@ -18,11 +18,12 @@ text, so a ``<|fim_middle|>`` typed in the code stays text.
 
 What fits is decided in tokens, as llama-server's ``format_prompt_infill`` decides it, so that
 an editor tuned against llama-server sees the same window: the text around the cursor gets
-``n_batch`` tokens (the prefix's tail up to three quarters, the suffix's head the rest, the
-text typed on the cursor's line always kept), the extra files what the context has left after
-twice the completion. The difference: extra files are dropped whole, oldest first (editors send
-their ring of chunks newest last), where llama-server cuts the token list at an arbitrary point
-and can leave half a file, or drop the ``<|repo_name|>`` header, in the prompt.
+``--fim-window`` tokens (llama-server: its batch size, 1024 in its Qwen FIM presets), the
+prefix's tail up to three quarters, the suffix's head the rest; the extra files get what the
+context has left after twice the completion. The difference: extra files are dropped whole,
+oldest first (editors send their ring of chunks newest last), where llama-server cuts the
+token list at an arbitrary point and can leave half a file, or drop the ``<|repo_name|>``
+header, in the prompt.
 """
 
 from __future__ import annotations
@@ -93,11 +94,11 @@ class FimWindow:
     extra: int
 
     @classmethod
-    def of(cls, *, n_batch: int, n_ctx: int, n_predict: int) -> FimWindow:
-        """llama-server's split: the cursor's surroundings fit one batch (three quarters
-        before the cursor), the extra context the rest of the context but twice the
+    def of(cls, *, around: int, n_ctx: int, n_predict: int) -> FimWindow:
+        """llama-server's split: ``around`` tokens for the cursor's surroundings (three
+        quarters before the cursor), the extra context the rest of the context but twice the
         completion. Never more than the context leaves after the completion."""
-        window = max(0, min(n_batch, n_ctx - n_predict - 3))
+        window = max(0, min(around, n_ctx - n_predict - 3))
         return cls(
             prefix=3 * (window // 4),
             suffix=window // 4,

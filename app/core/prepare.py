@@ -141,11 +141,13 @@ class Preparer:
         accept_any_model: bool = False,
         limits: Limits | None = None,
         completions_parse_special: bool = True,
+        fim_window: int = 1024,
     ) -> None:
         self._backend = backend
         self._accept_any_model = accept_any_model
         self._limits = limits or Limits()
         self._completions_parse_special = completions_parse_special
+        self._fim_window = fim_window
         self._admission = admission
         self.model_id = model_names[0]
         self._model_names = frozenset(model_names)
@@ -407,7 +409,7 @@ class Preparer:
         self._limits.check_prompt_bytes(fim.size, param=param)
         info = self._backend.info
         reserve = FIM_DEFAULT_RESERVE if fim.n_predict is None else fim.n_predict
-        window = FimWindow.of(n_batch=info.n_batch, n_ctx=info.n_ctx, n_predict=reserve)
+        window = FimWindow.of(around=self._fim_window, n_ctx=info.n_ctx, n_predict=reserve)
         built = await _offloaded(
             fim.size > INLINE_TOKENIZE_CHARS,
             partial(

@@ -45,6 +45,7 @@ class GenerationService:
         limits: Limits | None = None,
         completions_parse_special: bool = True,
         accept_any_model: bool = False,
+        fim_window: int = 1024,
     ) -> None:
         self.backend = backend
         self.semantics = semantics or ChatSemantics()
@@ -60,6 +61,7 @@ class GenerationService:
             limits=limits,
             completions_parse_special=completions_parse_special,
             accept_any_model=accept_any_model,
+            fim_window=fim_window,
         )
         self.model_id = self._preparer.model_id
         self._buffer = stream_buffer_tokens

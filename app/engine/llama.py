@@ -272,7 +272,6 @@ def model_info(model: Any, config: EngineConfig, *, n_ctx: int) -> ModelInfo:
         bos_token=token_text(model, int(model.token_bos())),
         eos_token=token_text(model, int(model.token_eos())),
         gpu_offload=config.gpu_offload,
-        n_batch=config.n_batch,
     )
 
 

@@ -163,9 +163,6 @@ class ModelInfo:
     bos_token: str
     eos_token: str
     gpu_offload: bool
-    n_batch: int = 2048
-    """Tokens the engine decodes in one ``llama_decode`` (``--n-batch``): the window a
-    fill-in-the-middle prompt keeps around the cursor, as llama-server sizes it."""
 
 
 PromptPart = str | int
