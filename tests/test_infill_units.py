@@ -19,7 +19,7 @@ from app.engine.tokenizer import LlamaTokenizer
 from app.text.lines import LineLimits
 from tests.conftest import load
 
-WIDE = FimWindow.of(around=2048, n_ctx=8192, n_predict=128)
+WIDE = FimWindow.of(around=2048, n_ctx=8192, reserve=256)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_what_is_cut_is_what_is_farthest_from_the_cursor(
     prefix = "".join(f"line_{i} = {i}\n" for i in range(400))
     suffix = "".join(f"after_{i} = {i}\n" for i in range(400))
     chunks = tuple(ExtraChunk(f"chunk_{i} = {i}\n" * 20, f"f{i}.py") for i in range(12))
-    window = FimWindow.of(around=256, n_ctx=1024, n_predict=64)
+    window = FimWindow.of(around=256, n_ctx=1024, reserve=64)
     built = fim_prompt(
         tokenizer, fim, prefix=prefix, suffix=suffix, middle="x = ", extra=chunks, window=window
     )
@@ -128,7 +128,7 @@ def _contains(tokens: list[int], run: list[int]) -> bool:
 
 def test_the_window_leaves_room_for_the_completion() -> None:
     for n_ctx, around, n_predict in [(512, 2048, 128), (4096, 1024, 128), (300, 256, 290)]:
-        window = FimWindow.of(around=around, n_ctx=n_ctx, n_predict=n_predict)
+        window = FimWindow.of(around=around, n_ctx=n_ctx, reserve=n_predict)
         most = window.prefix + window.suffix + window.extra + 3
         assert most + n_predict <= n_ctx + 3
 

@@ -20,7 +20,7 @@ What fits is decided in tokens, as llama-server's ``format_prompt_infill`` decid
 an editor tuned against llama-server sees the same window: the text around the cursor gets
 ``--fim-window`` tokens (llama-server: its batch size, 1024 in its Qwen FIM presets), the
 prefix's tail up to three quarters, the suffix's head the rest; the extra files get what the
-context has left after twice the completion. The difference: extra files are dropped whole,
+context has left after room for the completion. The difference: extra files are dropped whole,
 oldest first (editors send their ring of chunks newest last), where llama-server cuts the
 token list at an arbitrary point and can leave half a file, or drop the ``<|repo_name|>``
 header, in the prompt.
@@ -94,16 +94,17 @@ class FimWindow:
     extra: int
 
     @classmethod
-    def of(cls, *, around: int, n_ctx: int, n_predict: int) -> FimWindow:
+    def of(cls, *, around: int, n_ctx: int, reserve: int) -> FimWindow:
         """llama-server's split: ``around`` tokens for the cursor's surroundings (three
-        quarters before the cursor), the extra context the rest of the context but twice the
-        completion. Never more than the context leaves after the completion."""
-        window = max(0, min(around, n_ctx - n_predict - 3))
+        quarters before the cursor), the extra context what the context leaves after them and
+        ``reserve`` tokens for the completion (llama-server leaves twice ``n_predict``, so its
+        warm-up, ``n_predict`` 0, keeps more chunks than the completion that follows it)."""
+        window = max(0, min(around, n_ctx - reserve - 3))
         return cls(
             prefix=3 * (window // 4),
             suffix=window // 4,
             middle=window // 4,
-            extra=max(0, n_ctx - window - 3 - 2 * n_predict),
+            extra=max(0, n_ctx - window - 3 - reserve),
         )
 
 

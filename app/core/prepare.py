@@ -63,9 +63,11 @@ INLINE_SCHEMA_BYTES = 16 * 1024
 """Schemas up to this large (all of a request's together) become a grammar on the event loop;
 larger ones on a worker thread."""
 INFILL_NAMES_LOGGED = 16
-FIM_DEFAULT_RESERVE = 256
-"""Completion tokens a fill-in-the-middle prompt leaves room for when the request sets no
-``n_predict`` (it may then generate until the context is full)."""
+FIM_RESERVE = 256
+"""Completion tokens a fill-in-the-middle prompt leaves room for, at least: the same for an
+editor's warm-up (``n_predict`` 0) as for its completions (128), so both keep the same extra
+chunks and the completion finds the warm-up's cells. A request without ``n_predict`` may
+generate until the context is full."""
 TOOL_WEIGHT_CHARS = 512
 """What one tool counts for, in prompt characters, when deciding where to render a prompt."""
 
@@ -408,8 +410,8 @@ class Preparer:
         self._check_max_tokens(fim.n_predict)
         self._limits.check_prompt_bytes(fim.size, param=param)
         info = self._backend.info
-        reserve = FIM_DEFAULT_RESERVE if fim.n_predict is None else fim.n_predict
-        window = FimWindow.of(around=self._fim_window, n_ctx=info.n_ctx, n_predict=reserve)
+        reserve = max(FIM_RESERVE, fim.n_predict or 0)
+        window = FimWindow.of(around=self._fim_window, n_ctx=info.n_ctx, reserve=reserve)
         built = await _offloaded(
             fim.size > INLINE_TOKENIZE_CHARS,
             partial(
