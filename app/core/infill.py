@@ -28,6 +28,7 @@ header, in the prompt.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -117,9 +118,12 @@ def fim_prompt(
     middle: str = "",
     extra: Sequence[ExtraChunk] = (),
     window: FimWindow,
+    chunk_tokens: _Tokenize | None = None,
 ) -> FimPrompt:
     """The prompt for completing at the cursor between ``prefix`` + ``middle`` (the text typed
-    on the cursor's line so far) and ``suffix``, with ``extra`` chunks as other files."""
+    on the cursor's line so far) and ``suffix``, with ``extra`` chunks as other files.
+    ``chunk_tokens`` tokenizes the extra chunks' texts and names (``ChunkTokens``: an editor
+    sends the same ring of chunks with every keystroke)."""
     text = tokenizer.tokenize_text
     middle_tokens = text(middle) if middle else []
     prefix_tokens = text(prefix) if prefix else []
@@ -128,7 +132,7 @@ def fim_prompt(
     kept_prefix = prefix_tokens[max(0, len(prefix_tokens) - window.prefix) :]
     suffix_room = max(0, window.suffix - 2 - len(kept_middle))
     kept_suffix = suffix_tokens[:suffix_room]
-    context, extra_cut = _repository(text, fim, extra, window.extra)
+    context, extra_cut = _repository(chunk_tokens or text, fim, extra, window.extra)
     truncated = extra_cut or (
         len(kept_middle) < len(middle_tokens)
         or len(kept_prefix) < len(prefix_tokens)
@@ -139,6 +143,19 @@ def fim_prompt(
     tokens += context
     tokens += [fim.prefix, *kept_prefix, *kept_middle, fim.suffix, *kept_suffix, fim.middle]
     return FimPrompt(tokens, truncated)
+
+
+class ChunkTokens:
+    """The token ids of the texts most recently tokenized, kept: an editor's ring of chunks
+    (up to 16 of 64 lines) comes again with every keystroke, and tokenizing it again would be
+    most of a request's own work. Thread-safe (``lru_cache``); the lists returned are shared
+    and must not be changed."""
+
+    def __init__(self, tokenizer: Tokenizer, size: int = 64) -> None:
+        self._cached = functools.lru_cache(maxsize=size)(tokenizer.tokenize_text)
+
+    def __call__(self, text: str) -> list[int]:
+        return self._cached(text)
 
 
 def _repository(

@@ -39,7 +39,7 @@ from app.api.schemas import (
 )
 from app.core.admission import Admission, Ticket
 from app.core.chat_template import ChatTemplate
-from app.core.infill import FimRequest, FimWindow, fim_prompt
+from app.core.infill import ChunkTokens, FimRequest, FimWindow, fim_prompt
 from app.core.limits import Limits, check_json, lone_surrogate_at
 from app.core.prompt import ClientText
 from app.core.thinking import ThinkingTags, prompt_opens_thinking, requested_budget
@@ -150,6 +150,7 @@ class Preparer:
         self._limits = limits or Limits()
         self._completions_parse_special = completions_parse_special
         self._fim_window = fim_window
+        self._chunk_tokens = ChunkTokens(backend.tokenizer)
         self._admission = admission
         self.model_id = model_names[0]
         self._model_names = frozenset(model_names)
@@ -423,6 +424,7 @@ class Preparer:
                 middle=fim.middle,
                 extra=fim.extra,
                 window=window,
+                chunk_tokens=self._chunk_tokens,
             ),
         )
         options = TextOptions(
