@@ -52,13 +52,17 @@ lint: $(VENV)/.installed-dev
 # results, tables and plots in bench/results/ (see README, Performance). Flags through ARGS,
 # e.g. ARGS="--models /models/x.gguf --llama-server PATH", and MANY_STREAMS_ARGS.
 # Then many agent conversations on 4 slots against llama-server (one system prompt shared by
-# all, then one each) and conversations on nginx-balanced replicas (needs nginx).
+# all, then one each) and conversations on nginx-balanced replicas (needs nginx). Last, an
+# editor's fill-in-the-middle session (llama.vim's /infill requests) against llama-server
+# --cache-reuse 256; EDITING_ARGS, e.g. EDITING_ARGS="--positions 24 --model bench".
 MANY_STREAMS_ARGS ?=
 CONVERSATIONS_ARGS ?= --long 8192,32768
 REPLICAS_ARGS ?=
+EDITING_ARGS ?=
 bench: $(VENV)/.installed-bench
 	$(PY) -m bench $(ARGS)
 	$(PY) -m bench.many_streams $(MANY_STREAMS_ARGS)
 	$(PY) -m bench.conversations $(CONVERSATIONS_ARGS)
 	$(PY) -m bench.conversations --distinct-systems $(CONVERSATIONS_ARGS)
 	$(PY) -m bench.replicas $(REPLICAS_ARGS)
+	$(PY) -m bench.editing $(EDITING_ARGS)
