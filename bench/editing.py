@@ -36,8 +36,8 @@ less the server's own generation time (``timings/predicted_ms``: the bench model
 text, so completion lengths may differ between servers); the prompt tokens decoded
 (``timings/prompt_n``) against the *edit*: the tokens of the request's FIM prompt that no run of
 at least 16 tokens of the previous request's prompt and completion holds (what typing, moving
-or a ring change brought in; counted on the untruncated prompt in the layout of llama-server's
-``format_prompt_infill``), on every request after the first; ``tokens_cached``; completion
+or a ring change brought in; the prompt as llama-server's ``format_prompt_infill`` builds it
+for the server's window), on every request after the first; ``tokens_cached``; completion
 tokens (``timings/predicted_n``). Per kind of request too: the session's first, a keystroke,
 the first at a new position, the first after a ring change, a speculative one, a warm-up.
 """
@@ -695,9 +695,11 @@ def _failure(done: Sequence[Sample]) -> str | None:
 
 
 class FimTokens:
-    """The FIM prompt as llama-server's ``format_prompt_infill`` lays it out, untruncated:
-    ``[repo]myproject`` and each extra chunk after ``[file_sep]filename``, then
-    ``[file_sep]filename [fim_prefix] prefix prompt [fim_suffix] suffix [fim_middle]``."""
+    """A server's FIM prompt as llama-server's ``format_prompt_infill`` lays it out (this
+    server's too): ``[repo]myproject`` and each extra chunk after ``[file_sep]filename``, then
+    ``[file_sep]filename [fim_prefix] prefix prompt [fim_suffix] suffix [fim_middle]``, the
+    text around the cursor cut to the server's window (three quarters of it for the prefix's
+    tail, the rest less the typed text for the suffix's head)."""
 
     def __init__(self, model: Path) -> None:
         import llama_cpp  # only once a run is measured
@@ -725,13 +727,16 @@ class FimTokens:
             self._cache[text] = [int(i) for i in ids]
         return self._cache[text]
 
-    def prompt(self, request: dict[str, Any]) -> list[int]:
+    def prompt(self, request: dict[str, Any], window: int) -> list[int]:
         ids = [self.rep, *self.text("myproject\n")]
         for chunk in request["input_extra"]:
             ids += [self.sep, *self.text(chunk["filename"] + "\n"), *self.text(chunk["text"])]
-        ids += [self.sep, *self.text("filename\n"), self.pre]
-        ids += self.text(request["input_prefix"]) + self.text(request["prompt"])
-        return [*ids, self.suf, *self.text(request["input_suffix"]), self.mid]
+        prefix, middle = self.text(request["input_prefix"]), self.text(request["prompt"])
+        suffix = self.text(request["input_suffix"])
+        prefix = prefix[max(0, len(prefix) - 3 * (window // 4)) :]
+        suffix = suffix[: max(0, window // 4 - 2 - len(middle))]
+        ids += [self.sep, *self.text("filename\n"), self.pre, *prefix, *middle]
+        return [*ids, self.suf, *suffix, self.mid]
 
 
 def edit_tokens(held: Sequence[int], prompt: Sequence[int], run: int = EDIT_RUN) -> int:
@@ -760,14 +765,14 @@ def edit_tokens(held: Sequence[int], prompt: Sequence[int], run: int = EDIT_RUN)
     return fresh
 
 
-def count_edits(samples: Sequence[Sample], tokens: FimTokens) -> None:
+def count_edits(samples: Sequence[Sample], tokens: FimTokens, window: int) -> None:
     """Fill every answered request's ``edit_tokens``: against the request answered before it
     (its prompt and its completion: what one slot holds), the first request's whole prompt."""
     held: list[int] = []
     for sample in samples:
         if sample.error is not None:
             continue
-        prompt = tokens.prompt(sample.request)
+        prompt = tokens.prompt(sample.request, window)
         sample.edit_tokens = edit_tokens(held, prompt)
         held = prompt + tokens.text(sample.content)
 
@@ -950,7 +955,7 @@ def measure(args: argparse.Namespace, model: Path) -> dict[str, Any]:
                     cache = prompt_cache_figures(http) if found.name == OURS else None
             except RuntimeError as exc:  # it did not start
                 failure = str(exc)
-            count_edits(samples, tokens)
+            count_edits(samples, tokens, fim_window(found))
             row = {
                 "server": found.label,
                 "run": repeat + 1,
