@@ -405,3 +405,29 @@ async def test_a_file_larger_than_the_window_is_cut_and_says_so(engine: Backend)
     assert answer["tokens_evaluated"] + 128 <= 2048
     short = await infill(engine, input_extra=[])
     assert short["truncated"] is False
+
+
+@pytest.mark.falsifies("QWEN3_MOE_EDITOR_FIM_V1_003")
+async def test_keystrokes_do_not_fill_the_prompt_cache(code_model: Path) -> None:
+    """Each keystroke revises the document in the slot: the old version is not copied to the
+    host-RAM prompt cache (a whole-state copy per request, for a version never asked for
+    again), but a conversation that takes the slot over still saves the editor's cells."""
+    backend = BatchedLlamaBackend(
+        engine_config(
+            code_model, n_ctx=2048, n_batch=256, cache_reuse=MIN_CHUNK, prompt_cache_mib=64
+        ),
+        parallel=1,
+    )
+    try:
+        line = "    total = a"
+        for typed in range(1, len(line) + 1):
+            await infill(backend, prompt=line[:typed])
+        stats = backend.prompt_cache_stats()
+        assert stats is not None and stats.saved_bytes == 0
+        async with asgi_client(create_app(settings_for(), backend=backend)) as client:
+            chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+        stats = backend.prompt_cache_stats()
+        assert stats is not None and stats.saved_bytes > 0 and stats.entries == 1
+    finally:
+        backend.close()

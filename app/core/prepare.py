@@ -435,7 +435,8 @@ class Preparer:
         try:
             for _ in range(count):
                 job = self._admitted(req, built.tokens, fim.n_predict, options, param=param)
-                jobs.append(replace(job, truncated=built.truncated))
+                revising = replace(job.sampling, revision=True)
+                jobs.append(replace(job, sampling=revising, truncated=built.truncated))
         except BaseException:
             for job in jobs:
                 job.ticket.release()

@@ -544,7 +544,8 @@ class BatchedLlamaBackend:
         prompt = sequence.prompt
         plan = reuse_plan(slot, prompt, self._cache_reuse)
         restore, sequence.restore = sequence.restore, None
-        if cache is not None and (restore is not None or self._displaces(slot, plan)):
+        displaced = self._displaces(slot, plan, revision=sequence.sampling.revision)
+        if cache is not None and (restore is not None or displaced):
             self._save_slot(slot, cache)  # the cells of the conversation this one displaces
         if sequence.leader is not None:
             plan = ReusePlan(0)  # the leader's cells replace these once its prompt is decoded
@@ -571,14 +572,18 @@ class BatchedLlamaBackend:
             sequence.budget = BudgetTracker(budget, self.tokenizer.token_bytes)
 
     @staticmethod
-    def _displaces(slot: _Slot, plan: ReusePlan) -> bool:
+    def _displaces(slot: _Slot, plan: ReusePlan, *, revision: bool) -> bool:
         """The new prompt leaves the slot's conversation before its end, so that conversation
-        is gone once the prompt is decoded. A prompt that keeps half of it or more by moving
-        chunks continues the same document (an editor's next keystroke): saving its cells each
-        time would copy the whole state per request for a version never asked for again."""
+        is gone once the prompt is decoded. A prompt that keeps half of it or more and either
+        moves chunks (a chat whose oldest turns were dropped) or revises a document (an
+        editor's next keystroke: the suffix after the cursor changed) is the same work going
+        on: saving the old cells would copy the whole state per request for a version never
+        asked for again."""
         if plan.kept >= slot.held_prompt:
             return False
-        return not plan.moves or plan.kept < slot.held_prompt // 2
+        if plan.kept < slot.held_prompt // 2:
+            return True
+        return not (plan.moves or revision)
 
     def _keep(self, slot: _Slot, plan: ReusePlan) -> int:
         """Make the plan's moves in the slot's cells and tokens; the tokens now kept."""

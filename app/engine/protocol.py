@@ -99,6 +99,11 @@ class SamplingParams:
     """(token id, bias) pairs: each bias is added to its token's logit before sampling."""
     thinking_budget: ThinkingBudget | None = None
     """Close the thinking block after this many tokens (``None``: no budget)."""
+    revision: bool = False
+    """The prompt revises a document rather than continuing a conversation (an editor's
+    fill-in-the-middle prompt, sent again at every keystroke): what it leaves of a slot's
+    cells, when it keeps most of them, is an old version nobody asks for again, so the
+    engine does not copy it to the host-RAM prompt cache."""
 
     @property
     def greedy(self) -> bool:
