@@ -271,6 +271,29 @@ def test_the_fim_window_is_ours_or_llama_servers_logical_batch() -> None:
 # -- the committed run ---------------------------------------------------------------------------
 
 
+def test_the_committed_editing_run_is_the_report_of_its_figures() -> None:
+    """bench/results/editing.md is the report of editing.json (no figure typed in), and every
+    line docs/performance.md shows of that run (table rows, target verdicts, the prompt
+    cache's figures) is a line of that report."""
+    results_dir = ROOT / "bench" / "results"
+    results = json.loads((results_dir / "editing.json").read_text())
+    report = (results_dir / "editing.md").read_text(encoding="utf-8")
+    assert report == markdown(results)
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    section = page.split("## Editor completion (fill-in-the-middle)", 1)[1].split("\n## ", 1)[0]
+    part = section.split("<!-- editing -->", 1)[1].split("<!-- end -->", 1)[0]
+    intro, rest = part.strip().split("\n\n", 1)
+    assert intro.startswith("Model: ") and results["machine"]["git_commit"][:7] in intro
+    shown = [line for line in rest.splitlines() if line.strip()]
+    assert sum(line.startswith("| ") for line in shown) > 2
+    assert any(line.startswith("- Run ") for line in shown)  # the target's verdicts
+    lines = report.splitlines()
+    for line in shown:
+        assert line in lines, line
+    for row in results["rows"]:
+        assert row["failure"] is None and row["error_count"] == 0, row["server"]
+
+
 def test_make_bench_runs_the_editing_bench() -> None:
     makefile = (ROOT / "Makefile").read_text()
     target = makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
@@ -305,6 +328,10 @@ def test_the_quick_editing_run_measures_every_server_or_says_why_not(tmp_path: P
             samples["prompt_n"], samples["cache_n"], samples["tokens_evaluated"], strict=True
         ):
             assert n + cached == evaluated
-        # a request after a keystroke brings in a few tokens; the whole prompt is far more
-        assert row["kinds"]["keystroke"]["edit_tokens_mean"] < 10
+        # a keystroke brings in its few characters (and the suffix tokens the suggestion of
+        # the speculative request before it had pushed out of the window); a speculative
+        # request next to nothing: its suggestion is the completion the server just wrote
+        keystroke, speculative = row["kinds"]["keystroke"], row["kinds"]["speculative"]
+        assert keystroke["edit_tokens_mean"] <= results["settings"]["n_predict"] + 8
+        assert speculative["edit_tokens_mean"] < 3
         assert row["fim"]["tokens_evaluated_mean"] > 1000
