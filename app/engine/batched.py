@@ -141,6 +141,8 @@ class _Sequence(Requester):
     budget: BudgetTracker | None = None
     restore: tuple[SavedPrompt, int] | None = None
     """A saved state to copy into the slot before its prefill (and how much of it matches)."""
+    plan: ReusePlan | None = None
+    """What of its slot's cells the prompt keeps, worked out once when the slot was chosen."""
     leader: _Sequence | None = None
     """A generation with the same prompt placed before this one (``n_cmpl``, or two clients
     asking alike) whose prefill this one waits for, then copies, instead of decoding its own."""
@@ -495,6 +497,7 @@ class BatchedLlamaBackend:
                 slot = min(free, key=lambda s: s.last_used)
             else:
                 slot = choose_slot(free, sequence.prompt, min_chunk=self._cache_reuse)
+                sequence.plan = reuse_plan(slot, sequence.prompt, self._cache_reuse)
                 if self._prompt_cache is not None:
                     slot = self._consult_prompt_cache(sequence, slot, free)
             slot.sequence = sequence
@@ -525,7 +528,8 @@ class BatchedLlamaBackend:
         cache = self._prompt_cache
         assert cache is not None
         prompt = sequence.prompt
-        held = reuse_plan(slot, prompt, self._cache_reuse).kept
+        assert sequence.plan is not None
+        held = sequence.plan.kept
         found = cache.find(prompt, better_than=held, min_share=SLOT_PROMPT_SIMILARITY)
         if found is None:
             if held <= SLOT_PROMPT_SIMILARITY * len(prompt):
@@ -533,6 +537,7 @@ class BatchedLlamaBackend:
             return slot
         cache.take(found[0])  # no other placement, and no save's eviction, can have it now
         sequence.restore = found
+        sequence.plan = None  # it was for the slot not taken
         return min(free, key=lambda s: s.last_used)
 
     def _start(self, slot: _Slot) -> None:
@@ -542,8 +547,10 @@ class BatchedLlamaBackend:
         sequence.started = time.perf_counter()
         cache = self._prompt_cache
         prompt = sequence.prompt
-        plan = reuse_plan(slot, prompt, self._cache_reuse)
         restore, sequence.restore = sequence.restore, None
+        plan, sequence.plan = sequence.plan, None
+        if plan is None:  # a follower's slot, or one a restore goes to
+            plan = reuse_plan(slot, prompt, self._cache_reuse)
         displaced = self._displaces(slot, plan, revision=sequence.sampling.revision)
         if cache is not None and (restore is not None or displaced):
             self._save_slot(slot, cache)  # the cells of the conversation this one displaces
