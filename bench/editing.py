@@ -60,6 +60,7 @@ from typing import Any
 
 import httpx
 
+from app.core.infill import ChunkTokens, ExtraChunk, FimWindow, fim_prompt
 from app.settings import Settings
 from bench import facts, report
 from bench.conversations import Variant
@@ -695,48 +696,38 @@ def _failure(done: Sequence[Sample]) -> str | None:
 
 
 class FimTokens:
-    """A server's FIM prompt as llama-server's ``format_prompt_infill`` lays it out (this
-    server's too): ``[repo]myproject`` and each extra chunk after ``[file_sep]filename``, then
-    ``[file_sep]filename [fim_prefix] prefix prompt [fim_suffix] suffix [fim_middle]``, the
-    text around the cursor cut to the server's window (three quarters of it for the prefix's
-    tail, the rest less the typed text for the suffix's head)."""
+    """A server's FIM prompt as llama-server's ``format_prompt_infill`` lays it out, which is
+    this server's layout (``app.core.infill.fim_prompt``, used here): ``[repo]myproject`` and
+    each extra chunk after ``[file_sep]filename``, then ``[file_sep]filename [fim_prefix]
+    prefix prompt [fim_suffix] suffix [fim_middle]``, the text around the cursor cut to the
+    server's window (three quarters of it for the prefix's tail, the rest less the typed text
+    for the suffix's head). The session's ring always fits the context whole."""
 
     def __init__(self, model: Path) -> None:
         import llama_cpp  # only once a run is measured
 
-        self._vocab: Any = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
-        self._cache: dict[str, list[int]] = {}
-        special = {
-            name: self._special(f"<|{name}|>")
-            for name in ("repo_name", "file_sep", "fim_prefix", "fim_suffix", "fim_middle")
-        }
-        self.rep, self.sep = special["repo_name"], special["file_sep"]
-        self.pre, self.suf, self.mid = (
-            special["fim_prefix"], special["fim_suffix"], special["fim_middle"],
-        )  # fmt: skip
+        from app.engine.tokenizer import LlamaTokenizer
 
-    def _special(self, text: str) -> int:
-        ids: list[int] = self._vocab.tokenize(text.encode(), add_bos=False, special=True)
-        if len(ids) != 1:
-            raise ValueError(f"{text} is not one token of this vocabulary")
-        return ids[0]
-
-    def text(self, text: str) -> list[int]:
-        if text not in self._cache:
-            ids = self._vocab.tokenize(text.encode(), add_bos=False, special=False)
-            self._cache[text] = [int(i) for i in ids]
-        return self._cache[text]
+        self._llama: Any = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+        self._tokenizer = LlamaTokenizer(self._llama._model)
+        fim = self._tokenizer.fim
+        if fim is None or fim.repo_name is None or fim.file_sep is None:
+            raise ValueError(f"{model.name} has no fill-in-the-middle tokens")
+        self._fim = fim
+        self.text = ChunkTokens(self._tokenizer, size=4096)
 
     def prompt(self, request: dict[str, Any], window: int) -> list[int]:
-        ids = [self.rep, *self.text("myproject\n")]
-        for chunk in request["input_extra"]:
-            ids += [self.sep, *self.text(chunk["filename"] + "\n"), *self.text(chunk["text"])]
-        prefix, middle = self.text(request["input_prefix"]), self.text(request["prompt"])
-        suffix = self.text(request["input_suffix"])
-        prefix = prefix[max(0, len(prefix) - 3 * (window // 4)) :]
-        suffix = suffix[: max(0, window // 4 - 2 - len(middle))]
-        ids += [self.sep, *self.text("filename\n"), self.pre, *prefix, *middle]
-        return [*ids, self.suf, *suffix, self.mid]
+        built = fim_prompt(
+            self._tokenizer,
+            self._fim,
+            prefix=request["input_prefix"],
+            suffix=request["input_suffix"],
+            middle=request["prompt"],
+            extra=[ExtraChunk(c["text"], c["filename"]) for c in request["input_extra"]],
+            window=FimWindow.of(around=window, n_ctx=N_CTX, reserve=0),
+            chunk_tokens=self.text,
+        )
+        return built.tokens
 
 
 def edit_tokens(held: Sequence[int], prompt: Sequence[int], run: int = EDIT_RUN) -> int:

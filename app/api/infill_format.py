@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.api.formats import Answer
+from app.api.formats import Answer, timings_of
 from app.api.sse import frame
 from app.core.prepare import PreparedGeneration
 from app.core.results import Event, Finished
@@ -56,20 +56,13 @@ def generation_settings(job: PreparedGeneration, *, n_ctx: int, model: str) -> d
 
 
 def timings(finished: Finished) -> dict[str, float | int]:
-    t = finished.times
-    decoded = finished.prompt_tokens - finished.cached_tokens
-    predicted = finished.completion_tokens
+    """The completion routes' ``timings`` with llama-server's two per-token figures added."""
+    t = timings_of(finished)
     return {
-        "cache_n": finished.cached_tokens,
-        "prompt_n": decoded,
-        "prompt_ms": round(t.prompt_ms, 3),
-        "prompt_per_token_ms": round(t.prompt_ms / decoded, 3) if decoded else 0.0,
-        "prompt_per_second": round(decoded / t.prompt_ms * 1000, 2) if t.prompt_ms > 0 else 0.0,
-        "predicted_n": predicted,
-        "predicted_ms": round(t.decode_ms, 3),
-        "predicted_per_token_ms": round(t.decode_ms / predicted, 3) if predicted else 0.0,
-        "predicted_per_second": (
-            round(max(predicted - 1, 0) / t.decode_ms * 1000, 2) if t.decode_ms > 0 else 0.0
+        **t.model_dump(),
+        "prompt_per_token_ms": round(t.prompt_ms / t.prompt_n, 3) if t.prompt_n else 0.0,
+        "predicted_per_token_ms": (
+            round(t.predicted_ms / t.predicted_n, 3) if t.predicted_n else 0.0
         ),
     }
 
