@@ -10,8 +10,8 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from app.api.connections import timed_http_protocol
-from app.api.observability import JsonFormatter
+from app.api.http.access_log import JsonFormatter
+from app.api.http.connections import timed_http_protocol
 from app.engine import check_settings
 from app.main import create_app
 from app.settings import Settings
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # keep our handlers: uvicorn's own config would replace them
-        access_log=False,  # app.api.observability writes one richer line per request
+        access_log=False,  # app.api.http.access_log writes one richer line per request
         timeout_graceful_shutdown=5,
         http=timed_http_protocol(
             header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s

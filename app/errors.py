@@ -8,7 +8,8 @@ into Anthropic's ``{"type": "error", "error": {"type", "message"}}`` by
 that shape; its error types are chosen by HTTP status, as Anthropic's own are). Anything
 else is logged with its traceback by ``as_api_error`` and reaches the client as a bare
 "internal error": no stack trace, no object address, no ``str(exc)`` of an engine error. The
-HTTP side (``app.api.errors``) maps FastAPI's and Starlette's own errors onto the same taxonomy.
+HTTP side (``app.api.http.error_handlers``) maps FastAPI's and Starlette's own errors onto
+the same taxonomy.
 """
 
 from __future__ import annotations

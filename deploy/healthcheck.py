@@ -28,7 +28,7 @@ def _headers() -> dict[str, str]:
     key_file = os.environ.get("QWEN3_MOE_SERVE_API_KEY_FILE")
     if not (inline or key_file):
         return {}
-    from app.api.security import load_api_keys
+    from app.api.http.security import load_api_keys
 
     keys = load_api_keys(inline, Path(key_file) if key_file else None)
     return {"Authorization": f"Bearer {keys[0]}"} if keys else {}

@@ -413,7 +413,7 @@ async def test_server_tools_and_mcp_connectors_are_left_out_and_counted_unless_r
     tools = [{"type": "web_search_20250305", "name": "web_search"}, weather]
     mcp = [{"type": "url", "url": "https://example.invalid/sse", "name": "docs"}]
     body = {"messages": HELLO, "max_tokens": 50, "tools": tools, "mcp_servers": mcp}
-    with caplog.at_level(logging.INFO, logger="app.api.hosted_tools"):
+    with caplog.at_level(logging.INFO, logger="app.api.http.hosted_tools"):
         async with messages_client(backend) as client:
             served = await client.create(body)
             counted = await client.http.post(COUNT, json=body)
@@ -422,7 +422,7 @@ async def test_server_tools_and_mcp_connectors_are_left_out_and_counted_unless_r
     assert counted.json()["input_tokens"] == len(backend.seen[0].prompt)
     prompt = _prompt(backend)
     assert '"name": "get_weather"' in prompt and "web_search" not in prompt
-    logged = [r.getMessage() for r in caplog.records if r.name == "app.api.hosted_tools"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "app.api.http.hosted_tools"]
     assert len(logged) == 2  # the generation and the count, one line each
     dropped = "mcp_connector, web_search_20250305"
     assert logged[0].endswith(f"left out 2 tool(s) this server cannot run: {dropped}")

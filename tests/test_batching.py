@@ -34,6 +34,7 @@ import pytest
 
 from app.core.admission import Admission
 from app.core.output import Failed, Output
+from app.draining import drain
 from app.engine import Backend, EngineError, Flow, OnToken, SamplingParams, load_backend
 from app.engine.batched import BatchedLlamaBackend, _Slot, choose_slot
 from app.engine.grammar import json_grammar
@@ -41,7 +42,7 @@ from app.engine.handoff import Handoff
 from app.engine.sampling import ConstrainedSampler
 from app.engine.single import LlamaBackend
 from app.errors import Overloaded, Unavailable
-from app.main import create_app, drain
+from app.main import create_app
 from app.settings import Settings
 from tests import sse
 from tests.conftest import (

@@ -615,7 +615,7 @@ async def test_k8s_picker_reads_load_from_metrics_this_server_exports(
     client: httpx.AsyncClient,
 ) -> None:
     """The picker knows vLLM's metric names, not ours: its config maps each of its load
-    signals to a gauge app/api/metrics.py really exports, on a route that answers."""
+    signals to a gauge app/api/http/metrics.py really exports, on a route that answers."""
     config = picker_config()
     assert config["apiVersion"] == "llm-d.ai/v1alpha1"
     assert config["kind"] == "EndpointPickerConfig"

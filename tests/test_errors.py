@@ -147,16 +147,16 @@ async def test_engine_failure_mid_stream_is_an_in_band_error(demo_engine: Backen
 async def test_health_is_503_while_the_model_loads(
     demo_model_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.main
+    import app.lifespan
 
     release = threading.Event()
-    real_load = app.main.load_backend
+    real_load = app.lifespan.load_backend
 
     def slow_load(*args: Any) -> Any:
         assert release.wait(timeout=30)
         return real_load(*args)
 
-    monkeypatch.setattr(app.main, "load_backend", slow_load)
+    monkeypatch.setattr(app.lifespan, "load_backend", slow_load)
     application = create_app(settings_for(model=demo_model_path))
     async with asgi_client(application) as client:
         health = await client.get("/health")

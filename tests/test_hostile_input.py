@@ -484,5 +484,5 @@ def test_a_client_that_leaves_mid_body_is_an_info_line_not_an_error(
             sock.sendall(head + b'{"messages": [')
         wait_until(lambda: any(getattr(r, "status", None) == 499 for r in caplog.records))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
-    (left,) = [r for r in caplog.records if r.name == "app.api.errors"]
+    (left,) = [r for r in caplog.records if r.name == "app.api.http.error_handlers"]
     assert left.levelno == logging.INFO

@@ -836,16 +836,16 @@ async def test_models_tell_clients_the_context_length(demo_engine: Backend) -> N
 async def test_models_and_health_are_503_until_the_model_is_loaded(
     demo_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.main
+    import app.lifespan
 
     release = threading.Event()
-    real_load = app.main.load_backend
+    real_load = app.lifespan.load_backend
 
     def slow_load(*args: Any) -> Any:
         assert release.wait(timeout=30)
         return real_load(*args)
 
-    monkeypatch.setattr(app.main, "load_backend", slow_load)
+    monkeypatch.setattr(app.lifespan, "load_backend", slow_load)
     application = create_app(settings_for(model=demo_model_path, n_ctx=512))
     async with asgi_client(application) as client:
         assert (await client.get("/health")).status_code == 503

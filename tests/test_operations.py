@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.api.observability import JsonFormatter
+from app.api.http.access_log import JsonFormatter
 from app.engine.single import LlamaBackend
 from app.main import create_app
 from tests import sse

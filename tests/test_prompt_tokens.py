@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.api.schemas import ChatCompletionRequest, ChatMessage
+from app.api.openai.requests import ChatCompletionRequest, ChatMessage
 from app.core.admission import Admission
 from app.core.chat_template import ChatTemplate
 from app.core.prepare import ChatSemantics, PreparedGeneration, Preparer, template_message

@@ -16,7 +16,7 @@ from typing import Any
 import openai
 import pytest
 
-from app.api.schemas import ChatMessage
+from app.api.openai.requests import ChatMessage
 from app.core.chat_template import ChatTemplate
 from app.core.prepare import detect_tool_call_format, template_message
 from app.engine import Backend

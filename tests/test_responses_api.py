@@ -487,13 +487,13 @@ async def test_a_tool_this_server_cannot_run_is_left_out_and_counted_unless_reje
     sees it, one log line and the counter say so; --reject-unsupported-tools refuses it."""
     backend = InjectedBackend(scripted(ANSWER_ONLY_SCRIPT))
     body = {"input": "x", "tools": tools}
-    with caplog.at_level(logging.INFO, logger="app.api.hosted_tools"):
+    with caplog.at_level(logging.INFO, logger="app.api.http.hosted_tools"):
         async with responses_client(backend) as client:
             served = await client.create(body)
             metrics = (await client.http.get("/metrics")).text
     assert item_text(served["output"][0]) == script_text(ANSWER_ONLY_SCRIPT)
     assert kind not in _prompt(backend)
-    (logged,) = [r.getMessage() for r in caplog.records if r.name == "app.api.hosted_tools"]
+    (logged,) = [r.getMessage() for r in caplog.records if r.name == "app.api.http.hosted_tools"]
     assert logged.endswith(f"left out 1 tool(s) this server cannot run: {kind}")
     counted = f'unsupported_tools_dropped_total{{api="responses",type="{kind}"}} 1.0'
     assert counted in metrics

@@ -21,12 +21,12 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.formats import ChatFormat, CompletionFormat, Format
-from app.api.hosted_tools import UnsupportedTools
-from app.api.messages_format import MessagesWire
-from app.api.responses_format import ResponsesWire
-from app.api.responses_request import ResponsesRequest, to_chat
-from app.api.sse import frame
+from app.api.anthropic.wire import MessagesWire
+from app.api.http.hosted_tools import UnsupportedTools
+from app.api.http.sse import frame
+from app.api.openai.formats import ChatFormat, CompletionFormat, Format
+from app.api.responses.requests import ResponsesRequest, to_chat
+from app.api.responses.wire import ResponsesWire
 from app.core.results import Event
 from app.demo_model import script_text
 from app.engine import Backend, Flow, OnToken, SamplingParams, TokenLogprobs
@@ -172,7 +172,7 @@ async def test_chat_stream_framing(client: httpx.AsyncClient) -> None:
 
 # -- the per-token fast path ------------------------------------------------------------------
 # A token's chunk JSON is rendered from a per-request template instead of a pydantic object,
-# and events reach sse-starlette already framed as bytes (``app.api.sse.frame``), the savings
+# and events reach sse-starlette already framed as bytes (``app.api.http.sse.frame``), the savings
 # the profile (``python -m bench.profile``) found. Both must be invisible on the wire.
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.deps import ServiceDep
-from app.api.metrics import Metrics
-from app.api.schemas import ModelCard, ModelList
+from app.api.http.deps import ServiceDep
+from app.api.http.metrics import Metrics
+from app.api.openai.objects import ModelCard, ModelList
 
 router = APIRouter()
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, ParamSpec, TypeVar
 
-from app.api.schemas import (
+from app.api.openai.requests import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,

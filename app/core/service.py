@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from app.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from app.api.openai.requests import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from app.core.admission import Admission
 from app.core.infill import FimRequest
 from app.core.limits import Limits

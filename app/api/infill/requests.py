@@ -23,7 +23,7 @@ import logging
 
 from pydantic import Field, field_validator
 
-from app.api.schemas import INT32_MAX, GenerationRequest, RequestModel
+from app.api.openai.requests import INT32_MAX, GenerationRequest, RequestModel
 from app.core.infill import EXTRA_FILE, ExtraChunk, FimRequest
 
 logger = logging.getLogger(__name__)

@@ -1,10 +1,11 @@
 """``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: Anthropic's Messages API.
 
-The request is translated into a chat completion request (``app.api.messages_request``),
+The request is translated into a chat completion request (``app.api.anthropic.requests``),
 prepared and generated exactly as ``/v1/chat/completions`` is, and answered through the
-Messages wire (``app.api.messages_format``). Errors on these paths, whatever raises them,
-take Anthropic's shape (``app.api.errors.error_body``). The ``?beta=true`` query Claude Code
-adds and the ``anthropic-beta`` / ``anthropic-version`` headers are accepted and ignored.
+Messages wire (``app.api.anthropic.wire``). Errors on these paths, whatever raises them,
+take Anthropic's shape (``app.api.http.error_handlers.error_body``). The ``?beta=true``
+query Claude Code adds and the ``anthropic-beta`` / ``anthropic-version`` headers are accepted
+and ignored.
 
 ``count_tokens`` renders and tokenizes the request exactly as a generation would, so its
 ``input_tokens`` is the prompt a generation of the same request then reports (its
@@ -20,11 +21,11 @@ from anthropic.types import MessageTokensCount
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.deps import ServiceDep, SettingsDep
-from app.api.generation import read_body, respond
-from app.api.hosted_tools import UnsupportedTools
-from app.api.messages_format import MessagesWire
-from app.api.messages_request import CountTokensRequest, MessagesRequest, to_chat
+from app.api.anthropic.requests import CountTokensRequest, MessagesRequest, to_chat
+from app.api.anthropic.wire import MessagesWire
+from app.api.http.deps import ServiceDep, SettingsDep
+from app.api.http.generation import read_body, respond
+from app.api.http.hosted_tools import UnsupportedTools
 
 router = APIRouter()
 

@@ -16,7 +16,7 @@ preparation, engine and text pipeline as ``/v1/chat/completions``. What the tran
   reads text only.
 - ``tools`` (client tools: ``name``, ``description``, ``input_schema``) are function tools.
   Server tools (a ``type`` such as ``web_search_20250305`` or ``bash_20250124``) and MCP
-  connectors (``mcp_servers``) are left out of the prompt (``app.api.hosted_tools``: logged
+  connectors (``mcp_servers``) are left out of the prompt (``app.api.http.hosted_tools``: logged
   and counted); ``--reject-unsupported-tools`` makes them a 400. ``tool_choice``
   ``auto``/``any``/``tool``/``none`` map to the chat API's
   ``auto``/``required``/a named function/``none``; ``disable_parallel_tool_use`` to
@@ -42,8 +42,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, ValidationError
 
-from app.api.hosted_tools import UnsupportedTools
-from app.api.schemas import ChatCompletionRequest, RequestModel
+from app.api.http.hosted_tools import UnsupportedTools
+from app.api.openai.requests import ChatCompletionRequest, RequestModel
 from app.errors import InvalidRequest, validation_error
 
 

@@ -1,7 +1,7 @@
 """``POST /infill``: fill-in-the-middle code completion for editors, llama-server's API.
 
-llama.vim and llama.vscode post here (``app.api.infill_request`` for the fields, and
-``app.api.infill_format`` for the answer); the prompt is the model's own FIM format
+llama.vim and llama.vscode post here (``app.api.infill.requests`` for the fields, and
+``app.api.infill.wire`` for the answer); the prompt is the model's own FIM format
 (``app.core.infill``). ``/v1/completions`` with OpenAI's ``suffix`` builds the same prompt.
 """
 
@@ -12,11 +12,11 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.api.deps import ServiceDep, SettingsDep
-from app.api.generation import read_body, respond_each
-from app.api.infill_format import InfillWire, generation_settings
-from app.api.infill_request import InfillRequest
-from app.api.wire import Wire
+from app.api.http.deps import ServiceDep, SettingsDep
+from app.api.http.generation import read_body, respond_each
+from app.api.http.wire import Wire
+from app.api.infill.requests import InfillRequest
+from app.api.infill.wire import InfillWire, generation_settings
 
 router = APIRouter()
 

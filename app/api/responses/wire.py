@@ -6,7 +6,7 @@ the SDK's typed parser — and Codex, which reads the same wire — expects. The
 documented sequence:
 
 - ``response.created``, ``response.in_progress`` (sent at once, before the prompt is decoded);
-- per output item, in the order the model wrote them (``app.api.blocks``: a ``reasoning``
+- per output item, in the order the model wrote them (``app.api.http.blocks``: a ``reasoning``
   item, a ``message``, one ``function_call`` per call): ``response.output_item.added``; for a
   message or reasoning item ``response.content_part.added``; its deltas
   (``response.output_text.delta``, ``response.reasoning_text.delta``,
@@ -69,10 +69,10 @@ from openai.types.responses.response_reasoning_item import Content as ReasoningC
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 from pydantic import BaseModel
 
-from app.api.blocks import Block, Blocks
-from app.api.responses_request import ChatTranslation, FunctionChoice, ResponsesRequest
-from app.api.sse import frame
-from app.api.templates import JsonTemplate
+from app.api.http.blocks import Block, Blocks
+from app.api.http.sse import frame
+from app.api.http.templates import JsonTemplate
+from app.api.responses.requests import ChatTranslation, FunctionChoice, ResponsesRequest
 from app.core.results import Event, Finished
 from app.errors import ApiError
 

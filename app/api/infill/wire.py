@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.api.formats import Answer, timings_of
-from app.api.sse import frame
+from app.api.http.sse import frame
+from app.api.openai.formats import Answer, timings_of
 from app.core.prepare import PreparedGeneration
 from app.core.results import Event, Finished
 from app.errors import ApiError

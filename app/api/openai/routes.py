@@ -1,4 +1,5 @@
-"""``POST /v1/chat/completions``: OpenAI chat completions, streamed or buffered."""
+"""``POST /v1/chat/completions`` and ``POST /v1/completions``: OpenAI chat and text
+completions, streamed or buffered."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.api.deps import ServiceDep, SettingsDep
-from app.api.formats import ChatFormat
-from app.api.generation import read_body, respond
-from app.api.schemas import ChatCompletionRequest
-from app.api.wire import ChunkWire
+from app.api.http.deps import ServiceDep, SettingsDep
+from app.api.http.generation import read_body, respond
+from app.api.openai.formats import ChatFormat, CompletionFormat
+from app.api.openai.requests import ChatCompletionRequest, CompletionRequest
+from app.api.openai.wire import ChunkWire
 
 router = APIRouter()
 
@@ -42,6 +43,22 @@ async def chat_completions(
         settings,
         job,
         wire,
+        stream=body.stream,
+        arrived=arrived,
+    )
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
+    arrived = time.perf_counter()
+    body = await read_body(request, CompletionRequest)
+    job = await service.prepare_completion(body)
+    return await respond(
+        request,
+        service,
+        settings,
+        job,
+        ChunkWire(CompletionFormat(service.model_id), include_usage=body.include_usage),
         stream=body.stream,
         arrived=arrived,
     )

@@ -6,7 +6,7 @@ Claude Code, which reads the same wire — expects. The stream:
 
 - ``message_start`` (sent at once, before the prompt is decoded, with the prompt's tokens as
   ``input_tokens``);
-- per content block, in the order the model wrote them (``app.api.blocks``: ``thinking``,
+- per content block, in the order the model wrote them (``app.api.http.blocks``: ``thinking``,
   ``text``, one ``tool_use`` per call): ``content_block_start`` (a tool_use block with its id,
   name and ``input: {}``), its deltas one per token (``thinking_delta``, ``text_delta``,
   ``input_json_delta`` — Claude Code ignores input sent any other way),
@@ -60,9 +60,9 @@ from anthropic.types.raw_message_delta_event import Delta as MessageDelta
 from jiter import from_json
 from pydantic import BaseModel
 
-from app.api.blocks import Block, Blocks
-from app.api.sse import Keepalive, frame
-from app.api.templates import JsonTemplate
+from app.api.http.blocks import Block, Blocks
+from app.api.http.sse import Keepalive, frame
+from app.api.http.templates import JsonTemplate
 from app.core.results import Event, Finished
 from app.errors import ApiError
 

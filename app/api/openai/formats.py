@@ -1,13 +1,13 @@
 """OpenAI object shapes for one request: its stream chunks and its buffered response.
 
 Chat and text completions differ only in shape, so each has a format class with the same
-methods, which one adapter (``app.api.wire.ChunkWire``) puts on the wire. A buffered
+methods, which one adapter (``app.api.http.wire.ChunkWire``) puts on the wire. A buffered
 response is built from the very events a stream would have sent (``Answer`` collects them),
 so the two cannot disagree.
 
 A token's chunk is on the hot path of every stream, so ``event_json`` renders the common chunk
 (one piece of text, no logprobs, no tool call) from a per-request ``JsonTemplate``
-(``app.api.templates``); every other chunk goes through pydantic.
+(``app.api.http.templates``); every other chunk goes through pydantic.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from app.api.schemas import (
+from app.api.http.templates import JsonTemplate
+from app.api.openai.objects import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -40,7 +41,6 @@ from app.api.schemas import (
     TopLogprob,
     Usage,
 )
-from app.api.templates import JsonTemplate
 from app.core.results import Event, Finished
 from app.engine import TokenLogprobs
 from app.text import ParsedToolCall

@@ -1,8 +1,8 @@
 """``POST /v1/responses``: OpenAI's Responses API, stateless, streamed or buffered.
 
-The request is translated into a chat completion request (``app.api.responses_request``),
+The request is translated into a chat completion request (``app.api.responses.requests``),
 prepared and generated exactly as ``/v1/chat/completions`` is, and answered through the
-Responses wire (``app.api.responses_format``).
+Responses wire (``app.api.responses.wire``).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.api.deps import ServiceDep, SettingsDep
-from app.api.generation import read_body, respond
-from app.api.hosted_tools import UnsupportedTools
-from app.api.responses_format import ResponsesWire
-from app.api.responses_request import ResponsesRequest, to_chat
+from app.api.http.deps import ServiceDep, SettingsDep
+from app.api.http.generation import read_body, respond
+from app.api.http.hosted_tools import UnsupportedTools
+from app.api.responses.requests import ResponsesRequest, to_chat
+from app.api.responses.wire import ResponsesWire
 
 router = APIRouter()
 

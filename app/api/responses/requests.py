@@ -16,7 +16,7 @@ request carries its whole conversation in ``input``, so it becomes one
   is flattened: its functions are offered as ``<namespace>.<name>`` and a call of one comes
   back as ``name`` plus ``namespace``, as Codex expects. Any other tool type — hosted tools
   such as ``web_search``, ``file_search``, ``custom`` (freeform grammar) tools, ``tool_search``
-  — is left out of the prompt (``app.api.hosted_tools``: logged and counted), so a client
+  — is left out of the prompt (``app.api.http.hosted_tools``: logged and counted), so a client
   whose default config offers them works; ``--reject-unsupported-tools`` makes it a 400.
 - ``reasoning.effort`` ``none`` turns Qwen3's thinking off, any other effort turns it on with
   that effort's thinking budget (``reasoning_effort`` of the chat API); without an effort the
@@ -37,8 +37,8 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Discriminator, Field, Tag, ValidationError
 
-from app.api.hosted_tools import UnsupportedTools
-from app.api.schemas import ChatCompletionRequest, ReasoningEffort, RequestModel
+from app.api.http.hosted_tools import UnsupportedTools
+from app.api.openai.requests import ChatCompletionRequest, ReasoningEffort, RequestModel
 from app.errors import InvalidRequest, validation_error
 
 TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from app.api.metrics import Metrics
+from app.api.http.metrics import Metrics
 from app.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Both run before a body is parsed or a route is chosen, so an unauthorised or oversized request
 costs nothing and never reaches the model. Their refusals use the same envelope as every
-other error on that path (``app.api.errors.error_body``: OpenAI's, or Anthropic's under
+other error on that path (``app.api.http.error_handlers.error_body``: OpenAI's, or Anthropic's under
 ``/v1/messages``); llama-cpp-python's server answers auth failures with FastAPI's
 ``{"detail"}``, which no client can read.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_body, record_error
+from app.api.http.error_handlers import error_body, record_error
 from app.errors import ApiError, PayloadTooLarge, Unauthorized
 
 

@@ -1,7 +1,7 @@
 """The one response path of every generating route: parse the body, then stream the
 generation as SSE or collect the very same events into one JSON body.
 
-A route only names its request model and its ``Wire`` (``app.api.wire``: the API's shape of
+A route only names its request model and its ``Wire`` (``app.api.http.wire``: the API's shape of
 streams and bodies); streaming, buffering, in-band errors, keep-alives, metrics and the access
 log's facts are written once, here, for every API.
 
@@ -23,11 +23,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from app.api.errors import CLIENT_CLOSED_REQUEST, record_error
-from app.api.metrics import Metrics
-from app.api.observability import request_facts
-from app.api.sse import event_stream
-from app.api.wire import Wire
+from app.api.http.access_log import request_facts
+from app.api.http.error_handlers import CLIENT_CLOSED_REQUEST, record_error
+from app.api.http.metrics import Metrics
+from app.api.http.sse import event_stream
+from app.api.http.wire import Wire
 from app.core.limits import lone_surrogate_at
 from app.core.prepare import PreparedGeneration
 from app.core.results import Event, Finished

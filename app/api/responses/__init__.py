@@ -1,0 +1,2 @@
+"""OpenAI's Responses API: request bodies and their translation (``requests``), the wire
+(``wire``) and the route."""
