@@ -20,8 +20,6 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from app.api.http.metrics import Metrics
-from app.core.limits import Limits
-from app.core.prepare import ChatSemantics
 from app.core.service import GenerationService
 from app.draining import drain_on_sigterm
 from app.engine import Backend, load_backend
@@ -92,23 +90,8 @@ def model_names(settings: Settings, model_path: Path) -> tuple[str, ...]:
 
 
 def _install_service(app: FastAPI, settings: Settings, backend: Backend, path: Path) -> None:
-    app.state.service = GenerationService(
-        backend,
-        model_names=model_names(settings, path),
-        stream_buffer_tokens=settings.stream_buffer_tokens,
-        semantics=ChatSemantics(
-            reasoning_format=settings.reasoning_format,
-            enable_thinking=settings.enable_thinking,
-            tool_call_format=settings.tool_call_format,
-            reasoning_budget=settings.reasoning_budget,
-        ),
-        max_queue=settings.max_queue,
-        request_timeout_s=settings.request_timeout_s,
-        max_tokens_limit=settings.max_tokens_limit,
-        limits=Limits.from_settings(settings),
-        completions_parse_special=settings.completions_parse_special,
-        fim_window=settings.fim_window,
-        accept_any_model=settings.accept_any_model,
+    app.state.service = GenerationService.from_settings(
+        backend, settings, model_names(settings, path)
     )
     admission = app.state.service.admission
     metrics: Metrics = app.state.metrics

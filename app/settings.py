@@ -19,6 +19,8 @@ ENV_PREFIX = "QWEN3_MOE_SERVE_"
 
 FlashAttn = Literal["auto", "on", "off"]
 """llama.cpp's flash attention switch; ``auto`` lets llama.cpp decide per device."""
+ReasoningFormat = Literal["reasoning_content", "reasoning", "none"]
+ToolCallFormatSetting = Literal["auto", "qwen3", "qwen3_coder"]
 _SWITCH_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 KvCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
@@ -122,7 +124,7 @@ class Settings(BaseSettings):
     )
 
     # -- Qwen3 semantics --------------------------------------------------------------------
-    reasoning_format: Literal["reasoning_content", "reasoning", "none"] = Field(
+    reasoning_format: ReasoningFormat = Field(
         "reasoning_content",
         description="Where the <think> block goes: message/delta field 'reasoning_content' "
         "or 'reasoning'; 'none' leaves the raw text, tags included, in 'content'.",
@@ -143,7 +145,7 @@ class Settings(BaseSettings):
         "leaves the answer empty.",
     )
     # Tool-call format (Qwen3's JSON calls or Qwen3-Coder's XML ones); docs/tool-calls.md.
-    tool_call_format: Literal["auto", "qwen3", "qwen3_coder"] = Field(
+    tool_call_format: ToolCallFormatSetting = Field(
         "auto",
         description="How the model writes tool calls: 'qwen3' (<tool_call>{json}</tool_call>), "
         "'qwen3_coder' (<tool_call><function=NAME><parameter=P>value</parameter>..., values "

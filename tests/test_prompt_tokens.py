@@ -20,9 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.api.openai.requests import ChatCompletionRequest, ChatMessage
+from app.api.openai.to_core import chat_request, turn_of
 from app.core.admission import Admission
+from app.core.chat_prompt import ChatSemantics, template_message
 from app.core.chat_template import ChatTemplate
-from app.core.prepare import ChatSemantics, PreparedGeneration, Preparer, template_message
+from app.core.prepare import PreparedGeneration, Preparer
 from app.engine import Backend
 from app.engine.single import LlamaBackend
 from app.engine.tokenizer import LlamaTokenizer, overlapping
@@ -113,7 +115,9 @@ def preparer(backend: Backend) -> Preparer:
 
 
 def prepared(backend: Backend, body: dict[str, Any]) -> PreparedGeneration:
-    job = asyncio.run(preparer(backend).chat(ChatCompletionRequest.model_validate(body)))
+    job = asyncio.run(
+        preparer(backend).chat(chat_request(ChatCompletionRequest.model_validate(body)))
+    )
     job.ticket.release()
     return job
 
@@ -130,7 +134,7 @@ def rendered(backend: Backend, body: dict[str, Any]) -> str:
     coder = "<function=" in (backend.info.chat_template or "")
     return chat_template(backend).render(
         [
-            template_message(ChatMessage.model_validate(m), arguments_as_object=coder)
+            template_message(turn_of(ChatMessage.model_validate(m)), arguments_as_object=coder)
             for m in body["messages"]
         ],
         tools=body.get("tools"),
@@ -311,7 +315,7 @@ def test_counting_a_prompt_is_never_refused_for_the_context(demo_backend: LlamaB
     learn that it must compact its history)."""
     n_bytes = demo_backend.info.n_ctx * demo_backend.tokenizer.max_token_bytes + 1
     body = {"messages": [{"role": "user", "content": "x" * n_bytes}]}
-    request = ChatCompletionRequest.model_validate(body)
+    request = chat_request(ChatCompletionRequest.model_validate(body))
     counted = asyncio.run(preparer(demo_backend).count_chat(request))
     assert counted > demo_backend.info.n_ctx
 

@@ -17,8 +17,9 @@ import openai
 import pytest
 
 from app.api.openai.requests import ChatMessage
+from app.api.openai.to_core import turn_of
+from app.core.chat_prompt import detect_tool_call_format, template_message
 from app.core.chat_template import ChatTemplate
-from app.core.prepare import detect_tool_call_format, template_message
 from app.engine import Backend
 from app.main import create_app
 from tests.chat import (
@@ -554,7 +555,7 @@ def _coder_prompt(messages: list[dict[str, Any]], tools: list[Any]) -> str:
         bos_token="<|endoftext|>",
         eos_token=EOS.decode(),
     )
-    wire = [ChatMessage.model_validate(m) for m in messages]
+    wire = [turn_of(ChatMessage.model_validate(m)) for m in messages]
     return template.render(
         [template_message(m, arguments_as_object=True) for m in wire],
         tools=[t for t in tools],

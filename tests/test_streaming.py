@@ -25,7 +25,7 @@ from app.api.anthropic.wire import MessagesWire
 from app.api.http.hosted_tools import UnsupportedTools
 from app.api.http.sse import frame
 from app.api.openai.formats import ChatFormat, CompletionFormat, Format
-from app.api.responses.requests import ResponsesRequest, to_chat
+from app.api.responses.requests import ResponsesRequest, responses_as_chat
 from app.api.responses.wire import ResponsesWire
 from app.core.results import Event
 from app.demo_model import script_text
@@ -210,7 +210,9 @@ def test_text_chunks_render_as_pydantic_does_for_every_character() -> None:
 def _agent_wires() -> Iterator[tuple[Any, Any]]:
     """A Responses and a Messages wire, each with a block of every kind open: (wire, block)."""
     request = ResponsesRequest.model_validate({"input": "x"})
-    responses = ResponsesWire("m", request, to_chat(request, UnsupportedTools(reject=False)))
+    responses = ResponsesWire(
+        "m", request, responses_as_chat(request, UnsupportedTools(reject=False))
+    )
     messages = MessagesWire("m", prompt_tokens=1)
     call = ToolCallDelta(index=0, id="call_1", name="get_weather", arguments="")
     for wire in (responses, messages):

@@ -17,7 +17,7 @@ router = APIRouter()
 @router.head("/v1/models", include_in_schema=False)
 async def list_models(service: ServiceDep, request: Request) -> ModelList:
     created: int = request.app.state.started_at
-    n_ctx = service.backend.info.n_ctx
+    n_ctx = service.n_ctx
     card = ModelCard(
         id=service.model_id, created=created, context_length=n_ctx, max_model_len=n_ctx
     )

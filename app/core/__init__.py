@@ -1,3 +1,5 @@
-"""The generation core: a request prepared into engine terms (``prepare``), admitted
-(``admission``), run on the engine with its output queued for the response (``service``,
-``output``), and the result types the formats read (``results``)."""
+"""The generation core: requests in its own types (``requests``; each API translates its
+wire into them), prepared into engine terms by a few units behind ``prepare.Preparer``,
+admitted (``admission``), run on the engine with its output queued for the response
+(``service``, ``output``), and the result types the wires read (``results``). It imports
+nothing from ``app.api``."""

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from app.core.requests import ChatRequest
 from app.errors import LimitExceeded
 from app.settings import Settings
 
@@ -52,6 +53,38 @@ class Limits:
             max_schema_bytes=settings.max_schema_bytes,
             max_grammar_bytes=settings.max_grammar_bytes,
         )
+
+    def check_chat(self, req: ChatRequest) -> int:
+        """A chat request's counts and untyped values within the limits; returns the size of
+        its schemas (as compact JSON, about)."""
+        self.check_count(
+            "The number of messages",
+            len(req.turns),
+            self.max_messages,
+            param="messages",
+            setting="max_messages",
+        )
+        self.check_count(
+            "The number of tools",
+            len(req.tools),
+            self.max_tools,
+            param="tools",
+            setting="max_tools",
+        )
+        self.check_stop(req.stop)
+        schema_bytes = 0
+        for i, tool in enumerate(req.tools):
+            if tool.parameters is not None:
+                schema_bytes += self.check_schema(
+                    tool.parameters, param=f"tools.{i}.function.parameters"
+                )
+        if req.json_output is not None and req.json_output.schema:
+            schema_bytes += self.check_schema(
+                req.json_output.schema, param="response_format.json_schema.schema"
+            )
+        if req.template_kwargs:
+            check_json(req.template_kwargs, param="chat_template_kwargs")
+        return schema_bytes
 
     def check_count(self, what: str, count: int, limit: int, *, param: str, setting: str) -> None:
         if count > limit:

@@ -17,21 +17,26 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from app.api.openai.requests import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from app.core.admission import Admission
+from app.core.chat_prompt import ChatSemantics
 from app.core.infill import FimRequest
 from app.core.limits import Limits
 from app.core.output import Failed, Output
-from app.core.prepare import ChatSemantics, PreparedGeneration, Preparer
+from app.core.prepare import PreparedGeneration, Preparer
+from app.core.requests import ChatRequest, Sampling, TextRequest
 from app.core.results import Event, Finished, FinishReason, PhaseTimes
 from app.engine import Backend, Flow, TokenLogprobs
 from app.errors import ApiError, as_api_error
+from app.settings import ReasoningFormat, Settings
 from app.text import TextPipeline
 
 logger = logging.getLogger(__name__)
 
 
 class GenerationService:
+    """What routes call: prepare a request, then generate it; and the few facts about the
+    served model that responses carry. Routes never reach into the engine."""
+
     def __init__(
         self,
         backend: Backend,
@@ -67,26 +72,59 @@ class GenerationService:
         self._buffer = stream_buffer_tokens
         self._running: set[asyncio.Task[None]] = set()
 
-    def check_model(self, requested: str | None) -> None:
-        self._preparer.check_model(requested)
+    @classmethod
+    def from_settings(
+        cls, backend: Backend, settings: Settings, model_names: Sequence[str]
+    ) -> GenerationService:
+        return cls(
+            backend,
+            model_names=model_names,
+            stream_buffer_tokens=settings.stream_buffer_tokens,
+            semantics=ChatSemantics(
+                reasoning_format=settings.reasoning_format,
+                enable_thinking=settings.enable_thinking,
+                tool_call_format=settings.tool_call_format,
+                reasoning_budget=settings.reasoning_budget,
+            ),
+            max_queue=settings.max_queue,
+            request_timeout_s=settings.request_timeout_s,
+            max_tokens_limit=settings.max_tokens_limit,
+            limits=Limits.from_settings(settings),
+            completions_parse_special=settings.completions_parse_special,
+            fim_window=settings.fim_window,
+            accept_any_model=settings.accept_any_model,
+        )
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens one request may use, prompt and completion together."""
+        return self.backend.info.n_ctx
+
+    @property
+    def reasoning_format(self) -> ReasoningFormat:
+        return self.semantics.reasoning_format
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's bytes, for logprobs."""
+        return self.backend.tokenizer.token_bytes(token_id)
 
     async def prepare_chat(
-        self, req: ChatCompletionRequest, *, fit_max_tokens: bool = False
+        self, req: ChatRequest, *, fit_max_tokens: bool = False
     ) -> PreparedGeneration:
         return await self._preparer.chat(req, fit_max_tokens=fit_max_tokens)
 
-    async def count_chat_tokens(self, req: ChatCompletionRequest) -> int:
+    async def count_chat_tokens(self, req: ChatRequest) -> int:
         """The prompt tokens the request would decode (nothing is admitted or generated)."""
         return await self._preparer.count_chat(req)
 
-    async def prepare_completion(self, req: CompletionRequest) -> PreparedGeneration:
+    async def prepare_completion(self, req: TextRequest) -> PreparedGeneration:
         return await self._preparer.completion(req)
 
     async def prepare_infill(
-        self, req: GenerationRequest, fim: FimRequest
+        self, fim: FimRequest, *, model: str | None, sampling: Sampling
     ) -> list[PreparedGeneration]:
         """One prepared generation per completion asked (``fim.n_cmpl``), of one prompt."""
-        return await self._preparer.infill(req, fim)
+        return await self._preparer.infill(fim, model=model, sampling=sampling)
 
     async def aclose(self) -> None:
         """Cancel this service's generations still on the engine (the app is shutting down)."""

@@ -175,7 +175,9 @@ class MessagesRequest(CountTokensRequest):
     stream: bool = False
 
 
-def to_chat(req: CountTokensRequest, unsupported: UnsupportedTools) -> ChatCompletionRequest:
+def messages_as_chat(
+    req: CountTokensRequest, unsupported: UnsupportedTools
+) -> ChatCompletionRequest:
     """The chat request ``req`` asks for; the tools it offers that cannot run here are left
     out into ``unsupported`` (or refused, as it says)."""
     body: dict[str, Any] = {"model": req.model, "messages": _messages(req)}

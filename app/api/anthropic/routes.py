@@ -21,11 +21,12 @@ from anthropic.types import MessageTokensCount
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.anthropic.requests import CountTokensRequest, MessagesRequest, to_chat
+from app.api.anthropic.requests import CountTokensRequest, MessagesRequest, messages_as_chat
 from app.api.anthropic.wire import MessagesWire
 from app.api.http.deps import ServiceDep, SettingsDep
 from app.api.http.generation import read_body, respond
 from app.api.http.hosted_tools import UnsupportedTools
+from app.api.openai.to_core import chat_request
 
 router = APIRouter()
 
@@ -35,9 +36,9 @@ async def messages(request: Request, service: ServiceDep, settings: SettingsDep)
     arrived = time.perf_counter()
     body = await read_body(request, MessagesRequest)
     unsupported = UnsupportedTools(reject=settings.reject_unsupported_tools)
-    chat = to_chat(body, unsupported)
+    chat = messages_as_chat(body, unsupported)
     unsupported.report(request, "messages")
-    job = await service.prepare_chat(chat, fit_max_tokens=True)
+    job = await service.prepare_chat(chat_request(chat), fit_max_tokens=True)
     wire = MessagesWire(service.model_id, prompt_tokens=len(job.prompt_tokens))
     return await respond(request, service, settings, job, wire, stream=body.stream, arrived=arrived)
 
@@ -46,7 +47,7 @@ async def messages(request: Request, service: ServiceDep, settings: SettingsDep)
 async def count_tokens(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     body = await read_body(request, CountTokensRequest)
     unsupported = UnsupportedTools(reject=settings.reject_unsupported_tools)
-    chat = to_chat(body, unsupported)
+    chat = messages_as_chat(body, unsupported)
     unsupported.report(request, "messages_count_tokens")
-    counted = MessageTokensCount(input_tokens=await service.count_chat_tokens(chat))
+    counted = MessageTokensCount(input_tokens=await service.count_chat_tokens(chat_request(chat)))
     return JSONResponse(counted.model_dump(mode="json"))

@@ -20,19 +20,23 @@ the request otherwise served.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from pydantic import Field, field_validator
 
 from app.api.openai.requests import INT32_MAX, GenerationRequest, RequestModel
+from app.api.openai.to_core import sampling_of
 from app.core.infill import EXTRA_FILE, ExtraChunk, FimRequest
+from app.core.requests import Sampling
 
 logger = logging.getLogger(__name__)
 
 MAX_N_CMPL = 64
 """Most completions one request may ask for (more than any slot count)."""
 
-_NEUTRAL = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "temperature": 1.0}
+_NEUTRAL = Sampling(top_k=0, top_p=1.0, min_p=0.0, temperature=1.0)
 """Each optional sampling stage's value that turns it off."""
+_STAGES = ("top_k", "top_p", "min_p", "temperature")
 
 
 class InfillChunk(RequestModel):
@@ -64,13 +68,13 @@ class InfillRequest(GenerationRequest):
             return [codes.get(code, code) for code in value]
         return value
 
-    def sampling_request(self) -> InfillRequest:
-        """This request with the stages ``samplers`` leaves out turned off."""
+    def sampling(self) -> Sampling:
+        """The request's sampling, the stages ``samplers`` leaves out turned off."""
         if not self.samplers:  # absent: llama.cpp's default chain; empty: the warm-up's
-            return self
+            return sampling_of(self)
         named = set(self.samplers)
-        off = {name: value for name, value in _NEUTRAL.items() if name not in named}
-        return self.model_copy(update=off) if off else self
+        off = {name: getattr(_NEUTRAL, name) for name in _STAGES if name not in named}
+        return replace(sampling_of(self), **off)
 
     def fim(self) -> FimRequest:
         return FimRequest(

@@ -25,8 +25,8 @@ router = APIRouter()
 async def infill(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     arrived = time.perf_counter()
     body = await read_body(request, InfillRequest)
-    jobs = await service.prepare_infill(body.sampling_request(), body.fim())
-    n_ctx = service.backend.info.n_ctx
+    jobs = await service.prepare_infill(body.fim(), model=body.model, sampling=body.sampling())
+    n_ctx = service.n_ctx
     wires: list[Wire] = [
         InfillWire(
             service.model_id,

@@ -194,30 +194,11 @@ class ChatCompletionRequest(GenerationRequest):
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise ValueError(f"tool_choice names '{choice.function.name}', which is not in 'tools'")
-        if self.json_output and self.forced_tools:
+        json_output = self.response_format is not None and self.response_format.type != "text"
+        forced = bool(names) and self.tool_choice not in (None, "auto", "none")
+        if json_output and forced:
             raise ValueError("a JSON response_format cannot be combined with a forced tool call")
         return self
-
-    def completion_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-    @property
-    def json_output(self) -> bool:
-        return self.response_format is not None and self.response_format.type != "text"
-
-    @property
-    def offered_tools(self) -> list[Tool]:
-        """Tools the model may call: none when ``tool_choice`` is ``none``."""
-        if not self.tools or self.tool_choice == "none":
-            return []
-        if isinstance(self.tool_choice, NamedToolChoice):
-            return [t for t in self.tools if t.function.name == self.tool_choice.function.name]
-        return list(self.tools)
-
-    @property
-    def forced_tools(self) -> bool:
-        """The output must be a tool call (``required`` or a named function)."""
-        return bool(self.offered_tools) and self.tool_choice not in (None, "auto")
 
 
 class CompletionRequest(GenerationRequest):

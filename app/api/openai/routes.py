@@ -12,6 +12,7 @@ from app.api.http.deps import ServiceDep, SettingsDep
 from app.api.http.generation import read_body, respond
 from app.api.openai.formats import ChatFormat, CompletionFormat
 from app.api.openai.requests import ChatCompletionRequest, CompletionRequest
+from app.api.openai.to_core import chat_request, text_request
 from app.api.openai.wire import ChunkWire
 
 router = APIRouter()
@@ -23,16 +24,14 @@ async def chat_completions(
 ) -> Response:
     arrived = time.perf_counter()
     body = await read_body(request, ChatCompletionRequest)
-    job = await service.prepare_chat(body)
+    job = await service.prepare_chat(chat_request(body))
     wire = ChunkWire(
         ChatFormat(
             service.model_id,
             reasoning_field=(
-                "reasoning"
-                if service.semantics.reasoning_format == "reasoning"
-                else "reasoning_content"
+                "reasoning" if service.reasoning_format == "reasoning" else "reasoning_content"
             ),
-            token_bytes=service.backend.tokenizer.token_bytes,
+            token_bytes=service.token_bytes,
             logprobs=body.logprobs,
         ),
         include_usage=body.include_usage,
@@ -52,7 +51,7 @@ async def chat_completions(
 async def completions(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     arrived = time.perf_counter()
     body = await read_body(request, CompletionRequest)
-    job = await service.prepare_completion(body)
+    job = await service.prepare_completion(text_request(body))
     return await respond(
         request,
         service,

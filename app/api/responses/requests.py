@@ -233,7 +233,7 @@ class ChatTranslation:
     """The function tools offered, as chat tools (flattened names)."""
 
 
-def to_chat(req: ResponsesRequest, unsupported: UnsupportedTools) -> ChatTranslation:
+def responses_as_chat(req: ResponsesRequest, unsupported: UnsupportedTools) -> ChatTranslation:
     """The chat request ``req`` asks for; the tools it offers that cannot run here are left
     out into ``unsupported`` (or refused, as it says)."""
     _refuse_stateful(req)

@@ -15,7 +15,8 @@ from fastapi.responses import Response
 from app.api.http.deps import ServiceDep, SettingsDep
 from app.api.http.generation import read_body, respond
 from app.api.http.hosted_tools import UnsupportedTools
-from app.api.responses.requests import ResponsesRequest, to_chat
+from app.api.openai.to_core import chat_request
+from app.api.responses.requests import ResponsesRequest, responses_as_chat
 from app.api.responses.wire import ResponsesWire
 
 router = APIRouter()
@@ -26,8 +27,8 @@ async def responses(request: Request, service: ServiceDep, settings: SettingsDep
     arrived = time.perf_counter()
     body = await read_body(request, ResponsesRequest)
     unsupported = UnsupportedTools(reject=settings.reject_unsupported_tools)
-    translation = to_chat(body, unsupported)
+    translation = responses_as_chat(body, unsupported)
     unsupported.report(request, "responses")
-    job = await service.prepare_chat(translation.chat)
+    job = await service.prepare_chat(chat_request(translation.chat))
     wire = ResponsesWire(service.model_id, body, translation)
     return await respond(request, service, settings, job, wire, stream=body.stream, arrived=arrived)

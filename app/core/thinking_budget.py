@@ -1,10 +1,10 @@
 """A chat request's thinking budget: from ``thinking_budget``, ``reasoning_effort`` or the
 server's ``--reasoning-budget``, in the model's own token ids, kept below ``max_tokens``.
 
-The engine enforces it (``app.engine.thinking``); this module decides it. A budget applies only
-to a request that thinks (Qwen3's thinking on, not ``/no_think``), and is capped so that the
-forced closing tag and a share of ``max_tokens`` are left for the answer: a budget can never
-let thinking use up the whole completion. Without any budget nothing is capped, as before.
+The engine enforces it (``app.engine.thinking_limit``); this module decides it. A budget
+applies only to a request that thinks (Qwen3's thinking on, not ``/no_think``), and is capped
+so that the forced closing tag and a share of ``max_tokens`` are left for the answer: a budget
+can never let thinking use up the whole completion. Without any budget nothing is capped.
 """
 
 from __future__ import annotations
