@@ -1,7 +1,7 @@
 """What a generation yields, as the routes and formats see it: deltas, then one ``Finished``.
 
-Plain data, importable without the service or the engine (the wire formats and the metrics
-read these and nothing else).
+Plain data: the wires and the metrics read these, not the service; the only engine type here
+is the logprobs record a token carries.
 """
 
 from __future__ import annotations

@@ -47,12 +47,12 @@ from app.api.openai.requests import ChatCompletionRequest, RequestModel
 from app.errors import InvalidRequest, validation_error
 
 
-class TextBlock(RequestModel):
+class TextBlockIn(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class OtherBlock(RequestModel):
+class OtherBlockIn(RequestModel):
     """A content block this server cannot read (an image, a document, a server tool's)."""
 
     type: str
@@ -65,33 +65,33 @@ def _nested_kind(value: Any) -> str:
 
 ResultContent = list[
     Annotated[
-        Annotated[TextBlock, Tag("text")] | Annotated[OtherBlock, Tag("other")],
+        Annotated[TextBlockIn, Tag("text")] | Annotated[OtherBlockIn, Tag("other")],
         Discriminator(_nested_kind),
     ]
 ]
 
 
-class ToolUseBlock(RequestModel):
+class ToolUseBlockIn(RequestModel):
     type: Literal["tool_use"]
     id: str
     name: str
     input: dict[str, Any]
 
 
-class ToolResultBlock(RequestModel):
+class ToolResultBlockIn(RequestModel):
     type: Literal["tool_result"]
     tool_use_id: str
     content: str | ResultContent | None = None
     is_error: bool | None = None
 
 
-class ThinkingBlock(RequestModel):
+class ThinkingBlockIn(RequestModel):
     type: Literal["thinking"]
     thinking: str
     signature: str | None = None
 
 
-class RedactedThinkingBlock(RequestModel):
+class RedactedThinkingBlockIn(RequestModel):
     type: Literal["redacted_thinking"]
 
 
@@ -103,30 +103,30 @@ def _block_kind(value: Any) -> str:
     return kind if kind in _BLOCK_TYPES else "other"
 
 
-ContentBlock = Annotated[
-    Annotated[TextBlock, Tag("text")]
-    | Annotated[ToolUseBlock, Tag("tool_use")]
-    | Annotated[ToolResultBlock, Tag("tool_result")]
-    | Annotated[ThinkingBlock, Tag("thinking")]
-    | Annotated[RedactedThinkingBlock, Tag("redacted_thinking")]
-    | Annotated[OtherBlock, Tag("other")],
+ContentBlockIn = Annotated[
+    Annotated[TextBlockIn, Tag("text")]
+    | Annotated[ToolUseBlockIn, Tag("tool_use")]
+    | Annotated[ToolResultBlockIn, Tag("tool_result")]
+    | Annotated[ThinkingBlockIn, Tag("thinking")]
+    | Annotated[RedactedThinkingBlockIn, Tag("redacted_thinking")]
+    | Annotated[OtherBlockIn, Tag("other")],
     Discriminator(_block_kind),
 ]
 
 
-class Message(RequestModel):
+class MessageIn(RequestModel):
     role: Literal["user", "assistant", "system"]
-    content: str | list[ContentBlock]
+    content: str | list[ContentBlockIn]
 
 
-class ClientTool(RequestModel):
+class ClientToolIn(RequestModel):
     type: Literal["custom"] | None = None
     name: str
     description: str | None = None
     input_schema: dict[str, Any]
 
 
-class ServerTool(RequestModel):
+class ServerToolIn(RequestModel):
     type: str
     name: str | None = None
 
@@ -137,18 +137,18 @@ def _tool_kind(value: Any) -> str:
 
 
 Tool = Annotated[
-    Annotated[ClientTool, Tag("client")] | Annotated[ServerTool, Tag("server")],
+    Annotated[ClientToolIn, Tag("client")] | Annotated[ServerToolIn, Tag("server")],
     Discriminator(_tool_kind),
 ]
 
 
-class ToolChoice(RequestModel):
+class ToolChoiceIn(RequestModel):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
 
 
-class Thinking(RequestModel):
+class ThinkingIn(RequestModel):
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = None
 
@@ -157,11 +157,11 @@ class CountTokensRequest(RequestModel):
     """``POST /v1/messages/count_tokens``: a Messages request without the generation."""
 
     model: str | None = None
-    system: str | list[TextBlock] | None = None
-    messages: list[Message] = Field(min_length=1)
+    system: str | list[TextBlockIn] | None = None
+    messages: list[MessageIn] = Field(min_length=1)
     tools: list[Tool] | None = None
-    tool_choice: ToolChoice | None = None
-    thinking: Thinking | None = None
+    tool_choice: ToolChoiceIn | None = None
+    thinking: ThinkingIn | None = None
     mcp_servers: list[dict[str, Any]] | None = None
     """Anthropic's MCP connector: servers the API would call; none is called here."""
 
@@ -218,11 +218,11 @@ def messages_as_chat(
 
 
 def _tools(
-    tools: list[ClientTool | ServerTool], unsupported: UnsupportedTools
+    tools: list[ClientToolIn | ServerToolIn], unsupported: UnsupportedTools
 ) -> list[dict[str, Any]]:
     offered = []
     for n, tool in enumerate(tools):
-        if isinstance(tool, ClientTool):
+        if isinstance(tool, ClientToolIn):
             function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
             if tool.description is not None:
                 function["description"] = tool.description
@@ -242,14 +242,14 @@ def _unreadable(where: str, kind: str, role: str | None = None) -> InvalidReques
     )
 
 
-def _text(blocks: str | Sequence[TextBlock | OtherBlock] | None, where: str) -> str:
+def _text(blocks: str | Sequence[TextBlockIn | OtherBlockIn] | None, where: str) -> str:
     """Text blocks joined by blank lines (Claude Code's own blocks end where a new line of
     thought starts: its system prompt's header, its reminders)."""
     if blocks is None or isinstance(blocks, str):
         return blocks or ""
     texts = []
     for n, block in enumerate(blocks):
-        if not isinstance(block, TextBlock):
+        if not isinstance(block, TextBlockIn):
             raise _unreadable(f"{where}[{n}]", block.type)
         texts.append(block.text)
     return "\n\n".join(texts)
@@ -261,7 +261,7 @@ follow the conversation's first message, so no two of its conversations would sh
 prefix. It says nothing to the model, and is left out."""
 
 
-def _system(blocks: str | list[TextBlock] | None) -> str:
+def _system(blocks: str | list[TextBlockIn] | None) -> str:
     if isinstance(blocks, list):
         blocks = [b for b in blocks if not b.text.startswith(BILLING_HEADER)]
     return _text(blocks, "system")
@@ -289,20 +289,20 @@ def _messages(req: CountTokensRequest) -> list[dict[str, Any]]:
     return messages
 
 
-def _assistant_turn(content: list[ContentBlock], where: str) -> dict[str, Any]:
-    texts: list[TextBlock] = []
+def _assistant_turn(content: list[ContentBlockIn], where: str) -> dict[str, Any]:
+    texts: list[TextBlockIn] = []
     calls: list[dict[str, Any]] = []
     thoughts: list[str] = []
     for m, block in enumerate(content):
-        if isinstance(block, TextBlock):
+        if isinstance(block, TextBlockIn):
             texts.append(block)
-        elif isinstance(block, ToolUseBlock):
+        elif isinstance(block, ToolUseBlockIn):
             arguments = json.dumps(block.input, ensure_ascii=False)
             function = {"name": block.name, "arguments": arguments}
             calls.append({"id": block.id, "type": "function", "function": function})
-        elif isinstance(block, ThinkingBlock):
+        elif isinstance(block, ThinkingBlockIn):
             thoughts.append(block.thinking)
-        elif not isinstance(block, RedactedThinkingBlock):
+        elif not isinstance(block, RedactedThinkingBlockIn):
             raise _unreadable(f"{where}[{m}]", block.type, "assistant")
     text = _text(texts, where)
     turn: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
@@ -313,14 +313,14 @@ def _assistant_turn(content: list[ContentBlock], where: str) -> dict[str, Any]:
     return turn
 
 
-def _user_turn(role: str, content: list[ContentBlock], where: str) -> list[dict[str, Any]]:
+def _user_turn(role: str, content: list[ContentBlockIn], where: str) -> list[dict[str, Any]]:
     """Tool results first (they answer the assistant turn before), then the text, if any."""
     turns: list[dict[str, Any]] = []
-    texts: list[TextBlock] = []
+    texts: list[TextBlockIn] = []
     for m, block in enumerate(content):
-        if isinstance(block, TextBlock):
+        if isinstance(block, TextBlockIn):
             texts.append(block)
-        elif isinstance(block, ToolResultBlock) and role == "user":
+        elif isinstance(block, ToolResultBlockIn) and role == "user":
             result = _text(block.content, f"{where}[{m}].content")
             turns.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": result})
         else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,8 +44,7 @@ from app.api.openai.objects import (
 from app.core.results import Event, Finished
 from app.engine import TokenLogprobs
 from app.text import ParsedToolCall
-
-TokenBytes = Callable[[int], bytes]
+from app.text.utf8 import TokenBytes
 
 
 def usage_of(finished: Finished) -> Usage:

@@ -124,7 +124,7 @@ InputItem = Annotated[
 ]
 
 
-class FunctionTool(RequestModel):
+class FunctionToolIn(RequestModel):
     type: Literal["function"]
     name: str
     description: str | None = None
@@ -148,14 +148,14 @@ class NamespaceTool(RequestModel):
     description: str | None = None
     tools: list[
         Annotated[
-            Annotated[FunctionTool, Tag("function")] | Annotated[OtherTool, Tag("other")],
+            Annotated[FunctionToolIn, Tag("function")] | Annotated[OtherTool, Tag("other")],
             Discriminator(lambda v: "function" if _tool_kind(v) == "function" else "other"),
         ]
     ]
 
 
 ToolIn = Annotated[
-    Annotated[FunctionTool, Tag("function")]
+    Annotated[FunctionToolIn, Tag("function")]
     | Annotated[NamespaceTool, Tag("namespace")]
     | Annotated[OtherTool, Tag("other")],
     Discriminator(_tool_kind),
@@ -276,7 +276,7 @@ def responses_as_chat(req: ResponsesRequest, unsupported: UnsupportedTools) -> C
     return ChatTranslation(chat, namespaces, tools)
 
 
-def _function(tool: FunctionTool, name: str) -> dict[str, Any]:
+def _function(tool: FunctionToolIn, name: str) -> dict[str, Any]:
     function: dict[str, Any] = {"name": name, "parameters": tool.parameters}
     if tool.description is not None:
         function["description"] = tool.description
@@ -286,17 +286,17 @@ def _function(tool: FunctionTool, name: str) -> dict[str, Any]:
 
 
 def _tools(
-    tools: list[FunctionTool | NamespaceTool | OtherTool], unsupported: UnsupportedTools
+    tools: list[FunctionToolIn | NamespaceTool | OtherTool], unsupported: UnsupportedTools
 ) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
     offered: list[dict[str, Any]] = []
     namespaces: dict[str, tuple[str, str]] = {}
     for n, tool in enumerate(tools):
         where = f"tools[{n}]"
-        if isinstance(tool, FunctionTool):
+        if isinstance(tool, FunctionToolIn):
             offered.append(_function(tool, tool.name))
         elif isinstance(tool, NamespaceTool):
             for m, inner in enumerate(tool.tools):
-                if isinstance(inner, FunctionTool):
+                if isinstance(inner, FunctionToolIn):
                     flat = f"{tool.name}.{inner.name}"
                     namespaces[flat] = (tool.name, inner.name)
                     offered.append(_function(inner, flat))
