@@ -38,8 +38,8 @@ from app.engine import Backend, EngineError, Flow, OnToken, SamplingParams, load
 from app.engine.batched import BatchedLlamaBackend, _Slot, choose_slot
 from app.engine.grammar import json_grammar
 from app.engine.handoff import Handoff
+from app.engine.llama_backend import LlamaBackend
 from app.engine.sampling import ConstrainedSampler
-from app.engine.single import LlamaBackend
 from app.errors import Overloaded, Unavailable
 from app.main import create_app, drain
 from app.settings import Settings

@@ -52,7 +52,7 @@ prompt differ, as for a slot's own cells, and a restore whose cells are not exac
 copies run on the scheduler thread between steps (a copy of host memory, against a prefill of
 the same tokens).
 
-Thinking budget (``app.engine.thinking``): a generation with one has a ``BudgetTracker``; a
+Thinking budget (``app.engine.thinking_limit``): a generation with one has a ``BudgetTracker``; a
 token it forces is taken instead of a sampled one and accepted by the sampler chain.
 
 Sampling mirrors ``Llama._init_sampler``: per generation a ``llama_sampler`` chain of the
@@ -92,7 +92,7 @@ from app.engine.chunk_reuse import ReusePlan, plan_reuse
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
 from app.engine.host_memory import auto_prompt_cache_mib, available_bytes
-from app.engine.llama import EngineConfig, load_model, logprobs_of, model_info
+from app.engine.llama_setup import EngineConfig, load_model, logprobs_of, model_info
 from app.engine.prompt_cache import PromptCache, SavedPrompt, StateBuffer, common_prefix
 from app.engine.protocol import (
     EngineError,
@@ -107,7 +107,7 @@ from app.engine.protocol import (
     Tokenizer,
 )
 from app.engine.sampling import ConstrainedSampler, new_samplers
-from app.engine.thinking import BudgetTracker
+from app.engine.thinking_limit import BudgetTracker
 from app.engine.tokenizer import LlamaTokenizer
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ requester's event loop (``app.engine.handoff``), where ``on_token`` runs.
 Request fields reach the engine through ``SamplingParams`` only, argument by argument: nothing
 from a client is splatted into an engine call.
 
-A thinking budget (``app.engine.thinking``) is enforced through ``Llama``'s logits processors:
+A thinking budget (``app.engine.thinking_limit``) is enforced through ``Llama``'s logits processors:
 while the budget forces a token, every other token's logit is -inf, so the sampler chain
 (penalties included) takes and accepts the forced one as if sampled. A grammar is a logits
 processor too, the last: it samples the token itself as the batching engine does (the
@@ -42,7 +42,7 @@ from llama_cpp.llama import LogitsProcessorList
 
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
-from app.engine.llama import KV_TYPES, EngineConfig, logprobs_of, model_info, quiet_llama_log
+from app.engine.llama_setup import KV_TYPES, EngineConfig, logprobs_of, model_info, quiet_llama_log
 from app.engine.protocol import (
     EngineError,
     EngineFinish,
@@ -57,7 +57,7 @@ from app.engine.protocol import (
     TokenLogprobs,
 )
 from app.engine.sampling import ConstrainedSampler, new_samplers
-from app.engine.thinking import BudgetTracker
+from app.engine.thinking_limit import BudgetTracker
 from app.engine.tokenizer import LlamaTokenizer
 
 logger = logging.getLogger(__name__)
