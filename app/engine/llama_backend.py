@@ -57,7 +57,7 @@ from app.engine.protocol import (
     TokenLogprobs,
 )
 from app.engine.sampling import ConstrainedSampler, new_samplers
-from app.engine.thinking_limit import BudgetTracker
+from app.engine.thinking_limit import BudgetTracker, budget_tracker
 from app.engine.tokenizer import LlamaTokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,9 @@ HANDOFF_AHEAD = 1
 decodes the next token while the loop delivers this one, and waits for a loop that is behind
 by more (so a paused consumer stops it within a token)."""
 
-POLL_S = 0.05
-"""Longest the engine thread sleeps between checks of a paused generation's cancellation."""
+PAUSED_POLL_S = 0.05
+"""Longest the engine thread waits for a loop that is behind, or for a paused consumer, before
+it checks again whether the generation was cancelled."""
 
 
 @dataclass(eq=False)
@@ -195,11 +196,7 @@ class LlamaBackend:
             self._llm.eval(prompt[run.cached :])
             return "length"
         sampled = 0
-        budget = (
-            BudgetTracker(sampling.thinking_budget, self.tokenizer.token_bytes)
-            if sampling.thinking_budget is not None
-            else None
-        )
+        budget = budget_tracker(sampling.thinking_budget, self.tokenizer.token_bytes)
         grammar = (
             _Constrained(
                 self._constrained,
@@ -252,9 +249,9 @@ class LlamaBackend:
     def _hold(run: _Run) -> None:
         """Wait while the loop has too much undelivered, then while the consumer is paused
         (in that order: a pause decided on a token the loop is still delivering counts)."""
-        run.handoff.wait_for_room(HANDOFF_AHEAD, POLL_S)
+        run.handoff.wait_for_room(HANDOFF_AHEAD, PAUSED_POLL_S)
         while run.flow is not None and run.flow.paused and not run.cancelled:
-            run.resumed.wait(POLL_S)
+            run.resumed.wait(PAUSED_POLL_S)
             run.resumed.clear()
 
     def _cached_prefix(self, prompt_tokens: Sequence[int]) -> int:

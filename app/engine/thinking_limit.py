@@ -80,6 +80,13 @@ class BudgetTracker:
             self.state = "forcing"
 
 
+def budget_tracker(
+    budget: ThinkingBudget | None, token_bytes: Callable[[int], bytes]
+) -> BudgetTracker | None:
+    """A tracker for a generation's budget; None for a generation without one."""
+    return None if budget is None else BudgetTracker(budget, token_bytes)
+
+
 def _ends_with(tokens: list[int], tail: tuple[int, ...]) -> bool:
     return bool(tail) and tuple(tokens[-len(tail) :]) == tail
 
