@@ -35,6 +35,12 @@ PENALTY_LAST_N = 64
 so both backends penalise alike."""
 
 
+def request_seed(sampling: SamplingParams) -> int:
+    """The request's seed, or a random one, as llama.cpp takes it (32 bits)."""
+    seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+    return seed & 0xFFFFFFFF
+
+
 def new_samplers(
     vocab: Any, n_vocab: int, sampling: SamplingParams, *, logit_bias: bool = True
 ) -> tuple[Any, Any]:
@@ -71,12 +77,12 @@ def new_samplers(
     if sampling.greedy:
         add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain, grammar
-    seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+    seed = request_seed(sampling)
     add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
     add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
     add(chain, llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
     add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
-    add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    add(chain, llama_cpp.llama_sampler_init_dist(seed))
     return chain, grammar
 
 

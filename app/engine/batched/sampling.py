@@ -20,8 +20,8 @@ import numpy.typing as npt
 from app.engine.batched.queue import Generation, Updates
 from app.engine.batched.slots import Slot, Slots
 from app.engine.handoff import Ended, Sampled
-from app.engine.llama_setup import logprobs_of
-from app.engine.protocol import EngineError, EngineFinish
+from app.engine.llama_setup import finish_of, logits_row, logprobs_of
+from app.engine.protocol import EngineError
 from app.engine.sampling import ConstrainedSampler, new_samplers
 from app.engine.thinking_limit import budget_tracker
 
@@ -121,10 +121,9 @@ class BatchSampling:
             assert most_likely is not None
             token = most_likely
         elif generation.grammar is not None:
+            logits = logits_row(self._ctx, index, self._n_vocab)
             try:
-                token = self.constrained.sample(
-                    generation.sampler, generation.grammar, self._logits(index)
-                )
+                token = self.constrained.sample(generation.sampler, generation.grammar, logits)
             except EngineError as exc:  # this generation's grammar, not the step, failed
                 self._slots.release(slot)
                 return [(generation, Ended(None, exc))]
@@ -135,22 +134,13 @@ class BatchSampling:
         top = generation.sampling.top_logprobs
         logprobs = None
         if top is not None and generation.on_logprobs is not None:
-            logprobs = logprobs_of(self._logits(index), token, top)
+            logprobs = logprobs_of(logits_row(self._ctx, index, self._n_vocab), token, top)
         generation.sampled += 1
         updates: Updates = [(generation, Sampled(token, logprobs))]
-        end: EngineFinish | None = None
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-            end = "stop"
-        elif generation.sampled >= generation.max_tokens:
-            end = "length"
+        end = finish_of(self._vocab, token, generation.sampled, generation.max_tokens)
         if end is None:
             generation.next_token = token
         else:
             updates.append((generation, Ended(end)))
             self._slots.release(slot)
         return updates
-
-    def _logits(self, index: int) -> npt.NDArray[np.float32]:
-        """Batch row ``index``'s logits, as a view."""
-        row = llama_cpp.llama_get_logits_ith(self._ctx, index)
-        return np.ctypeslib.as_array(row, shape=(self._n_vocab,))
