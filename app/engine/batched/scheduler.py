@@ -14,6 +14,7 @@ waits only for a loop more than a step behind. A parked generation (its consumer
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
@@ -30,24 +31,16 @@ LOOP_LAG_S = 1.0
 """Longest the scheduler waits for a loop that is more than a step behind before it goes on."""
 
 
+@dataclass(eq=False)
 class Scheduler:
     """The step loop over one context's slots."""
 
-    def __init__(
-        self,
-        ctx: Any,
-        batch: Any,
-        n_batch: int,
-        queue: WorkQueue,
-        slots: Slots,
-        sampling: BatchSampling,
-    ) -> None:
-        self._ctx = ctx
-        self._batch = batch
-        self._n_batch = n_batch
-        self._queue = queue
-        self._slots = slots
-        self._sampling = sampling
+    ctx: Any
+    batch: Any
+    n_batch: int
+    queue: WorkQueue
+    slots: Slots
+    sampling: BatchSampling
 
     def serve(self) -> None:
         """Run steps until the backend closes or a step fails; then fail what is left."""
@@ -58,36 +51,36 @@ class Scheduler:
             logger.exception("the batch scheduler failed")
             failure = EngineError("the inference engine failed")
             failure.__cause__ = exc
-            self._queue.fail(failure)
+            self.queue.fail(failure)
         finally:
-            error = self._queue.failure or EngineError("the backend is closed")
-            ended: Updates = [(waiting, Ended(None, error)) for waiting in self._queue.drain()]
-            for slot in self._slots.running():
+            error = self.queue.failure or EngineError("the backend is closed")
+            ended: Updates = [(waiting, Ended(None, error)) for waiting in self.queue.drain()]
+            for slot in self.slots.running():
                 assert slot.generation is not None
                 ended.append((slot.generation, Ended(None, error)))
-                self._slots.release(slot)
+                self.slots.release(slot)
             self._post(ended)
 
     def step(self) -> bool:
         """One step: drop, place, fill the batch, decode, sample, post. False once closing."""
-        with self._queue.lock:
-            if not self._queue.wait_for_work(self._slots.any_running):
+        with self.queue.lock:
+            if not self.queue.wait_for_work(self.slots.any_running):
                 return False
-            self._slots.drop_cancelled()
-            placed = self._slots.place(self._queue.waiting)
+            self.slots.drop_cancelled()
+            placed = self.slots.place(self.queue.waiting)
         ended = self._start(placed)
-        fed, outputs = self._fill_batch(self._slots.running())
+        fed, outputs = self._fill_batch(self.slots.running())
         if not outputs and not any(fed.values()):
             self._post(ended)
-            self._queue.wait_parked()
+            self.queue.wait_parked()
             return True
-        status = llama_cpp.llama_decode(self._ctx, self._batch)
+        status = llama_cpp.llama_decode(self.ctx, self.batch)
         if status != 0:
             self._post(ended + self._fail_batch(fed, status))
             return True
         for slot, tokens in fed.items():
             slot.tokens.extend(tokens)
-        self._post(ended + self._sampling.sample(outputs))
+        self._post(ended + self.sampling.sample(outputs))
         return True
 
     def _start(self, placed: list[Slot]) -> Updates:
@@ -95,13 +88,13 @@ class Scheduler:
         ended: Updates = []
         for slot in placed:
             try:
-                self._slots.start(slot)
+                self.slots.start(slot)
                 assert slot.generation is not None
-                self._sampling.start(slot.generation)
+                self.sampling.start(slot.generation)
             except EngineError as exc:
                 assert slot.generation is not None
                 ended.append((slot.generation, Ended(None, exc)))
-                self._slots.release(slot)
+                self.slots.release(slot)
         return ended
 
     def _fill_batch(
@@ -112,7 +105,7 @@ class Scheduler:
         (each sequence's tokens together), so that a split KV cache decodes one micro-batch
         per run of consecutive ids and no more."""
         fed: dict[Slot, list[int]] = {}
-        budget = self._n_batch
+        budget = self.n_batch
         prefilling = []
         for slot in running:
             generation = slot.generation
@@ -132,7 +125,7 @@ class Scheduler:
             fed[slot] = slot.generation.prompt[start : start + budget]
             budget -= len(fed[slot])
 
-        batch = self._batch
+        batch = self.batch
         outputs: list[tuple[int, Slot]] = []
         n = 0
         for slot in sorted(fed, key=lambda s: s.seq_id):
@@ -177,8 +170,8 @@ class Scheduler:
         error = EngineError(f"the inference engine failed (llama_decode status {status})")
         ended: Updates = []
         for slot in fed:
-            self._slots.clear(slot)
+            self.slots.clear(slot)
             if slot.generation is not None:
                 ended.append((slot.generation, Ended(None, error)))
-                self._slots.release(slot)
+                self.slots.release(slot)
         return ended
