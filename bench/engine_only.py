@@ -127,7 +127,7 @@ def _measure_here(
     seed: int | str | None = None,
 ) -> dict[str, Any]:
     from app.engine.batched import BatchedLlamaBackend  # the engine loads only when measured
-    from app.engine.llama import EngineConfig
+    from app.engine.llama_setup import EngineConfig
 
     config = EngineConfig(
         model_path=settings.model,

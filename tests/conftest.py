@@ -47,8 +47,8 @@ from app.engine import (
     SamplingParams,
 )
 from app.engine.batched import BatchedLlamaBackend
-from app.engine.llama import EngineConfig
-from app.engine.single import LlamaBackend
+from app.engine.llama_backend import LlamaBackend
+from app.engine.llama_setup import EngineConfig
 from app.main import create_app
 from app.settings import Settings
 from bench.model import ensure_bench_model

@@ -36,11 +36,11 @@ from app.core.admission import Admission
 from app.core.output import Failed, Output
 from app.draining import drain
 from app.engine import Backend, EngineError, Flow, OnToken, SamplingParams, load_backend
-from app.engine.batched import BatchedLlamaBackend, _Slot, choose_slot
+from app.engine.batched import BatchedLlamaBackend, Slot, choose_slot
 from app.engine.grammar import json_grammar
 from app.engine.handoff import Handoff
+from app.engine.llama_backend import LlamaBackend
 from app.engine.sampling import ConstrainedSampler
-from app.engine.single import LlamaBackend
 from app.errors import Overloaded, Unavailable
 from app.main import create_app
 from app.settings import Settings
@@ -314,9 +314,9 @@ def test_every_slot_can_use_its_whole_context_at_once(
 
 
 def test_choose_slot_prefers_the_longest_shared_prefix_else_the_least_recently_used() -> None:
-    empty = _Slot(0)
-    ada = _Slot(1, [1, 2, 3, 4, 5], last_used=2)
-    bob = _Slot(2, [1, 2, 9], last_used=1)
+    empty = Slot(0)
+    ada = Slot(1, [1, 2, 3, 4, 5], last_used=2)
+    bob = Slot(2, [1, 2, 9], last_used=1)
     assert choose_slot([empty, ada, bob], [1, 2, 3, 4, 5, 6]) is ada
     assert choose_slot([ada, bob], [1, 2, 9, 9]) is bob
     # A shared opening shorter than the similarity threshold does not count: LRU (empty first).

@@ -30,7 +30,7 @@ import httpx
 import pytest
 import yaml
 
-from app.engine.single import LlamaBackend
+from app.engine.llama_backend import LlamaBackend
 from app.main import create_app
 from app.settings import ENV_PREFIX, Settings
 from bench.replicas import markdown as replicas_report

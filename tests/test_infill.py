@@ -22,7 +22,7 @@ import pytest
 from app.demo_model import ensure_demo_model, script_text
 from app.engine import Backend
 from app.engine.batched import BatchedLlamaBackend
-from app.engine.single import LlamaBackend
+from app.engine.llama_backend import LlamaBackend
 from app.main import create_app
 from tests.conftest import ENGINES, LiveServer, asgi_client, engine_config, settings_for
 

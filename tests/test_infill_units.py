@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from app.core.infill import CURRENT_FILE, REPO_NAME, ExtraChunk, FimWindow, fim_prompt
 from app.engine import FimTokens
 from app.engine.chunk_reuse import plan_reuse
-from app.engine.single import LlamaBackend
+from app.engine.llama_backend import LlamaBackend
 from app.engine.tokenizer import LlamaTokenizer
 from app.text.lines import LineLimits
 from tests.conftest import load

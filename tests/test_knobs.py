@@ -37,11 +37,11 @@ from app.engine import (
     prompt_store,
 )
 from app.engine.batched import BatchedLlamaBackend
-from app.engine.llama import kv_cache_bytes
+from app.engine.llama_backend import LlamaBackend
+from app.engine.llama_setup import kv_cache_bytes
 from app.engine.prompt_cache import PromptCache, SavedPrompt
 from app.engine.protocol import PromptCacheStats
-from app.engine.single import LlamaBackend
-from app.engine.thinking import BudgetTracker
+from app.engine.thinking_limit import BudgetTracker
 from app.main import create_app
 from app.settings import ENV_PREFIX, Settings
 from bench.model import ensure_bench_model, random_prompt

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.http.access_log import JsonFormatter
-from app.engine.single import LlamaBackend
+from app.engine.llama_backend import LlamaBackend
 from app.main import create_app
 from tests import sse
 from tests.conftest import asgi_client, settings_for

@@ -26,7 +26,7 @@ from app.core.chat_prompt import ChatSemantics, template_message
 from app.core.chat_template import ChatTemplate
 from app.core.prepare import PreparedGeneration, Preparer
 from app.engine import Backend
-from app.engine.single import LlamaBackend
+from app.engine.llama_backend import LlamaBackend
 from app.engine.tokenizer import LlamaTokenizer, overlapping
 from app.errors import ContextLengthExceeded
 from app.main import create_app

@@ -1,6 +1,6 @@
 """The engine: the backend protocol (``protocol``) and its llama.cpp adapters.
 
-``single`` serves one generation at a time through llama-cpp-python's ``Llama``; ``batched``
+``llama_backend`` serves one generation at a time through llama-cpp-python's ``Llama``; ``batched``
 decodes ``--parallel`` generations together in one context. This package is the only one that
 imports ``llama_cpp``, and importing it does not: ``load_backend`` imports the adapter it needs.
 """
@@ -57,9 +57,9 @@ logger = logging.getLogger(__name__)
 def load_backend(settings: Settings, model_path: Path) -> Backend:
     """The backend the settings ask for, with the model loaded (blocking: seconds to minutes)."""
     from app.engine.batched import BatchedLlamaBackend, default_parallel
-    from app.engine.llama import EngineConfig, check_kv_cache_types_of_file
+    from app.engine.llama_backend import LlamaBackend
+    from app.engine.llama_setup import EngineConfig, check_kv_cache_types_of_file
     from app.engine.rpc import register_rpc_servers
-    from app.engine.single import LlamaBackend
 
     if settings.rpc_servers:
         register_rpc_servers(settings.rpc_servers.split(","))

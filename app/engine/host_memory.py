@@ -1,14 +1,13 @@
 """How much host memory this process may use, for ``--cache-ram auto``.
 
-The prompt cache's default size is derived from the machine, not fixed: llama-server's fixed
-8192 MiB holds about three 30k-token conversations of Qwen3-30B-A3B (96 KiB of f16 KV a
-token), fewer than a four-slot server's own slots, on GPU hosts that usually have ten times
-that free; and in a container limited to less than 8 GiB the same fixed budget is an OOM kill
-waiting for a busy afternoon. So ``auto`` is a share of what is available when the model has
-loaded: ``MemAvailable``, or less where the process's cgroup (a container's memory limit) has
-less headroom, minus the model's own weights where they stay in host memory (a CPU model is
-read through mmap: its pages count as available but must stay resident). The cache allocates
-only what it holds, so the size is a ceiling, not a reservation.
+The prompt cache's default size is derived from the machine, not fixed as llama-server's
+8192 MiB is: that holds only a few long Qwen3-30B-A3B conversations on a GPU host with far more
+free, and is an OOM kill in a container limited to less. So ``auto`` is a share of what is
+available when the model has loaded: ``MemAvailable``, or less where the process's cgroup (a
+container's memory limit) has less headroom, minus the model's own weights where they stay in
+host memory (a CPU model is read through mmap: its pages count as available but must stay
+resident). The cache allocates only what it holds, so the size is a ceiling, not a
+reservation.
 """
 
 from __future__ import annotations

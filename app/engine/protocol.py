@@ -65,7 +65,7 @@ class ThinkingBudget:
     The engine counts the tokens it samples after ``start`` (or from the first one when the
     prompt already opened the block: ``inside``); when the count reaches ``tokens`` before
     ``end`` was sampled, it samples ``forced`` next, token by token, whatever the model's
-    logits say (``app.engine.thinking``). The ids come from the model's own tokenizer.
+    logits say (``app.engine.thinking_limit``). The ids come from the model's own tokenizer.
     """
 
     tokens: int

@@ -1,20 +1,15 @@
-"""Sampling for both engines: the sampler chain of a request, and grammar-constrained sampling
-as llama.cpp's own server does it, sample then check.
+"""Sampling for both engines: a request's sampler chain, and grammar-constrained sampling as
+llama.cpp's own server does it, sample then check.
 
 The chain is the one ``Llama._init_sampler`` builds (logit biases, penalties, then greedy or
 top-k/top-p/min-p/temperature/``dist(seed)``) with the request's own seed, so one request's seed
-decides only its own tokens; the grammar is kept beside it, not in it.
-
-A grammar sampler inside the chain tests every token of the vocabulary against the grammar at
-every step. At Qwen's 151,936 tokens that is 17-67 ms a step for a plain JSON object and over a
-second for an enum of 1,000 values (measured on the development CPU), and the batching
-scheduler samples its streams one after another, so every stream would wait on it. Here the
-chain draws without the grammar, the grammar checks that one token (4-540 µs in the same
-measurement), and only a token it refuses costs the full pass: the logits are filtered by the
-grammar and the token is drawn again (``common_sampler_sample`` in llama.cpp's
-``common/sampling.cpp``). Greedy sampling takes the same token either way; with a random
-sampler the token comes from the same constrained distribution (a refused draw is redrawn from
-what the grammar allows).
+decides only its own tokens. The grammar is kept beside the chain, not in it: a grammar sampler
+inside the chain tests the whole vocabulary at every step, and the batching scheduler samples
+its streams one after another. Here the chain draws, the grammar checks that one token, and
+only a refused token costs the full pass: the logits are filtered by the grammar and the token
+drawn again (``common_sampler_sample`` in llama.cpp's ``common/sampling.cpp``; what it saves:
+docs/api.md, the grammar limit). Greedy takes the same token either way; a random sampler
+draws from the same constrained distribution.
 """
 
 from __future__ import annotations
@@ -33,6 +28,12 @@ from app.engine.protocol import EngineError, SamplingParams
 PENALTY_LAST_N = 64
 """Tokens the repetition penalties look back on: ``Llama``'s ``last_n_tokens_size`` default,
 so both backends penalise alike."""
+
+
+def request_seed(sampling: SamplingParams) -> int:
+    """The request's seed, or a random one, as llama.cpp takes it (32 bits)."""
+    seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+    return seed & 0xFFFFFFFF
 
 
 def new_samplers(
@@ -71,12 +72,12 @@ def new_samplers(
     if sampling.greedy:
         add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain, grammar
-    seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+    seed = request_seed(sampling)
     add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
     add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
     add(chain, llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
     add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
-    add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    add(chain, llama_cpp.llama_sampler_init_dist(seed))
     return chain, grammar
 
 

@@ -4,7 +4,7 @@ llama.cpp's ``llama_tokenize`` with ``parse_special`` first partitions the text 
 the vocabulary's added tokens (CONTROL, USER_DEFINED and UNKNOWN ones, longest first), then
 BPE-tokenizes the text between them. That cannot serve a chat prompt as it is, for two
 reasons. Its partition is quadratic in the number of matches (each match walks the fragment
-list from its head: 30k one-character chat messages cost ~20 s of CPU, 100k ~300 s). And it
+list from its head, so a chat of many short messages costs seconds to minutes). And it
 cannot tell the chat template's ``<|im_start|>`` from one a client typed into a message, so
 any client could forge a system or assistant turn.
 

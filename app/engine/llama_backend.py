@@ -1,32 +1,23 @@
 """One generation at a time: llama-cpp-python's ``Llama`` and its token iterator.
 
 ``Llama.generate()`` keeps the KV cache of the previous request and decodes only the part of a
-new prompt that differs from it, so a multi-turn chat re-decodes only its newest turn; one
-``Llama`` serves for the life of the process and ``reset()`` is never called for that reason.
-Generations run on one engine thread in arrival order (a running one is never interrupted by a
-newer request, as llama-cpp-python's own server does); each sampled token is handed to the
-requester's event loop (``app.engine.handoff``), where ``on_token`` runs.
+new prompt that differs from it, so a multi-turn chat re-decodes only its newest turn (one
+``Llama`` for the life of the process; ``reset()`` is never called). Generations run on one
+engine thread in arrival order, a running one never interrupted by a newer request; each
+sampled token is handed to the requester's event loop (``app.engine.handoff``), where
+``on_token`` runs. Request fields reach ``Llama`` argument by argument from ``SamplingParams``;
+logit biases, a thinking budget and a grammar reach it as logits processors
+(``app.engine.llama_processors``).
 
-Request fields reach the engine through ``SamplingParams`` only, argument by argument: nothing
-from a client is splatted into an engine call.
-
-A thinking budget (``app.engine.thinking``) is enforced through ``Llama``'s logits processors:
-while the budget forces a token, every other token's logit is -inf, so the sampler chain
-(penalties included) takes and accepts the forced one as if sampled. A grammar is a logits
-processor too, the last: it samples the token itself as the batching engine does (the
-request's chain draws, the grammar checks that one token, and only a refused draw costs the
-grammar's pass over the vocabulary: ``app.engine.sampling``) and leaves only that token to
-``Llama``'s chain, which would otherwise test the whole vocabulary against the grammar every
-step. ``Llama`` takes
-no tensor overrides and has no slots; ``app.engine.load_backend`` sends models that need either
-(``--cpu-moe``, ``--n-cpu-moe``, ``--override-tensor``, ``--cache-ram``) to the batching engine.
+``Llama`` takes no tensor overrides and has no slots: ``app.engine.load_backend`` sends models
+that need either (``--cpu-moe``, ``--n-cpu-moe``, ``--override-tensor``, ``--cache-ram``) to
+the batching engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 import time
 from collections.abc import Sequence
@@ -37,12 +28,19 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-import numpy.typing as npt
-from llama_cpp.llama import LogitsProcessorList
 
 from app.engine.grammar import check_grammar
 from app.engine.handoff import Ended, Handoff, LoopClosed, Requester, Sampled, Update
-from app.engine.llama import KV_TYPES, EngineConfig, logprobs_of, model_info, quiet_llama_log
+from app.engine.llama_processors import GrammarProcessor, logits_processors
+from app.engine.llama_setup import (
+    KV_TYPES,
+    EngineConfig,
+    finish_of,
+    logits_row,
+    logprobs_of,
+    model_info,
+    quiet_llama_log,
+)
 from app.engine.protocol import (
     EngineError,
     EngineFinish,
@@ -56,8 +54,8 @@ from app.engine.protocol import (
     Tokenizer,
     TokenLogprobs,
 )
-from app.engine.sampling import ConstrainedSampler, new_samplers
-from app.engine.thinking import BudgetTracker
+from app.engine.sampling import ConstrainedSampler, new_samplers, request_seed
+from app.engine.thinking_limit import budget_tracker
 from app.engine.tokenizer import LlamaTokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,8 +65,9 @@ HANDOFF_AHEAD = 1
 decodes the next token while the loop delivers this one, and waits for a loop that is behind
 by more (so a paused consumer stops it within a token)."""
 
-POLL_S = 0.05
-"""Longest the engine thread sleeps between checks of a paused generation's cancellation."""
+PAUSED_POLL_S = 0.05
+"""Longest the engine thread waits for a loop that is behind, or for a paused consumer, before
+it checks again whether the generation was cancelled."""
 
 
 @dataclass(eq=False)
@@ -186,22 +185,18 @@ class LlamaBackend:
     def _tokens(
         self, run: _Run, prompt: list[int], sampling: SamplingParams, max_tokens: int
     ) -> EngineFinish:
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        seed = request_seed(sampling)
         top_logprobs = sampling.top_logprobs if run.on_logprobs is not None else None
-        self._llm.set_seed(seed & 0xFFFFFFFF)  # llama.cpp's seeds are 32-bit, as batched takes them
+        self._llm.set_seed(seed)
         run.cached = self._cached_prefix(prompt)
         if max_tokens == 0:  # a cache warm-up: decode the prompt, sample nothing
             self._llm.n_tokens = run.cached
             self._llm.eval(prompt[run.cached :])
             return "length"
         sampled = 0
-        budget = (
-            BudgetTracker(sampling.thinking_budget, self.tokenizer.token_bytes)
-            if sampling.thinking_budget is not None
-            else None
-        )
+        budget = budget_tracker(sampling.thinking_budget, self.tokenizer.token_bytes)
         grammar = (
-            _Constrained(
+            GrammarProcessor(
                 self._constrained,
                 *new_samplers(
                     self._vocab,
@@ -222,7 +217,7 @@ class LlamaBackend:
             repeat_penalty=sampling.repeat_penalty,
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
-            logits_processor=_processors(sampling.logit_bias, budget, grammar),
+            logits_processor=logits_processors(sampling.logit_bias, budget, grammar),
         )
         try:
             for token_id in tokens:
@@ -233,10 +228,9 @@ class LlamaBackend:
                 sampled += 1
                 logprobs = None if top_logprobs is None else self._logprobs(token_id, top_logprobs)
                 run.handoff.post((Sampled(token_id, logprobs),))
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token_id):
-                    return "stop"
-                if sampled >= max_tokens:
-                    return "length"
+                end = finish_of(self._vocab, token_id, sampled, max_tokens)
+                if end is not None:
+                    return end
                 self._hold(run)
                 if run.cancelled:
                     return "cancelled"
@@ -252,9 +246,9 @@ class LlamaBackend:
     def _hold(run: _Run) -> None:
         """Wait while the loop has too much undelivered, then while the consumer is paused
         (in that order: a pause decided on a token the loop is still delivering counts)."""
-        run.handoff.wait_for_room(HANDOFF_AHEAD, POLL_S)
+        run.handoff.wait_for_room(HANDOFF_AHEAD, PAUSED_POLL_S)
         while run.flow is not None and run.flow.paused and not run.cancelled:
-            run.resumed.wait(POLL_S)
+            run.resumed.wait(PAUSED_POLL_S)
             run.resumed.clear()
 
     def _cached_prefix(self, prompt_tokens: Sequence[int]) -> int:
@@ -272,8 +266,7 @@ class LlamaBackend:
 
     def _logprobs(self, token_id: int, top: int) -> TokenLogprobs:
         """Logprobs from the logits the token was sampled from (still the last ones decoded)."""
-        row = self._llm._ctx.get_logits_ith(-1)
-        logits = np.ctypeslib.as_array(row, shape=(self.info.n_vocab,))
+        logits = logits_row(self._llm._ctx.ctx, -1, self.info.n_vocab)
         return logprobs_of(logits, token_id, top)
 
     def close(self) -> None:
@@ -282,90 +275,6 @@ class LlamaBackend:
         self._closing = True
         self._engine.shutdown(wait=True, cancel_futures=True)
         self._llm.close()
-
-
-def _processors(
-    logit_bias: tuple[tuple[int, float], ...],
-    budget: BudgetTracker | None,
-    grammar: _Constrained | None,
-) -> LogitsProcessorList | None:
-    """What ``Llama`` runs on the logits before its sampler chain: the request's logit biases
-    (the batching backend puts llama.cpp's logit-bias sampler first in its chain), then a
-    thinking budget's forced token, then the grammar's choice."""
-    processors: list[Any] = []
-    if logit_bias:
-        processors.append(_Biases(logit_bias))
-    if budget is not None:
-        processors.append(_Forcing(budget))
-    if grammar is not None:
-        processors.append(grammar)
-    return LogitsProcessorList(processors) if processors else None
-
-
-class _Constrained:
-    """A logits processor that samples the token itself, grammar-constrained, and leaves only
-    that token to ``Llama``'s chain. It runs inside a llama.cpp callback, where an exception
-    would be printed and lost, so a failure is kept in ``error`` for the engine thread."""
-
-    def __init__(self, sampler: ConstrainedSampler, chain: Any, grammar: Any) -> None:
-        self._sampler = sampler
-        self._chain = chain
-        self._grammar = grammar
-        self.error: EngineError | None = None
-
-    def __call__(
-        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
-    ) -> npt.NDArray[np.single]:
-        if self.error is not None:
-            return scores
-        try:
-            token = self._sampler.sample(self._chain, self._grammar, scores)
-        except EngineError as exc:
-            self.error = exc
-            return scores
-        except Exception as exc:  # a bug: still never an unconstrained token
-            logger.exception("grammar sampling failed")
-            self.error = EngineError("the inference engine failed")
-            self.error.__cause__ = exc
-            return scores
-        only = np.full_like(scores, -np.inf)
-        only[token] = 0.0
-        return only
-
-    def free(self) -> None:
-        llama_cpp.llama_sampler_free(self._chain)
-        llama_cpp.llama_sampler_free(self._grammar)
-
-
-class _Biases:
-    """A logits processor that adds the request's logit biases."""
-
-    def __init__(self, logit_bias: tuple[tuple[int, float], ...]) -> None:
-        self._ids = np.array([token_id for token_id, _ in logit_bias], dtype=np.intp)
-        self._biases = np.array([bias for _, bias in logit_bias], dtype=np.float32)
-
-    def __call__(
-        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
-    ) -> npt.NDArray[np.single]:
-        scores[self._ids] += self._biases
-        return scores
-
-
-class _Forcing:
-    """A logits processor that leaves only the budget's forced token, when it has one."""
-
-    def __init__(self, budget: BudgetTracker) -> None:
-        self._budget = budget
-
-    def __call__(
-        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
-    ) -> npt.NDArray[np.single]:
-        forced = self._budget.forced()
-        if forced is None:
-            return scores
-        only = np.full_like(scores, -np.inf)
-        only[forced] = 0.0
-        return only
 
 
 def _never_ran(job: Any, run: _Run) -> None:

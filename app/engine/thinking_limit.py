@@ -3,23 +3,18 @@
 Both engines run one ``BudgetTracker`` per generation that has a ``ThinkingBudget``: before
 each sample they ask ``forced()`` for a token to take instead of sampling one, and they
 ``observe()`` every token they hand out. The states are llama.cpp's reasoning-budget sampler's
-(common/reasoning-budget.h): waiting for the opening tag, counting the tokens inside the block,
-waiting for a character split across tokens to be complete, forcing the closing sequence
-token by token, then done (a budget closes one block: Qwen3 thinks once, at the start).
+(common/reasoning-budget.h): waiting for the opening tag, counting inside the block, waiting
+for a character split across tokens to be complete, forcing the closing sequence token by
+token, then done (a budget closes one block: Qwen3 thinks once, at the start).
 
-Forced tokens are sampled tokens like any other: they are reported to ``on_token``, counted
-in ``completion_tokens``, accepted by the sampler chain (penalties and grammar see them), and
-the text pipeline splits them as if the model had written them. That keeps streamed and
-buffered answers one path, and needs nothing from the protocol but the budget itself.
-
-Every grammar this server builds allows the forced ``"\\n</think>"`` at any point of a thinking
-block (``app.engine.grammar``'s think rule), once a character is complete; the service gives a
-constrained request a budget only when its output starts outside the block, where the grammar
-expects the opening tag first.
-
-The alternative rejected: the service deciding on decoded text and telling the engine which
-tokens to inject through ``on_token``'s return value, which would make every backend's hot
-loop and the protocol carry a token queue for one feature.
+Forced tokens are sampled tokens like any other (reported, counted, accepted by the sampler
+chain and grammar, split by the text pipeline), so streamed and buffered answers stay one path
+and the protocol carries nothing but the budget. Every grammar this server builds allows the
+forced ``"\\n</think>"`` inside a thinking block once a character is complete
+(``app.engine.grammar``'s think rule); the service gives a constrained request a budget only
+when its output starts outside the block. The alternative rejected: the service injecting
+tokens through ``on_token``'s return value, which would put a token queue in every backend's
+hot loop for one feature.
 """
 
 from __future__ import annotations
@@ -78,6 +73,13 @@ class BudgetTracker:
             self.state = "utf8"
         if self.state == "utf8" and self._utf8_missing == 0:
             self.state = "forcing"
+
+
+def budget_tracker(
+    budget: ThinkingBudget | None, token_bytes: Callable[[int], bytes]
+) -> BudgetTracker | None:
+    """A tracker for a generation's budget; None for a generation without one."""
+    return None if budget is None else BudgetTracker(budget, token_bytes)
 
 
 def _ends_with(tokens: list[int], tail: tuple[int, ...]) -> bool:

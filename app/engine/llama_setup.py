@@ -21,7 +21,7 @@ import numpy.typing as npt
 from llama_cpp import _internals
 
 from app.engine.placement import OverrideRule, Placement, captured_llama_log, override_rules
-from app.engine.protocol import ModelInfo, TokenLogprobs
+from app.engine.protocol import EngineFinish, ModelInfo, TokenLogprobs
 from app.settings import UNQUANTIZED_KV_TYPES, FlashAttn, KvCacheType, Settings
 
 logger = logging.getLogger(__name__)
@@ -280,6 +280,21 @@ def token_text(model: Any, token_id: int) -> str:
     if token_id < 0:
         return ""
     return bytes(model.detokenize([token_id], special=True)).decode("utf-8", errors="replace")
+
+
+def logits_row(ctx: Any, index: int, n_vocab: int) -> Logits:
+    """Batch row ``index``'s logits in ``ctx`` (-1: the last row), as a view."""
+    row = llama_cpp.llama_get_logits_ith(ctx, index)
+    return np.ctypeslib.as_array(row, shape=(n_vocab,))
+
+
+def finish_of(vocab: Any, token_id: int, sampled: int, max_tokens: int) -> EngineFinish | None:
+    """Why a generation ends at the token it just sampled (its ``sampled``-th), if it does."""
+    if llama_cpp.llama_vocab_is_eog(vocab, token_id):
+        return "stop"
+    if sampled >= max_tokens:
+        return "length"
+    return None
 
 
 def logprobs_of(logits: Logits, token_id: int, top: int) -> TokenLogprobs:
