@@ -36,7 +36,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from app.demo_model import ChatTemplateName, ensure_demo_model
+from app.demo import ChatTemplateName, ensure_demo_model
 from app.engine import (
     Backend,
     Flow,

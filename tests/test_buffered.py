@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.demo_model import script_text
+from app.demo import script_text
 from app.engine import Backend
 from app.main import create_app
 from tests.conftest import HELLO, asgi_client, settings_for

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.demo_model import ensure_demo_model
+from app.demo import ensure_demo_model
 from app.engine.batched import BatchedLlamaBackend
 from app.main import create_app
 from tests import editor_clients as clients

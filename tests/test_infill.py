@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from app.demo_model import ensure_demo_model, script_text
+from app.demo import ensure_demo_model, script_text
 from app.engine import Backend
 from app.engine.batched import BatchedLlamaBackend
 from app.engine.single import LlamaBackend

@@ -27,7 +27,7 @@ import pytest
 from app.cli import main as cli_main
 from app.cli import parse_settings
 from app.core.thinking import EFFORT_BUDGETS
-from app.demo_model import DEFAULT_SCRIPT
+from app.demo import DEFAULT_SCRIPT
 from app.engine import (
     Backend,
     SamplingParams,

@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from app.demo_model import DEFAULT_SCRIPT
+from app.demo import DEFAULT_SCRIPT
 from app.engine import Backend
 from app.main import create_app
 from tests.chat import both, chat_client, delta_field, script_text, streamed_calls

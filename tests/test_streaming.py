@@ -28,7 +28,7 @@ from app.api.responses_format import ResponsesWire
 from app.api.responses_request import ResponsesRequest, to_chat
 from app.api.sse import frame
 from app.core.results import Event
-from app.demo_model import script_text
+from app.demo import script_text
 from app.engine import Backend, Flow, OnToken, SamplingParams, TokenLogprobs
 from app.engine.batched import BatchedLlamaBackend
 from app.main import create_app

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.demo_model import DEFAULT_SCRIPT, script_text
+from app.demo import DEFAULT_SCRIPT, script_text
 from app.engine import Backend
 from app.main import create_app
 from app.text import Delta, Mode, TextOptions, TextPipeline
