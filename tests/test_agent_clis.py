@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from app.demo import DEFAULT_SCRIPT, ensure_demo_model, script_text
-from tests.server_process import ServerProcess
+from tests.support.servers import ServerProcess
 
 pytestmark = pytest.mark.slow
 

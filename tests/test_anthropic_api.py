@@ -27,15 +27,6 @@ from app.engine import Backend
 from app.main import create_app
 from tests import sse
 from tests.chat import script_text
-from tests.conftest import (
-    FailingBackend,
-    HeldStart,
-    InjectedBackend,
-    LiveServer,
-    asgi_client,
-    settings_for,
-    wait_until,
-)
 from tests.contracts_plugin import RecordFinding
 from tests.delivery import check_per_token_delivery, deliver
 from tests.scripts import (
@@ -45,6 +36,10 @@ from tests.scripts import (
     SINGLE_CALL_SCRIPT,
     THOUGHT,
 )
+from tests.support.clients import asgi_client
+from tests.support.injection import FailingBackend, HeldStart, InjectedBackend
+from tests.support.servers import LiveServer, settings_for
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

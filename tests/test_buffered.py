@@ -15,7 +15,8 @@ import pytest
 from app.demo import script_text
 from app.engine import Backend
 from app.main import create_app
-from tests.conftest import HELLO, asgi_client, settings_for
+from tests.support.clients import HELLO, asgi_client
+from tests.support.servers import settings_for
 
 pytestmark = pytest.mark.anyio
 

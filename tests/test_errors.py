@@ -15,7 +15,9 @@ import pytest
 from app.engine import Backend
 from app.main import create_app
 from tests import sse
-from tests.conftest import HELLO, FailingBackend, LiveServer, asgi_client, settings_for
+from tests.support.clients import HELLO, asgi_client
+from tests.support.injection import FailingBackend
+from tests.support.servers import LiveServer, settings_for
 
 pytestmark = pytest.mark.anyio
 

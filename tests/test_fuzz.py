@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.server_process import ServerProcess
+from tests.support.servers import ServerProcess
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 REQUESTS = int(os.environ.get("QWEN3_MOE_FUZZ_REQUESTS", "1000"))

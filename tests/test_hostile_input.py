@@ -16,8 +16,10 @@ import pytest
 from app.engine import Backend
 from app.main import create_app
 from tests import sse
-from tests.conftest import InjectedBackend, LiveServer, asgi_client, settings_for, wait_until
-from tests.server_process import ServerProcess
+from tests.support.clients import asgi_client
+from tests.support.injection import InjectedBackend
+from tests.support.servers import LiveServer, ServerProcess, settings_for
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

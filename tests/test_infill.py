@@ -24,7 +24,9 @@ from app.engine import Backend
 from app.engine.batched import BatchedLlamaBackend
 from app.engine.single import LlamaBackend
 from app.main import create_app
-from tests.conftest import ENGINES, LiveServer, asgi_client, engine_config, settings_for
+from tests.support.clients import asgi_client
+from tests.support.models import ENGINES, engine_config
+from tests.support.servers import LiveServer, settings_for
 
 pytestmark = pytest.mark.anyio
 

@@ -46,7 +46,9 @@ from app.main import create_app
 from app.settings import ENV_PREFIX, Settings
 from bench.model import ensure_bench_model, random_prompt
 from tests.chat import both, chat_client, delta_field
-from tests.conftest import ENGINES, HELLO, asgi_client, engine_config, settings_for
+from tests.support.clients import HELLO, asgi_client
+from tests.support.models import ENGINES, engine_config
+from tests.support.servers import settings_for
 
 pytestmark = pytest.mark.anyio
 

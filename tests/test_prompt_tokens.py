@@ -28,7 +28,8 @@ from app.engine.single import LlamaBackend
 from app.engine.tokenizer import LlamaTokenizer, overlapping
 from app.errors import ContextLengthExceeded
 from app.main import create_app
-from tests.conftest import asgi_client, settings_for
+from tests.support.clients import asgi_client
+from tests.support.servers import settings_for
 
 EXAMPLES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CONTROL = re.compile(r"<\|[a-z_]+\|>")

@@ -29,7 +29,9 @@ from tests.chat import (
     streamed_calls,
     tool_call_parts,
 )
-from tests.conftest import ENGINES, HELLO, LiveServer, settings_for
+from tests.support.clients import HELLO
+from tests.support.models import ENGINES
+from tests.support.servers import LiveServer, settings_for
 
 pytestmark = pytest.mark.anyio
 

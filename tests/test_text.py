@@ -29,7 +29,8 @@ from app.text import Delta, Mode, TextOptions, TextPipeline
 from app.text.schema_types import JSON_TYPES, ParameterTypes, schema_types
 from app.text.tags import partial_tag_suffix
 from tests import sse
-from tests.conftest import HELLO, asgi_client, settings_for
+from tests.support.clients import HELLO, asgi_client
+from tests.support.servers import settings_for
 
 SCRIPT = script_text()
 TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
