@@ -392,7 +392,7 @@ def test_the_sdk_counts_tokens_and_raises_typed_errors(live_server: LiveServer) 
         model="qwen3-moe-demo",
         max_tokens=8,
         messages=HELLO,  # type: ignore[arg-type]
-        tools=[{"type": "web_search_20250305", "name": "web_search"}],  # type: ignore[list-item]
+        tools=[{"type": "web_search_20250305", "name": "web_search"}],
     )
     assert searched.stop_reason == "max_tokens" and searched.usage.output_tokens == 8
 
@@ -518,7 +518,11 @@ async def test_thinking_disabled_and_enabled(scripted: Callable[..., Backend]) -
         on, _ = await both(client, {"thinking": {"type": "enabled", "budget_tokens": 1024}})
     assert off["content"] == [{"type": "text", "text": script_text(ANSWER_ONLY_SCRIPT)}]
     assert comparable(streamed) == comparable(off)
-    prompt = lambda m: m["usage"]["input_tokens"] + m["usage"]["cache_read_input_tokens"]  # noqa: E731
+
+    def prompt(message: dict[str, Any]) -> int:
+        usage = message["usage"]
+        return int(usage["input_tokens"] + usage["cache_read_input_tokens"])
+
     assert prompt(off) > prompt(on)  # thinking off pre-fills an empty <think></think>
 
 

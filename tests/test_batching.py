@@ -243,7 +243,7 @@ def test_a_conversation_returns_to_the_slot_that_holds_its_history(
         return int(usage["prompt_tokens_details"]["cached_tokens"])
 
     def little(usage: dict[str, Any]) -> bool:
-        return cached(usage) < usage["prompt_tokens"] // 10
+        return cached(usage) < int(usage["prompt_tokens"]) // 10
 
     assert cached(usage_a1) == 0 and little(usage_b1)
     assert cached(usage_b2) >= usage_b1["prompt_tokens"]

@@ -21,7 +21,13 @@ import numpy as np
 import pytest
 from llama_cpp import Llama
 
-from app.demo import DEFAULT_SCRIPT, ensure_demo_model, script_text, write_demo_model
+from app.demo import (
+    DEFAULT_SCRIPT,
+    ChatTemplateName,
+    ensure_demo_model,
+    script_text,
+    write_demo_model,
+)
 from app.demo.cli import main
 
 PACKAGED_TEMPLATE = Path(__file__).resolve().parents[1] / "app" / "qwen3_chat_template.jinja"
@@ -229,7 +235,7 @@ AFTER_TOOL_SCRIPT = (b"The", b" weather", b" is", b" mild", b".", b"<|im_end|>")
 
 @pytest.mark.parametrize("template", ["qwen3", "qwen3_coder"])
 def test_a_second_script_answers_once_the_conversation_holds_a_tool_result(
-    model_dir: Path, template: str
+    model_dir: Path, template: ChatTemplateName
 ) -> None:
     """An agent's round trip on the demo model: a tool call first; once a tool result is in
     the conversation (however long it and the turns after it are), the second script."""

@@ -149,10 +149,11 @@ async def test_engine_failure_mid_stream_is_an_in_band_error(demo_engine: Backen
 async def test_health_is_503_while_the_model_loads(
     demo_model_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import app.engine
     import app.main
 
     release = threading.Event()
-    real_load = app.main.load_backend
+    real_load = app.engine.load_backend  # what app.main calls, replaced there below
 
     def slow_load(*args: Any) -> Any:
         assert release.wait(timeout=30)

@@ -40,8 +40,15 @@ CODER = "qwen3_coder"
 EOS = b"<|im_end|>"
 
 
-def tool(name: str, properties: dict[str, Any], required: Sequence[str] = (), **extra: Any) -> Any:
-    parameters = {"type": "object", "properties": properties, "required": list(required), **extra}
+def tool(
+    name: str,
+    properties: dict[str, Any],
+    required: Sequence[str] = (),
+    defs: dict[str, Any] | None = None,
+) -> Any:
+    parameters = {"type": "object", "properties": properties, "required": list(required)}
+    if defs is not None:
+        parameters["$defs"] = defs
     return {"type": "function", "function": {"name": name, "parameters": parameters}}
 
 
@@ -77,7 +84,7 @@ CONFIGURE = tool(
         "timeout": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
         "level": {"$ref": "#/$defs/level"},
     },
-    **{"$defs": {"level": {"type": "integer", "minimum": 0}}},
+    defs={"level": {"type": "integer", "minimum": 0}},
 )
 
 
@@ -508,7 +515,7 @@ async def test_openai_sdk_accumulates_streamed_xml_calls(scripted: Callable[...,
 
 # -- history -----------------------------------------------------------------------------------
 
-HISTORY = [
+HISTORY: list[dict[str, Any]] = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Weather in Paris?"},
     {

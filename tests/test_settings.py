@@ -55,7 +55,7 @@ def test_flash_attention_is_auto_by_default_and_takes_switch_words(
 
 def test_flash_attention_rejects_other_words() -> None:
     with pytest.raises(ValueError, match="flash_attn"):
-        Settings(flash_attn="sometimes")  # type: ignore[arg-type]
+        Settings.model_validate({"flash_attn": "sometimes"})
 
 
 def test_help_documents_every_setting() -> None:
@@ -79,7 +79,7 @@ def test_invalid_setting_is_a_clear_error() -> None:
 def test_chat_template_file_overrides_the_gguf_template(
     tmp_path: Path, demo_model_path: Path
 ) -> None:
-    from app.main import load_backend
+    from app.engine import load_backend
 
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}{{ m.content }}\n{% endfor %}", encoding="utf-8")

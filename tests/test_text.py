@@ -525,7 +525,7 @@ def test_undeclared_parameters_take_additional_properties_or_any_type() -> None:
     typed = ParameterTypes(
         {"properties": {"a": {"type": "string"}}, "additionalProperties": {"type": "integer"}}
     )
-    assert (typed.of("a"), typed.of("b")) == ({"string"}, {"integer"})
+    assert (typed.of("a"), typed.of("b")) == (frozenset({"string"}), frozenset({"integer"}))
     assert ParameterTypes({"properties": {}}).of("b") == JSON_TYPES
     assert ParameterTypes(None).of("b") == JSON_TYPES
 
