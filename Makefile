@@ -44,7 +44,7 @@ contracts: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check app tests bench
 	$(PY) -m ruff format --check app tests bench
-	$(PY) -m mypy app bench
+	$(PY) -m mypy app bench tests
 
 # This server against llama-cpp-python's bundled server and llama.cpp's llama-server (when a
 # binary is found) on the same model, then the many-streams scenario on the tiny model (1 to

@@ -71,7 +71,7 @@ def resolve_model_path(settings: Settings) -> Path:
         if not settings.model.is_file():
             raise FileNotFoundError(f"model file not found: {settings.model}")
         return settings.model
-    from app.demo_model import ensure_demo_model
+    from app.demo import ensure_demo_model
 
     path = ensure_demo_model(settings.cache_dir)
     logger.info("no --model given: serving the embedded demo model %s", path)

@@ -8,8 +8,8 @@ positive and greedy decoding never produces a special token or ends the generati
 benchmark decides how many tokens to generate, not the model.
 
 Decision: this lives in ``bench/``, beside what measures with it, and the scripted *demo*
-model stays in ``app.demo_model`` (``make serve`` builds it). Both write through the same
-GGUF helpers of ``app.demo_model`` (vocabulary, header and metadata, the atomic cache), so a
+model stays in ``app.demo`` (``make serve`` builds it). Both write through the same
+GGUF helpers of ``app.demo`` (vocabulary, header and metadata, the atomic cache), so a
 bench model has exactly the demo model's tokenizer, template and architecture keys. The
 alternative rejected: a second GGUF writer here, which would let the two drift apart.
 """
@@ -31,17 +31,9 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
-# The shared GGUF writing of app.demo_model (private there: this module is its one other user).
-from app.demo_model import (
-    _build_vocab,
-    _byte_table,
-    _cache_name,
-    _ensure,
-    _FloatArray,
-    _Shape,
-    _Vocab,
-    _write_gguf,
-)
+from app.demo.cache import build_once, cache_name
+from app.demo.vocab import Vocab, build_vocab, byte_table
+from app.demo.writer import FloatArray, Shape, write_gguf
 
 __all__ = [
     "PRINTABLE_BYTE_TOKENS",
@@ -83,8 +75,8 @@ class BenchParams:
     n_ctx: int = 4096
     seed: int = 0
 
-    def shape(self) -> _Shape:
-        return _Shape(
+    def shape(self) -> Shape:
+        return Shape(
             n_layer=self.n_layer,
             n_embd=self.n_embd,
             n_expert=self.n_expert,
@@ -98,8 +90,8 @@ class BenchParams:
 
 
 def _bench_tensors(
-    vocab: _Vocab, shape: _Shape, seed: int
-) -> list[tuple[str, npt.NDArray[np.float16] | _FloatArray]]:
+    vocab: Vocab, shape: Shape, seed: int
+) -> list[tuple[str, npt.NDArray[np.float16] | FloatArray]]:
     """Random F16 weights; output rows chosen so greedy decoding stays on printable ASCII."""
     rng = np.random.default_rng(seed)
     n_vocab, n_embd = len(vocab.tokens), shape.n_embd
@@ -114,7 +106,7 @@ def _bench_tensors(
         start = int(rng.integers(0, pool.size - size + 1))
         return pool[start : start + size].reshape(dims)
 
-    table = _byte_table()
+    table = byte_table()
     printable_chars = {table[byte] for byte in range(0x20, 0x7F)}
     printable = [
         index
@@ -130,11 +122,11 @@ def _bench_tensors(
     output[printable[:pairs]] = rows.astype(np.float16)
     output[printable[pairs : 2 * pairs]] = -rows.astype(np.float16)
 
-    def ones(size: int) -> _FloatArray:
+    def ones(size: int) -> FloatArray:
         return np.ones(size, dtype=np.float32)
 
     token_embd = rng.standard_normal((n_vocab, n_embd), dtype=np.float32).astype(np.float16)
-    tensors: list[tuple[str, npt.NDArray[np.float16] | _FloatArray]] = [
+    tensors: list[tuple[str, npt.NDArray[np.float16] | FloatArray]] = [
         ("token_embd.weight", token_embd),
         ("output_norm.weight", ones(n_embd)),
         ("output.weight", output),
@@ -190,8 +182,8 @@ def write_bench_model(
         seed=seed,
     ).shape()
     shape.check()
-    vocab = _build_vocab(())
-    return _write_gguf(
+    vocab = build_vocab(())
+    return write_gguf(
         path,
         name="Qwen3-MoE bench (random)",
         shape=shape,
@@ -205,8 +197,8 @@ def ensure_bench_model(cache_dir: Path, **params: int) -> Path:
     """Return the bench model for ``params`` (``write_bench_model``'s keywords), cached."""
     bench = dataclasses.replace(BenchParams(), **params)
     bench.shape().check()
-    name = _cache_name("bench", dataclasses.asdict(bench))
-    return _ensure(
+    name = cache_name("bench", dataclasses.asdict(bench))
+    return build_once(
         cache_dir / name, lambda path: write_bench_model(path, **dataclasses.asdict(bench))
     )
 

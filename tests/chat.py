@@ -12,7 +12,8 @@ import httpx
 from app.engine import Backend
 from app.main import create_app
 from tests import sse
-from tests.conftest import HELLO, asgi_client, settings_for
+from tests.support.clients import HELLO, asgi_client
+from tests.support.servers import settings_for
 
 
 def script_text(script: Sequence[bytes]) -> str:

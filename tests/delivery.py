@@ -18,7 +18,8 @@ import httpx
 from app.engine import Backend, Flow, OnToken
 from app.main import create_app
 from app.text import TextOptions, TextPipeline
-from tests.conftest import InjectedBackend, LiveServer, Seen, settings_for
+from tests.support.injection import InjectedBackend, Seen
+from tests.support.servers import LiveServer, settings_for
 
 TextOf = Callable[[Iterator[str]], Iterator[str]]
 """The text of each text-carrying event in a stream's lines, as it arrives ("" for events

@@ -7,7 +7,7 @@ spells its tags with ordinary tokens: the parser works on text, like the model's
 
 from __future__ import annotations
 
-from app.demo_model import DEFAULT_SCRIPT
+from app.demo import DEFAULT_SCRIPT
 
 WEATHER_TOOL = {
     "type": "function",

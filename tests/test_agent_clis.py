@@ -15,7 +15,7 @@ vocabulary, prefilled in under a minute each here.
 Two turns are checked per agent: a plain answer (the demo model's script, a thinking block
 first), printed by the CLI, exit status 0; and a tool round trip on a Qwen3-Coder demo model
 that calls the agent's shell tool while the conversation holds no tool result and answers
-once it does (``app.demo_model``'s ``after_tool_script``): the agent runs the command (its
+once it does (``app.demo``'s ``after_tool_script``): the agent runs the command (its
 side effect is checked on disk), sends the result back, prints the answer and exits 0.
 """
 
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from app.demo_model import DEFAULT_SCRIPT, ensure_demo_model, script_text
-from tests.server_process import ServerProcess
+from app.demo import DEFAULT_SCRIPT, ensure_demo_model, script_text
+from tests.support.servers import ServerProcess
 
 pytestmark = pytest.mark.slow
 

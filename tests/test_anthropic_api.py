@@ -22,20 +22,11 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from app.demo_model import DEFAULT_SCRIPT
+from app.demo import DEFAULT_SCRIPT
 from app.engine import Backend
 from app.main import create_app
 from tests import sse
 from tests.chat import script_text
-from tests.conftest import (
-    FailingBackend,
-    HeldStart,
-    InjectedBackend,
-    LiveServer,
-    asgi_client,
-    settings_for,
-    wait_until,
-)
 from tests.contracts_plugin import RecordFinding
 from tests.delivery import check_per_token_delivery, deliver
 from tests.scripts import (
@@ -45,6 +36,10 @@ from tests.scripts import (
     SINGLE_CALL_SCRIPT,
     THOUGHT,
 )
+from tests.support.clients import asgi_client
+from tests.support.injection import FailingBackend, HeldStart, InjectedBackend
+from tests.support.servers import LiveServer, settings_for
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -397,7 +392,7 @@ def test_the_sdk_counts_tokens_and_raises_typed_errors(live_server: LiveServer) 
         model="qwen3-moe-demo",
         max_tokens=8,
         messages=HELLO,  # type: ignore[arg-type]
-        tools=[{"type": "web_search_20250305", "name": "web_search"}],  # type: ignore[list-item]
+        tools=[{"type": "web_search_20250305", "name": "web_search"}],
     )
     assert searched.stop_reason == "max_tokens" and searched.usage.output_tokens == 8
 
@@ -523,7 +518,11 @@ async def test_thinking_disabled_and_enabled(scripted: Callable[..., Backend]) -
         on, _ = await both(client, {"thinking": {"type": "enabled", "budget_tokens": 1024}})
     assert off["content"] == [{"type": "text", "text": script_text(ANSWER_ONLY_SCRIPT)}]
     assert comparable(streamed) == comparable(off)
-    prompt = lambda m: m["usage"]["input_tokens"] + m["usage"]["cache_read_input_tokens"]  # noqa: E731
+
+    def prompt(message: dict[str, Any]) -> int:
+        usage = message["usage"]
+        return int(usage["input_tokens"] + usage["cache_read_input_tokens"])
+
     assert prompt(off) > prompt(on)  # thinking off pre-fills an empty <think></think>
 
 

@@ -1,6 +1,6 @@
-"""Concurrency: continuous batching (``BatchedLlamaBackend``), admission, the queue, timeouts
-and shutdown, on the real engine; and unit tests of the parts in between (slot choice,
-admission tickets, the output queue's backpressure, the engine -> loop hand-off).
+"""Continuous batching (``BatchedLlamaBackend``) on the real engine: exactness beside other
+streams, per-request seeds, prefix reuse and slot choice, every slot's whole context, and the
+backend's own queue and shutdown.
 
 Exactness is tested on the scripted demo model, whose greedy output is known token by token:
 a prompt that ends partway through the script continues from there, so every concurrent
@@ -9,69 +9,38 @@ or KV cells would say the wrong next word. (On random weights, a different batch
 may legitimately change a near-tie: llama.cpp's matrix kernels round differently by batch
 shape, so random-weight tests compare only what must be identical.)
 
-Cancellation, backpressure and shutdown run over real sockets to a real uvicorn (the
-streaming ones are in ``test_streaming``); the engine is observed through a thin wrapper and
-never replaced.
+Admission and the queue in front of the engine: ``test_admission``; the output queue and the
+engine -> loop hand-off: ``test_output_and_handoff``; draining: ``test_shutdown``;
+grammar-constrained sampling: ``test_grammar_sampling``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import json
-import signal
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import llama_cpp
-import numpy as np
-import numpy.typing as npt
 import pytest
 
-from app.core.admission import Admission
-from app.core.output import Failed, Output
-from app.draining import drain
 from app.engine import Backend, EngineError, Flow, OnToken, SamplingParams, load_backend
 from app.engine.batched import BatchedLlamaBackend, Slot, choose_slot
-from app.engine.grammar import json_grammar
-from app.engine.handoff import Handoff
 from app.engine.llama_backend import LlamaBackend
-from app.engine.sampling import ConstrainedSampler
-from app.errors import Overloaded, Unavailable
 from app.main import create_app
 from app.settings import Settings
 from tests import sse
-from tests.conftest import (
-    HELLO,
-    InjectedBackend,
-    LiveServer,
-    Seen,
-    asgi_client,
-    engine_config,
-    load,
-    load_batched,
-    settings_for,
-    until,
-    wait_until,
-)
-from tests.server_process import ServerProcess
+from tests.support.clients import HELLO
+from tests.support.injection import InjectedBackend, Seen
+from tests.support.models import engine_config, load, load_batched
+from tests.support.servers import LiveServer, settings_for
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
-@pytest.fixture
-def batched_slow(slow_model_path: Path) -> Iterator[BatchedLlamaBackend]:
-    """Two fresh slots of 2048 tokens; small prompt chunks, so a long prompt takes many steps."""
-    backend = load_batched(slow_model_path, parallel=2, n_ctx=2048, n_batch=64)
-    yield backend
-    backend.close()
-
-
 async def collect(backend: Backend, prompt: list[int], n: int, **sampling: Any) -> list[int]:
+    """The tokens of one generation of at most ``n`` (greedy unless ``sampling`` says)."""
     tokens: list[int] = []
     params = SamplingParams(**{"temperature": 0.0, **sampling})
     await backend.generate(prompt, params, n, lambda t: tokens.append(t) or True)
@@ -274,7 +243,7 @@ def test_a_conversation_returns_to_the_slot_that_holds_its_history(
         return int(usage["prompt_tokens_details"]["cached_tokens"])
 
     def little(usage: dict[str, Any]) -> bool:
-        return cached(usage) < usage["prompt_tokens"] // 10
+        return cached(usage) < int(usage["prompt_tokens"]) // 10
 
     assert cached(usage_a1) == 0 and little(usage_b1)
     assert cached(usage_b2) >= usage_b1["prompt_tokens"]
@@ -323,146 +292,6 @@ def test_choose_slot_prefers_the_longest_shared_prefix_else_the_least_recently_u
     long_prompt = [1] + [7] * 50
     assert choose_slot([empty, ada, bob], long_prompt) is empty
     assert choose_slot([ada, bob], long_prompt) is bob
-
-
-# -- admission ---------------------------------------------------------------------------
-
-
-def test_a_full_queue_answers_429_and_a_queued_client_that_leaves_is_dropped(
-    batched_slow: BatchedLlamaBackend,
-) -> None:
-    """Two slots and one waiting place: the fourth request is a 429 in OpenAI's envelope with
-    Retry-After; the waiting one, abandoned, is never decoded and frees its place."""
-    observed = InjectedBackend(batched_slow)
-    app = create_app(settings_for(max_queue=1), backend=observed)
-    long_body = {"prompt": "Once", "max_tokens": 1500, "temperature": 0, "stream": True}
-    with LiveServer(app) as server, contextlib.ExitStack() as streams:
-        admission = app.state.service.admission
-        readers = []  # dropping a line iterator would close its connection
-        for _ in range(2):
-            http = streams.enter_context(httpx.Client(base_url=server.url, timeout=60))
-            running = streams.enter_context(http.stream("POST", "/v1/completions", json=long_body))
-            assert running.status_code == 200
-            readers.append(running.iter_lines())
-            next(readers[-1])  # a token: this one is decoding
-        with (
-            httpx.Client(base_url=server.url, timeout=60) as waiting_client,
-            waiting_client.stream("POST", "/v1/completions", json=long_body) as waiting,
-        ):
-            assert waiting.status_code == 200  # admitted, waiting for a slot
-            with httpx.Client(base_url=server.url, timeout=60) as http:
-                refused = http.post("/v1/completions", json=long_body)
-        assert refused.status_code == 429
-        assert refused.headers["retry-after"] == "1"
-        assert refused.json()["error"]["type"] == "rate_limit_error"
-        assert refused.json()["error"]["code"] == "overloaded"
-        wait_until(lambda: admission.in_flight == 2)
-        abandoned = observed.seen[2]
-        wait_until(lambda: abandoned.ended)
-        assert abandoned.tokens == [] and abandoned.finish == "cancelled"
-        with httpx.Client(base_url=server.url, timeout=60) as http:
-            admitted = http.stream("POST", "/v1/completions", json=long_body)
-            with admitted as response:
-                assert response.status_code == 200
-    wait_until(lambda: all(s.ended for s in observed.seen))
-    assert {s.finish for s in observed.seen} == {"cancelled"}
-
-
-def test_a_request_past_its_timeout_ends_with_an_error(batched_slow: BatchedLlamaBackend) -> None:
-    """The per-request limit ends a stream in-band (then [DONE]) and a buffered request with
-    an error response; the engine lets go of both."""
-    observed = InjectedBackend(batched_slow)
-    app = create_app(settings_for(request_timeout_s=0.3), backend=observed)
-    body = {"prompt": "Once", "max_tokens": 1500, "temperature": 0}
-    with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
-        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
-            stream = sse.read(response.iter_lines())
-        buffered = http.post("/v1/completions", json=body)
-        wait_until(lambda: len(observed.seen) == 2 and all(s.ended for s in observed.seen))
-    assert stream.payloads[-1] == "[DONE]"
-    assert json.loads(stream.payloads[-2])["error"]["code"] == "timeout"
-    assert stream.finish_reasons() == []
-    assert buffered.status_code == 503
-    assert buffered.json()["error"]["code"] == "timeout"
-    assert [s.finish for s in observed.seen] == ["cancelled", "cancelled"]
-    assert all(len(s.tokens) < 1500 for s in observed.seen)
-
-
-def test_admission_counts_running_and_waiting_places_and_refuses_when_draining() -> None:
-    async def scenario() -> None:
-        admission = Admission(2, max_queue=1)
-        tickets = [admission.admit() for _ in range(3)]
-        with pytest.raises(Overloaded):
-            admission.admit()
-        tickets[0].release()
-        tickets[0].release()  # idempotent
-        assert admission.in_flight == 2
-        spare = admission.admit()
-        aborted: list[str] = []
-        spare.start(lambda error: aborted.append(error.code or ""))
-        await admission.drain(grace_s=0.0)
-        assert aborted == ["shutting_down"]
-        with pytest.raises(Unavailable):
-            admission.admit()
-
-    asyncio.run(scenario())
-
-
-def test_a_ticket_dropped_unstarted_gives_its_place_back() -> None:
-    """A request admitted whose response never started (its client left before the first
-    byte) frees its place when nothing holds its ticket any more."""
-    admission = Admission(1, max_queue=0)
-    ticket = admission.admit()
-    with pytest.raises(Overloaded):
-        admission.admit()
-    del ticket
-    admission.admit()
-
-
-# -- the output queue and the hand-off ---------------------------------------------------
-
-
-def test_output_pauses_the_engine_when_full_and_hands_over_everything_waiting() -> None:
-    """Full at ``capacity`` unread items: the flow pauses. The reader then takes every item
-    waiting at once (one send for a response that fell behind), and the flow resumes."""
-
-    async def scenario() -> None:
-        flow = Flow()
-        woken: list[bool] = []
-        flow.on_resume(lambda: woken.append(True))
-        output: Output[int] = Output(4, flow)
-        for item in range(3):
-            output.put(item)
-        assert not flow.paused
-        output.put(3)
-        assert flow.paused
-        assert await output.get() == [0, 1, 2, 3]
-        assert not flow.paused and woken == [True]
-        output.put(4)
-        output.fail(ValueError("x"))
-        assert output.closed
-        batch = await output.get()
-        assert batch[0] == 4 and isinstance(batch[1], Failed)
-
-    asyncio.run(scenario())
-
-
-def test_the_handoff_delivers_in_order_with_one_wakeup_per_burst() -> None:
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        bursts: list[list[int]] = []
-        handoff: Handoff[int] = Handoff(loop, bursts.append)
-
-        def engine() -> None:
-            for start in range(0, 30, 3):
-                handoff.post(range(start, start + 3))
-            handoff.wait_for_room(0, timeout=10)
-
-        await asyncio.to_thread(engine)
-        assert [item for burst in bursts for item in burst] == list(range(30))
-        assert handoff.backlog() == 0
-
-    asyncio.run(scenario())
 
 
 # -- the backend itself ------------------------------------------------------------------
@@ -546,168 +375,3 @@ def test_parallel_setting_selects_the_batching_backend(demo_model_path: Path) ->
         assert (backend.max_concurrency, backend.info.n_ctx) == (2, 512)
     finally:
         backend.close()
-
-
-# -- shutdown ----------------------------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_drain_refuses_new_requests_and_ends_the_unfinished_ones(
-    batched_slow: BatchedLlamaBackend,
-) -> None:
-    """During the grace period a new request is a 503 and a short one still completes; when
-    it is over, a running stream gets an error event and [DONE]."""
-    app = create_app(settings_for(), backend=batched_slow)
-    long_body = {"prompt": "Once", "max_tokens": 1500, "temperature": 0, "stream": True}
-    short_body = {"prompt": "Twice", "max_tokens": 5, "temperature": 0}
-    async with asgi_client(app) as client:
-        admission = app.state.service.admission
-        long_run = asyncio.create_task(client.post("/v1/completions", json=long_body))
-        short_run = asyncio.create_task(client.post("/v1/completions", json=short_body))
-        await until(lambda: admission.in_flight == 2)
-        draining = asyncio.create_task(drain(app, grace_s=1.0))
-        await until(lambda: admission.draining)
-        refused = await client.post("/v1/completions", json=short_body)
-        health = await client.get("/health")
-        await draining
-        long_response, short_response = await long_run, await short_run
-    assert refused.status_code == 503
-    assert refused.json()["error"]["code"] == "shutting_down"
-    assert (health.status_code, health.json()) == (503, {"status": "draining"})
-    assert short_response.json()["usage"]["completion_tokens"] == 5
-    stream = sse.read(long_response.text.splitlines())
-    assert stream.payloads[-1] == "[DONE]"
-    assert json.loads(stream.payloads[-2])["error"]["code"] == "shutting_down"
-    assert len(stream.deltas()) > 0
-
-
-@pytest.mark.slow
-def test_sigterm_drains_a_real_server_process(slow_model_path: Path, tmp_path: Path) -> None:
-    """The console script under a real SIGTERM: /health turns to draining, new requests get
-    503, the running stream ends with an error event and [DONE], and the process exits."""
-    args = ("--parallel", "2", "--n-ctx", "2048", "--n-threads", "1", "--shutdown-grace-s", "1")
-    with ServerProcess(slow_model_path, *args, cache_dir=tmp_path) as server:
-        assert server.process is not None
-        with httpx.Client(base_url=server.url, timeout=60) as http:
-            body = {"prompt": "Once", "max_tokens": 2000, "temperature": 0, "stream": True}
-            with http.stream("POST", "/v1/completions", json=body) as response:
-                lines = response.iter_lines()
-                next(lines)
-                server.process.send_signal(signal.SIGTERM)
-                with httpx.Client(base_url=server.url, timeout=60) as other:
-                    wait_until(lambda: _health(other) == 503)
-                    refused = other.post("/v1/completions", json={**body, "stream": False})
-                stream = sse.read(lines)
-        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
-    assert refused.status_code == 503
-    assert refused.json()["error"]["code"] == "shutting_down"
-    assert stream.payloads[-1] == "[DONE]"
-    assert json.loads(stream.payloads[-2])["error"]["code"] == "shutting_down"
-
-
-def _health(http: httpx.Client) -> int:
-    try:
-        return http.get("/health").status_code
-    except httpx.TransportError:
-        return 0
-
-
-# -- grammar-constrained sampling -------------------------------------------------------------
-
-
-_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-
-
-def _allowed(grammar: Any, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
-    """Which tokens ``grammar`` allows next: its own pass over the whole vocabulary."""
-    data = (llama_cpp.llama_token_data * len(logits))()
-    view = np.frombuffer(memoryview(data), dtype=_TOKEN_DATA)
-    view["id"], view["logit"], view["p"] = np.arange(len(logits)), logits, 0.0
-    array = llama_cpp.llama_token_data_array(data=data, size=len(logits), selected=-1, sorted=False)
-    llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
-    allowed = np.zeros(len(logits), dtype=bool)
-    allowed[view["id"]] = ~np.isneginf(view["logit"])
-    return allowed
-
-
-@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded"])
-def test_sample_then_check_draws_what_the_grammar_allows(
-    demo_model_path: Path, greedy: bool
-) -> None:
-    """Both engines' grammar sampling (app.engine.sampling) against a second copy of
-    the grammar that filters the whole vocabulary every step, along whole JSON objects on the
-    demo vocabulary: every token is one the grammar allows; a greedy token is the best one it
-    allows; a draw the grammar allows is kept as drawn, one it refuses is drawn again. Both
-    cases occur."""
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(demo_model_path).encode(), params)
-    assert model
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    text = json_grammar(None, allow_thinking=False).encode()
-    sampler = ConstrainedSampler(n_vocab)
-    rng = np.random.default_rng(7)
-    kept = redrawn = 0
-    try:
-        for run in range(6):
-            chain = llama_cpp.llama_sampler_chain_init(
-                llama_cpp.llama_sampler_chain_default_params()
-            )
-            if greedy:
-                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-            else:
-                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(run))
-            grammar = llama_cpp.llama_sampler_init_grammar(vocab, text, b"root")
-            reference = llama_cpp.llama_sampler_init_grammar(vocab, text, b"root")
-            try:
-                for _ in range(48):
-                    logits = (rng.standard_normal(n_vocab) * 4).astype(np.float32)
-                    allowed = _allowed(reference, logits)
-                    if rng.random() < 0.5:  # now and then the best token is an allowed one
-                        logits[rng.choice(np.flatnonzero(allowed))] = logits.max() + 10
-                    best = int(np.argmax(logits))
-                    token = sampler.sample(chain, grammar, logits)
-                    assert allowed[token]
-                    if greedy:
-                        assert token == int(np.argmax(np.where(allowed, logits, -np.inf)))
-                    if allowed[best]:
-                        kept += token == best
-                    else:
-                        redrawn += 1
-                    llama_cpp.llama_sampler_accept(reference, token)
-                    if llama_cpp.llama_vocab_is_eog(vocab, token):
-                        break
-            finally:
-                for s in (chain, grammar, reference):
-                    llama_cpp.llama_sampler_free(s)
-    finally:
-        llama_cpp.llama_model_free(model)
-    assert kept > 0 and redrawn > 0
-
-
-class _NoTokenAllowed:
-    """Fault injection: a grammar that allows no token at the first step."""
-
-    def sample(self, chain: Any, grammar: Any, logits: Any) -> int:
-        raise EngineError("the grammar allows no token at this point")
-
-
-@pytest.mark.anyio
-async def test_a_grammar_that_allows_no_token_fails_its_generation_without_a_token(
-    demo_engine: Backend, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Neither engine falls back to an unconstrained token (the one-slot engine samples inside
-    a llama.cpp callback, where an exception would be lost), and the engine serves on."""
-    monkeypatch.setattr(demo_engine, "_constrained", _NoTokenAllowed())
-    prompt = demo_engine.tokenizer.tokenize(
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    )
-    shown: list[int] = []
-    sampling = SamplingParams(temperature=0.0, grammar=json_grammar(None, allow_thinking=False))
-    with pytest.raises(EngineError, match="allows no token"):
-        await demo_engine.generate(prompt, sampling, 8, lambda t: shown.append(t) or True)
-    assert shown == []
-    monkeypatch.undo()
-    result = await demo_engine.generate(prompt, sampling, 8, lambda t: shown.append(t) or True)
-    assert result.completion_tokens == len(shown) > 0

@@ -14,7 +14,7 @@ import jinja2.sandbox
 import pytest
 from llama_cpp import Llama
 
-from app.demo_model import ensure_demo_model
+from app.demo import ensure_demo_model
 from bench.model import ensure_bench_model, main
 
 TINY_BENCH = {

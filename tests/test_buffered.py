@@ -12,10 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from app.demo_model import script_text
+from app.demo import script_text
 from app.engine import Backend
 from app.main import create_app
-from tests.conftest import HELLO, asgi_client, settings_for
+from tests.support.clients import HELLO, asgi_client
+from tests.support.servers import settings_for
 
 pytestmark = pytest.mark.anyio
 

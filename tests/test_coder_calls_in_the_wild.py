@@ -27,7 +27,7 @@ from app.engine import Backend
 from app.text import TextOptions, TextPipeline
 from app.text.tags import partial_tag_suffix
 from tests.chat import both, chat_client, delta_field, script_text
-from tests.conftest import ENGINES
+from tests.support.models import ENGINES
 from tests.test_qwen3_coder import (
     TIME,
     WEATHER,

@@ -66,7 +66,8 @@ class Run:
         assert self.findings is not None
         entries = [f for c in self.findings["contracts"] for f in c["falsifiers"]]
         (found,) = [f for f in entries if f["id"] == falsifier_id]
-        return found
+        falsifier: dict[str, Any] = found
+        return falsifier
 
     def verdicts(self) -> dict[str, str]:
         assert self.findings is not None

@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 from llama_cpp import Llama
 
-from app.demo_model import (
+from app.demo import (
     DEFAULT_SCRIPT,
+    ChatTemplateName,
     ensure_demo_model,
-    main,
     script_text,
     write_demo_model,
 )
+from app.demo.cli import main
 
 PACKAGED_TEMPLATE = Path(__file__).resolve().parents[1] / "app" / "qwen3_chat_template.jinja"
 # A tool-call turn: USER_DEFINED tokens around a JSON piece, no reasoning block.
@@ -234,7 +235,7 @@ AFTER_TOOL_SCRIPT = (b"The", b" weather", b" is", b" mild", b".", b"<|im_end|>")
 
 @pytest.mark.parametrize("template", ["qwen3", "qwen3_coder"])
 def test_a_second_script_answers_once_the_conversation_holds_a_tool_result(
-    model_dir: Path, template: str
+    model_dir: Path, template: ChatTemplateName
 ) -> None:
     """An agent's round trip on the demo model: a tool call first; once a tool result is in
     the conversation (however long it and the turns after it are), the second script."""
@@ -357,13 +358,13 @@ def test_demo_model_is_small_and_builds_in_well_under_a_second(tmp_path: Path) -
 def test_ensure_demo_model_builds_once_per_script(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="app.demo_model"):
+    with caplog.at_level(logging.INFO, logger="app.demo"):
         first = ensure_demo_model(tmp_path)
     assert any("built" in record.getMessage() for record in caplog.records)
     built_at = first.stat().st_mtime_ns
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="app.demo_model"):
+    with caplog.at_level(logging.INFO, logger="app.demo"):
         again = ensure_demo_model(tmp_path)
     assert again == first and again.stat().st_mtime_ns == built_at
     assert not caplog.records

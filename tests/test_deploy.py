@@ -34,7 +34,7 @@ from app.engine.llama_backend import LlamaBackend
 from app.main import create_app
 from app.settings import ENV_PREFIX, Settings
 from bench.replicas import markdown as replicas_report
-from tests.conftest import LiveServer, settings_for
+from tests.support.servers import LiveServer, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import ENV_PREFIX, Settings, settings_table, with_settings_table
+from app.settings import ENV_PREFIX, Settings
+from app.settings_reference import COMMAND, settings_table, with_settings_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -37,9 +38,7 @@ def _commands(page: Path) -> list[str]:
 
 def test_the_settings_reference_is_generated_from_the_settings() -> None:
     page = (ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
-    assert with_settings_table(page) == page, (
-        "docs/settings.md is stale: run .venv/bin/python -m app.settings --write docs/settings.md"
-    )
+    assert with_settings_table(page) == page, f"docs/settings.md is stale: run .venv/bin/{COMMAND}"
     table = settings_table()
     for name in Settings.model_fields:
         assert f"| `--{name.replace('_', '-')}` | `{ENV_PREFIX}{name.upper()}` |" in table, name

@@ -20,11 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
-from app.demo_model import ensure_demo_model
+from app.demo import ensure_demo_model
 from app.engine.batched import BatchedLlamaBackend
 from app.main import create_app
 from tests import editor_clients as clients
-from tests.conftest import LiveServer, engine_config, settings_for
+from tests.support.models import engine_config
+from tests.support.servers import LiveServer, settings_for
 from tests.test_infill import ANSWER, CODE
 
 SOURCE = [

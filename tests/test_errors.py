@@ -15,7 +15,9 @@ import pytest
 from app.engine import Backend
 from app.main import create_app
 from tests import sse
-from tests.conftest import HELLO, FailingBackend, LiveServer, asgi_client, settings_for
+from tests.support.clients import HELLO, asgi_client
+from tests.support.injection import FailingBackend
+from tests.support.servers import LiveServer, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -147,10 +149,11 @@ async def test_engine_failure_mid_stream_is_an_in_band_error(demo_engine: Backen
 async def test_health_is_503_while_the_model_loads(
     demo_model_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import app.engine
     import app.lifespan
 
     release = threading.Event()
-    real_load = app.lifespan.load_backend
+    real_load = app.engine.load_backend  # what app.lifespan calls, replaced there below
 
     def slow_load(*args: Any) -> Any:
         assert release.wait(timeout=30)

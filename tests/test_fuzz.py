@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.server_process import ServerProcess
+from tests.support.servers import ServerProcess
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 REQUESTS = int(os.environ.get("QWEN3_MOE_FUZZ_REQUESTS", "1000"))
@@ -393,7 +393,7 @@ MESSAGES_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "stream": st.booleans(),
     "metadata": JSON,
 }
-AGENT_ROUTES = {
+AGENT_ROUTES: dict[str, tuple[dict[str, st.SearchStrategy[Any]], dict[str, Any]]] = {
     "/v1/responses": (RESPONSES_FIELDS, {"input": "Hello", "max_output_tokens": 4}),
     "/v1/messages": (MESSAGES_FIELDS, {"messages": HELLO, "max_tokens": 4}),
     "/v1/messages/count_tokens": (MESSAGES_FIELDS, {"messages": HELLO}),
@@ -444,14 +444,14 @@ def _big(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
         return "/v1/chat/completions", {"messages": HELLO, "response_format": fmt}
     if kind == "deep":
         depth = draw(st.sampled_from([30, 64, 65, 500]))
-        schema: Any = {}
+        deep: Any = {}
         for _ in range(depth):
-            schema = {"type": "array", "items": schema}
-        fmt = {"type": "json_schema", "json_schema": {"name": "d", "schema": schema}}
+            deep = {"type": "array", "items": deep}
+        fmt = {"type": "json_schema", "json_schema": {"name": "d", "schema": deep}}
         return "/v1/chat/completions", {"messages": HELLO, "response_format": fmt}
     n = draw(st.sampled_from([100, 2_000]))
-    schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(n)}}
-    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(n)}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": wide}}
     return "/v1/chat/completions", {"messages": HELLO, "response_format": fmt}
 
 

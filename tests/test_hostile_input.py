@@ -16,8 +16,10 @@ import pytest
 from app.engine import Backend
 from app.main import create_app
 from tests import sse
-from tests.conftest import InjectedBackend, LiveServer, asgi_client, settings_for, wait_until
-from tests.server_process import ServerProcess
+from tests.support.clients import asgi_client
+from tests.support.injection import InjectedBackend
+from tests.support.servers import LiveServer, ServerProcess, settings_for
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -353,7 +355,7 @@ def test_requests_whose_preparation_would_cost_seconds_are_refused_by_count(
     for 43 tokens while another request waited. Now each is refused by its count (or a stop
     string by its length) before anything is built from it."""
     with httpx.Client(base_url=server.url, timeout=60) as http:
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"messages": [{"role": "user", "content": "x"}] * 30_000}, "messages"),
             ({"messages": HELLO, "stop": [f"s{i}" for i in range(200_000)]}, "stop"),
             ({"messages": HELLO, "stop": ["x" * 513]}, "stop"),

@@ -19,12 +19,14 @@ import httpx
 import openai
 import pytest
 
-from app.demo_model import ensure_demo_model, script_text
+from app.demo import ensure_demo_model, script_text
 from app.engine import Backend
 from app.engine.batched import BatchedLlamaBackend
 from app.engine.llama_backend import LlamaBackend
 from app.main import create_app
-from tests.conftest import ENGINES, LiveServer, asgi_client, engine_config, settings_for
+from tests.support.clients import asgi_client
+from tests.support.models import ENGINES, engine_config
+from tests.support.servers import LiveServer, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -88,11 +90,22 @@ def engine(request: pytest.FixtureRequest, engines: dict[str, Backend]) -> Backe
 
 
 async def infill(backend: Backend, **fields: Any) -> dict[str, Any]:
+    """The answer to one llama.vim request."""
+    answer: dict[str, Any] = await _infill(backend, **fields)
+    return answer
+
+
+async def infill_n(backend: Backend, n_cmpl: int, **fields: Any) -> list[dict[str, Any]]:
+    """The ``n_cmpl`` answers to one request that asks for several."""
+    answers: list[dict[str, Any]] = await _infill(backend, n_cmpl=n_cmpl, **fields)
+    return answers
+
+
+async def _infill(backend: Backend, **fields: Any) -> Any:
     async with asgi_client(create_app(settings_for(), backend=backend)) as client:
         response = await client.post("/infill", json=llama_vim_body(**fields))
     assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
+    return response.json()
 
 
 def data_events(text: str) -> list[dict[str, Any]]:
@@ -205,7 +218,7 @@ async def test_n_predict_and_stop_strings_end_it_too(engine: Backend) -> None:
 async def test_n_cmpl_completions_share_one_prefill(engines: dict[str, Backend]) -> None:
     backend = engines["batched"]
     extra = [{**chunk, "filename": "n_cmpl.py"} for chunk in CHUNKS[2:]]  # a prompt no slot holds
-    answers = await infill(backend, n_cmpl=2, input_extra=extra)
+    answers = await infill_n(backend, 2, input_extra=extra)
     assert isinstance(answers, list) and [a["index"] for a in answers] == [0, 1]
     assert [a["content"] for a in answers] == [ANSWER, ANSWER]
     decoded = [a["timings"]["prompt_n"] for a in answers]
@@ -228,7 +241,7 @@ async def test_n_cmpl_streams_interleave_by_index(engines: dict[str, Backend]) -
 async def test_n_cmpl_above_the_slots_waits_its_turn(engines: dict[str, Backend]) -> None:
     """llama.vscode asks for 3 completions by default; a one-slot server (a CPU build's
     default) answers them one after the other, each after the first from the cached prompt."""
-    answers = await infill(engines["single"], n_cmpl=3)
+    answers = await infill_n(engines["single"], 3)
     assert [a["content"] for a in answers] == [ANSWER] * 3
     assert [a["timings"]["prompt_n"] for a in answers[1:]] == [1, 1]
 
@@ -318,7 +331,8 @@ async def test_a_chat_that_drops_old_turns_keeps_the_rest_cached(
 @pytest.mark.falsifies("QWEN3_MOE_EDITOR_FIM_V1_002")
 async def test_completions_with_suffix_answer_what_infill_answers(engine: Backend) -> None:
     async with asgi_client(create_app(settings_for(), backend=engine)) as client:
-        sdk = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=client)
+        # Typed for httpx2's client; the SDK takes an httpx one too (ours carries the ASGI app).
+        sdk = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=client)  # type: ignore[arg-type]
         completion = await sdk.completions.create(
             model="qwen3-moe-demo", prompt=PREFIX, suffix=SUFFIX, max_tokens=64, temperature=0
         )

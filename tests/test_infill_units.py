@@ -17,7 +17,7 @@ from app.engine.chunk_reuse import plan_reuse
 from app.engine.llama_backend import LlamaBackend
 from app.engine.tokenizer import LlamaTokenizer
 from app.text.lines import LineLimits
-from tests.conftest import load
+from tests.support.models import load
 
 WIDE = FimWindow.of(around=2048, n_ctx=8192, reserve=256)
 

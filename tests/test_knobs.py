@@ -27,7 +27,7 @@ import pytest
 from app.cli import main as cli_main
 from app.cli import parse_settings
 from app.core.thinking_budget import EFFORT_BUDGETS
-from app.demo_model import DEFAULT_SCRIPT
+from app.demo import DEFAULT_SCRIPT
 from app.engine import (
     Backend,
     SamplingParams,
@@ -43,10 +43,12 @@ from app.engine.prompt_cache import PromptCache, SavedPrompt
 from app.engine.protocol import PromptCacheStats
 from app.engine.thinking_limit import BudgetTracker
 from app.main import create_app
-from app.settings import ENV_PREFIX, Settings
+from app.settings import ENV_PREFIX, KvCacheType, Settings
 from bench.model import ensure_bench_model, random_prompt
 from tests.chat import both, chat_client, delta_field
-from tests.conftest import ENGINES, HELLO, asgi_client, engine_config, settings_for
+from tests.support.clients import HELLO, asgi_client
+from tests.support.models import ENGINES, engine_config
+from tests.support.servers import settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -304,8 +306,9 @@ async def test_a_quantized_kv_cache_generates_and_takes_the_memory_its_type_says
     """f16, q8_0 and q4_0 caches each answer the script; the state llama.cpp saves for the
     conversation is the size ``kv_cache_bytes`` computes for its cells (plus llama.cpp's few
     bytes of cell metadata), so q8_0 takes 34/64 of f16's KV memory and q4_0 18/64."""
-    sizes: dict[str, tuple[int, int]] = {}
-    for kv_type in ("f16", "q8_0", "q4_0"):
+    sizes: dict[KvCacheType, tuple[int, int]] = {}
+    kv_types: tuple[KvCacheType, ...] = ("f16", "q8_0", "q4_0")
+    for kv_type in kv_types:
         backend = load_backend(
             settings(
                 demo_model_path,
@@ -330,7 +333,7 @@ async def test_a_quantized_kv_cache_generates_and_takes_the_memory_its_type_says
         # The demo model: 2 layers, 2 KV heads of 32.
         kv = kv_cache_bytes(
             n_layer=2, n_head_kv=2, head_dim=32, cells=cells, type_k=kv_type, type_v=kv_type
-        )  # type: ignore[arg-type]
+        )
         assert kv <= state <= kv + 16 * cells + 1024, (kv_type, state, kv)
     assert sizes["q4_0"][0] < sizes["q8_0"][0] < sizes["f16"][0]
 
@@ -836,10 +839,11 @@ async def test_models_tell_clients_the_context_length(demo_engine: Backend) -> N
 async def test_models_and_health_are_503_until_the_model_is_loaded(
     demo_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import app.engine
     import app.lifespan
 
     release = threading.Event()
-    real_load = app.lifespan.load_backend
+    real_load = app.engine.load_backend  # what app.lifespan calls, replaced there below
 
     def slow_load(*args: Any) -> Any:
         assert release.wait(timeout=30)

@@ -17,7 +17,8 @@ from app.api.http.access_log import JsonFormatter
 from app.engine.llama_backend import LlamaBackend
 from app.main import create_app
 from tests import sse
-from tests.conftest import asgi_client, settings_for
+from tests.support.clients import asgi_client
+from tests.support.servers import settings_for
 
 pytestmark = pytest.mark.anyio
 

@@ -9,7 +9,6 @@ llama.cpp loads them) and on a demo variant that carries Qwen3-Coder's chat temp
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -30,7 +29,8 @@ from app.engine.llama_backend import LlamaBackend
 from app.engine.tokenizer import LlamaTokenizer, overlapping
 from app.errors import ContextLengthExceeded
 from app.main import create_app
-from tests.conftest import asgi_client, settings_for
+from tests.support.clients import asgi_client
+from tests.support.servers import settings_for
 
 EXAMPLES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CONTROL = re.compile(r"<\|[a-z_]+\|>")
@@ -107,11 +107,21 @@ def conversations(draw: st.DrawFn, text: st.SearchStrategy[str]) -> dict[str, An
     return body
 
 
-@functools.cache
+_PREPARERS: dict[Backend, Preparer] = {}
+_CHAT_TEMPLATES: dict[Backend, ChatTemplate] = {}
+
+
 def preparer(backend: Backend) -> Preparer:
-    return Preparer(
-        backend, Admission(8), model_names=["m"], semantics=ChatSemantics(), max_tokens_limit=None
-    )
+    """One ``Preparer`` per backend for the session (backends are session fixtures)."""
+    if backend not in _PREPARERS:
+        _PREPARERS[backend] = Preparer(
+            backend,
+            Admission(8),
+            model_names=["m"],
+            semantics=ChatSemantics(),
+            max_tokens_limit=None,
+        )
+    return _PREPARERS[backend]
 
 
 def prepared(backend: Backend, body: dict[str, Any]) -> PreparedGeneration:
@@ -122,11 +132,15 @@ def prepared(backend: Backend, body: dict[str, Any]) -> PreparedGeneration:
     return job
 
 
-@functools.cache
 def chat_template(backend: Backend) -> ChatTemplate:
-    info = backend.info
-    assert info.chat_template is not None
-    return ChatTemplate(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+    """The backend's own chat template, compiled once."""
+    if backend not in _CHAT_TEMPLATES:
+        info = backend.info
+        assert info.chat_template is not None
+        _CHAT_TEMPLATES[backend] = ChatTemplate(
+            info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token
+        )
+    return _CHAT_TEMPLATES[backend]
 
 
 def rendered(backend: Backend, body: dict[str, Any]) -> str:

@@ -30,7 +30,9 @@ from tests.chat import (
     streamed_calls,
     tool_call_parts,
 )
-from tests.conftest import ENGINES, HELLO, LiveServer, settings_for
+from tests.support.clients import HELLO
+from tests.support.models import ENGINES
+from tests.support.servers import LiveServer, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -39,8 +41,15 @@ CODER = "qwen3_coder"
 EOS = b"<|im_end|>"
 
 
-def tool(name: str, properties: dict[str, Any], required: Sequence[str] = (), **extra: Any) -> Any:
-    parameters = {"type": "object", "properties": properties, "required": list(required), **extra}
+def tool(
+    name: str,
+    properties: dict[str, Any],
+    required: Sequence[str] = (),
+    defs: dict[str, Any] | None = None,
+) -> Any:
+    parameters = {"type": "object", "properties": properties, "required": list(required)}
+    if defs is not None:
+        parameters["$defs"] = defs
     return {"type": "function", "function": {"name": name, "parameters": parameters}}
 
 
@@ -76,7 +85,7 @@ CONFIGURE = tool(
         "timeout": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
         "level": {"$ref": "#/$defs/level"},
     },
-    **{"$defs": {"level": {"type": "integer", "minimum": 0}}},
+    defs={"level": {"type": "integer", "minimum": 0}},
 )
 
 
@@ -507,7 +516,7 @@ async def test_openai_sdk_accumulates_streamed_xml_calls(scripted: Callable[...,
 
 # -- history -----------------------------------------------------------------------------------
 
-HISTORY = [
+HISTORY: list[dict[str, Any]] = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Weather in Paris?"},
     {

@@ -14,11 +14,10 @@ from typing import Any
 import openai
 import pytest
 
-from app.demo_model import DEFAULT_SCRIPT
+from app.demo import DEFAULT_SCRIPT
 from app.engine import Backend
 from app.main import create_app
 from tests.chat import both, chat_client, delta_field, script_text, streamed_calls
-from tests.conftest import ENGINES, HELLO, LiveServer, settings_for
 from tests.scripts import (
     ANSWER,
     ANSWER_ONLY_SCRIPT,
@@ -33,6 +32,9 @@ from tests.scripts import (
     TIME_TOOL,
     WEATHER_TOOL,
 )
+from tests.support.clients import HELLO
+from tests.support.models import ENGINES
+from tests.support.servers import LiveServer, settings_for
 
 pytestmark = pytest.mark.anyio
 

@@ -1,6 +1,6 @@
 """Replicas behind the shipped nginx configuration: a conversation stays on one replica.
 
-Real server processes (``tests.server_process``) behind a real nginx running
+Real server processes (``tests.support.servers``) behind a real nginx running
 ``deploy/nginx/nginx.conf`` as ``bench.nginx.render`` leaves it: the shipped file with the
 replicas' loopback addresses in its upstream, a free loopback port to listen on, and Docker's
 resolver taken out. Which replica served a request is read from the replicas' own access logs
@@ -32,8 +32,8 @@ import httpx
 import pytest
 
 from bench.nginx import Nginx, find_nginx, free_port, render
-from tests.conftest import wait_until
-from tests.server_process import ServerProcess
+from tests.support.servers import ServerProcess
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -21,22 +21,11 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from app.demo_model import DEFAULT_SCRIPT
+from app.demo import DEFAULT_SCRIPT
 from app.engine import Backend
 from app.main import create_app
 from tests import sse
 from tests.chat import script_text
-from tests.conftest import (
-    TRANSPORTS,
-    FailingBackend,
-    HeldStart,
-    InjectedBackend,
-    LiveServer,
-    asgi_client,
-    connect,
-    settings_for,
-    wait_until,
-)
 from tests.contracts_plugin import RecordFinding
 from tests.delivery import check_per_token_delivery, deliver
 from tests.scripts import (
@@ -47,6 +36,10 @@ from tests.scripts import (
     SINGLE_CALL_SCRIPT,
     THOUGHT,
 )
+from tests.support.clients import TRANSPORTS, asgi_client, connect
+from tests.support.injection import FailingBackend, HeldStart, InjectedBackend
+from tests.support.servers import LiveServer, settings_for
+from tests.support.waiting import wait_until
 from tests.test_errors import assert_envelope
 
 pytestmark = pytest.mark.anyio

@@ -28,27 +28,19 @@ from app.api.openai.formats import ChatFormat, CompletionFormat, Format
 from app.api.responses.requests import ResponsesRequest, responses_as_chat
 from app.api.responses.wire import ResponsesWire
 from app.core.results import Event
-from app.demo_model import script_text
+from app.demo import script_text
 from app.engine import Backend, Flow, OnToken, SamplingParams, TokenLogprobs
 from app.engine.batched import BatchedLlamaBackend
 from app.main import create_app
 from app.text import Delta, ToolCallDelta
 from tests import sse
-from tests.conftest import (
-    ENGINES,
-    HELLO,
-    TRANSPORTS,
-    HeldStart,
-    InjectedBackend,
-    LiveServer,
-    Seen,
-    connect,
-    load_batched,
-    settings_for,
-    wait_until,
-)
 from tests.contracts_plugin import ContractThreshold, RecordFinding
 from tests.delivery import check_per_token_delivery, deliver
+from tests.support.clients import HELLO, TRANSPORTS, connect
+from tests.support.injection import HeldStart, InjectedBackend, Seen
+from tests.support.models import ENGINES, load_batched
+from tests.support.servers import LiveServer, settings_for
+from tests.support.waiting import wait_until
 
 SCRIPT = script_text()
 STREAMING = "QWEN3_MOE_STREAMING_SSE_V2"

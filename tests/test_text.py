@@ -22,14 +22,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.demo_model import DEFAULT_SCRIPT, script_text
+from app.demo import DEFAULT_SCRIPT, script_text
 from app.engine import Backend
 from app.main import create_app
 from app.text import Delta, Mode, TextOptions, TextPipeline
 from app.text.schema_types import JSON_TYPES, ParameterTypes, schema_types
 from app.text.tags import partial_tag_suffix
 from tests import sse
-from tests.conftest import HELLO, asgi_client, settings_for
+from tests.support.clients import HELLO, asgi_client
+from tests.support.servers import settings_for
 
 SCRIPT = script_text()
 TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
@@ -524,7 +525,7 @@ def test_undeclared_parameters_take_additional_properties_or_any_type() -> None:
     typed = ParameterTypes(
         {"properties": {"a": {"type": "string"}}, "additionalProperties": {"type": "integer"}}
     )
-    assert (typed.of("a"), typed.of("b")) == ({"string"}, {"integer"})
+    assert (typed.of("a"), typed.of("b")) == (frozenset({"string"}), frozenset({"integer"}))
     assert ParameterTypes({"properties": {}}).of("b") == JSON_TYPES
     assert ParameterTypes(None).of("b") == JSON_TYPES
 

@@ -1,8 +1,10 @@
-"""The console script as a real server process, for tests that must survive what they send.
+"""Servers for the tests: the app's settings, a real uvicorn in a thread, the console script.
 
-A request that crashes the engine (a segfault in llama.cpp) would take an in-process test run
-down with it; against a separate process the test sees the crash as a dead process and says
-so. Used by the hostile-input tests and the fuzz suite.
+``LiveServer`` serves an app built in the test (its backend the test's own) over a real
+loopback socket. ``ServerProcess`` runs the console script as a separate process, for tests
+that must survive what they send: a request that crashes the engine (a segfault in llama.cpp)
+would take an in-process test run down with it; against a separate process the test sees the
+crash as a dead process and says so (the hostile-input tests, the fuzz suite, SIGTERM).
 """
 
 from __future__ import annotations
@@ -10,14 +12,23 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from app.engine.llama_backend import LlamaBackend
+from app.main import create_app
+from app.settings import Settings
 
 
 def free_port() -> int:
+    """A loopback TCP port free right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -75,3 +86,46 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def settings_for(**overrides: object) -> Settings:
+    """Settings for an app around an injected backend (``model`` unset: the demo model's id).
+
+    Transport tests see the model's raw text (``reasoning_format`` ``none``), so the whole
+    demo script is ``content``; the Qwen3 semantics tests set what they test.
+    """
+    values: dict[str, object] = {"sse_keepalive_s": 15.0, "reasoning_format": "none"}
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+class LiveServer:
+    """A real uvicorn serving ``app`` on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_server(demo_backend: LlamaBackend) -> Iterator[LiveServer]:
+    """The app around the one-slot demo engine, on a real socket."""
+    with LiveServer(create_app(settings_for(), backend=demo_backend)) as server:
+        yield server
