@@ -1,7 +1,7 @@
 """OpenAI object shapes for one request: its stream chunks and its buffered response.
 
 Chat and text completions differ only in shape, so each has a format class with the same
-methods, which one adapter (``app.api.http.wire.ChunkWire``) puts on the wire. A buffered
+methods, which one adapter (``app.api.openai.wire.ChunkWire``) puts on the wire. A buffered
 response is built from the very events a stream would have sent (``Answer`` collects them),
 so the two cannot disagree.
 
