@@ -16,6 +16,7 @@ from app.api.http.security import ApiKeyMiddleware, BodyLimitMiddleware, load_ap
 from app.api.infill import routes as infill_routes
 from app.api.openai import routes as openai_routes
 from app.api.responses import routes as responses_routes
+from app.api.web.routes import ASSETS, web_router
 from app.engine import Backend
 from app.lifespan import lifespan_of
 from app.settings import Settings
@@ -31,6 +32,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     install_error_handlers(app)
     for module in (openai_routes, infill_routes, responses_routes, anthropic_routes, ops):
         app.include_router(module.router)
+    if settings.web_page:
+        app.include_router(web_router())
     _install_middleware(app, settings)
     return app
 
@@ -44,6 +47,8 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
     keys = load_api_keys(api_key, settings.api_key_file)
     if keys:
         open_paths = () if settings.protect_health_metrics else OPS_PATHS
+        if settings.web_page:  # the page holds no secret; the API it calls asks for the key
+            open_paths = (*open_paths, *ASSETS)
         app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     origins = [o.strip() for o in (settings.cors_origins or "").split(",") if o.strip()]

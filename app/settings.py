@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         description="Seconds a client has to send a request's body once its head is in; a "
         "connection past it is closed. Streams are not limited by either timeout.",
     )
+    web_page: bool = Field(
+        True,
+        description="Serve the chat page at / (--no-web-page: / answers 404). The page holds "
+        "no secret; with API keys on, it asks for one and the API checks it as for any client.",
+    )
 
     # -- model --------------------------------------------------------------------------
     model: Path | None = Field(

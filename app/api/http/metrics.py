@@ -10,6 +10,7 @@ the engine. Queue time and the request's own timings come from the generation it
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -132,23 +133,30 @@ class Metrics:
         """Pass a generation through, recording its latencies and counts (the deltas of one
         batch reach the response at the same moment)."""
         last: float | None = None
-        async for batch in batches:
-            now = time.perf_counter()
-            for item in batch:
-                if isinstance(item, Event):
-                    if last is None:
-                        self.ttft.observe(now - arrived)
+        finished = False
+        try:
+            async for batch in batches:
+                now = time.perf_counter()
+                for item in batch:
+                    if isinstance(item, Event):
+                        if last is None:
+                            self.ttft.observe(now - arrived)
+                        else:
+                            self.itl.observe(now - last)
+                        last = now
                     else:
-                        self.itl.observe(now - last)
-                    last = now
-                else:
-                    self.e2e.observe(now - arrived)
-                    self.queue.observe(item.times.queue_ms / 1000)
-                    self.prompt_tokens.inc(item.prompt_tokens)
-                    self.cached_prompt_tokens.inc(item.cached_tokens)
-                    self.generation_tokens.inc(item.completion_tokens)
-                    self.success.labels(finished_reason=item.finish_reason).inc()
-            yield batch
+                        finished = True
+                        self.e2e.observe(now - arrived)
+                        self.queue.observe(item.times.queue_ms / 1000)
+                        self.prompt_tokens.inc(item.prompt_tokens)
+                        self.cached_prompt_tokens.inc(item.cached_tokens)
+                        self.generation_tokens.inc(item.completion_tokens)
+                        self.success.labels(finished_reason=item.finish_reason).inc()
+                yield batch
+        except (GeneratorExit, asyncio.CancelledError):
+            if not finished:  # the client left (or stopped it) before the answer ended
+                self.success.labels(finished_reason="abort").inc()
+            raise
 
     def exposition(self) -> bytes:
         data: bytes = generate_latest(self.registry)
