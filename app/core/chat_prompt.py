@@ -53,8 +53,6 @@ class ChatPrompt:
 
     tokens: list[int]
     text: TextOptions
-    thinking_possible: bool
-    """The template leaves the model free to think (a grammar must allow a ``<think>``)."""
     thinks: bool = False
     """The request thinks (``thinking_possible`` and no ``/no_think``): a budget applies."""
     opens_thinking: bool = False
@@ -101,9 +99,7 @@ class ChatPrompter:
         ``completion`` tokens after it; None: no context check) and what its text pipeline
         must do."""
         # With thinking off in the template, Qwen3 ignores the soft switches.
-        thinking_possible = kwargs.get("enable_thinking", True) is not False
-        soft = soft_switch(req.turns)
-        thinking = thinking_possible and soft is not False
+        thinking = thinking_possible(kwargs) and soft_switch(req.turns) is not False
         tools = req.offered_tools
         text_chars = sum(len(t.text) for t in req.turns) + TOOL_WEIGHT_CHARS * len(tools)
         tokens, opens_thinking = await offloaded(
@@ -127,7 +123,7 @@ class ChatPrompter:
             tool_call_format=self.tool_call_format,
             tool_parameters={t.name: t.parameters for t in tools},
         )
-        return ChatPrompt(tokens, text, thinking_possible, thinking, opens_thinking)
+        return ChatPrompt(tokens, text, thinking, opens_thinking)
 
     def _tokens(
         self,
@@ -152,6 +148,11 @@ class ChatPrompter:
         )
         tokens = self._fit.tokens(client.prompt_parts(prompt), completion, param="messages")
         return tokens, prompt_opens_thinking(prompt)
+
+
+def thinking_possible(template_kwargs: dict[str, Any]) -> bool:
+    """The template leaves the model free to think (a grammar must allow a ``<think>``)."""
+    return template_kwargs.get("enable_thinking", True) is not False
 
 
 def soft_switch(turns: Sequence[Turn]) -> bool | None:

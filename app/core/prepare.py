@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 from app.core.admission import Admission, Ticket
-from app.core.chat_prompt import ChatPrompt, ChatPrompter, ChatSemantics
+from app.core.chat_prompt import ChatPrompt, ChatPrompter, ChatSemantics, thinking_possible
 from app.core.context import ContextFit
 from app.core.engine_sampling import sampling_params
 from app.core.infill import ChunkTokens, FimRequest, FimWindow, fim_prompt
@@ -82,7 +82,6 @@ class Preparer:
             max_tokens_limit=max_tokens_limit,
         )
         self._prompter = ChatPrompter(backend.tokenizer, backend.info, semantics, self._fit)
-        self.tool_call_format = self._prompter.tool_call_format
         self._thinking_tags = ThinkingTags(backend.tokenizer)
 
     async def chat(self, req: ChatRequest, *, fit_max_tokens: bool = False) -> PreparedGeneration:
@@ -93,14 +92,13 @@ class Preparer:
         if not fit_max_tokens:
             self._fit.check_max_tokens(req.max_tokens)
         kwargs = self._prompter.template_kwargs(req)
-        thinking_possible = kwargs.get("enable_thinking", True) is not False
         grammar = await offloaded(
             schema_bytes > INLINE_SCHEMA_BYTES,
             chat_grammar,
             req,
-            allow_thinking=thinking_possible and self._prompter.template_thinks,
+            allow_thinking=thinking_possible(kwargs) and self._prompter.template_thinks,
             check=self._backend.check_grammar,
-            tool_call_format=self.tool_call_format,
+            tool_call_format=self._prompter.tool_call_format,
             limits=self._limits,
         )
         prompt = await self._prompter.prompt(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -34,9 +35,8 @@ logger = logging.getLogger(__name__)
 MAX_N_CMPL = 64
 """Most completions one request may ask for (more than any slot count)."""
 
-_NEUTRAL = Sampling(top_k=0, top_p=1.0, min_p=0.0, temperature=1.0)
+_NEUTRAL: dict[str, Any] = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "temperature": 1.0}
 """Each optional sampling stage's value that turns it off."""
-_STAGES = ("top_k", "top_p", "min_p", "temperature")
 
 
 class InfillChunk(RequestModel):
@@ -73,7 +73,7 @@ class InfillRequest(GenerationRequest):
         if not self.samplers:  # absent: llama.cpp's default chain; empty: the warm-up's
             return sampling_of(self)
         named = set(self.samplers)
-        off = {name: getattr(_NEUTRAL, name) for name in _STAGES if name not in named}
+        off = {name: value for name, value in _NEUTRAL.items() if name not in named}
         return replace(sampling_of(self), **off)
 
     def fim(self) -> FimRequest:

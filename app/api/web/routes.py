@@ -12,6 +12,7 @@ rendered by marked and sanitized by DOMPurify, pinned copies with their licences
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import cache
 from importlib.resources import files
 
 from fastapi import APIRouter
@@ -47,18 +48,23 @@ HEADERS = {
 
 
 def web_router() -> APIRouter:
-    """The page's routes, each file read once."""
+    """The page's routes."""
     router = APIRouter()
     for path, (name, media_type) in ASSETS.items():
-        body = (STATIC / name).read_bytes()
         router.add_api_route(
             path,
-            _serve(body, media_type),
+            _serve(_asset(name), media_type),
             methods=["GET"],
             include_in_schema=False,
             response_class=Response,
         )
     return router
+
+
+@cache
+def _asset(name: str) -> bytes:
+    """A file of the page, read once per process (every app built shares it)."""
+    return (STATIC / name).read_bytes()
 
 
 def _serve(body: bytes, media_type: str) -> Callable[[], Awaitable[Response]]:
